@@ -1,0 +1,1 @@
+"""Record schemas, readers and slide geometry shared by every stage."""

@@ -1,0 +1,87 @@
+"""Slide manifests: JSONL or CSV/TSV files listing slides, with at least ``slide_id`` and ``path``.
+
+Relative paths are resolved against the manifest's own directory. An optional ``mpp`` column gives
+a slide's µm per pixel (overriding the file's metadata). Every other column passes through to the
+slide index (captions, labels, split, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+REQUIRED = ("slide_id", "path")
+
+
+class ManifestError(ValueError):
+  """A manifest that cannot be used (the message names the file, line and column)."""
+
+
+def read_manifest(path: str, reserved: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+  """Rows of a manifest, in file order, with ``path`` made absolute and ``mpp`` a float or None.
+
+  Args:
+    path: a ``.jsonl``/``.json`` (one JSON object per line) or ``.csv``/``.tsv`` file.
+    reserved: column names the caller writes itself; a manifest that uses them is an error.
+  """
+  if not os.path.exists(path):
+    raise ManifestError(f"{path}: manifest not found")
+  ext = os.path.splitext(path)[1].lower()
+  if ext in (".jsonl", ".json", ".ndjson"):
+    rows = _read_jsonl(path)
+  elif ext in (".csv", ".tsv"):
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+      rows = [(i, dict(r)) for i, r in enumerate(reader, start=2)]
+  else:
+    raise ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
+  base = os.path.dirname(os.path.abspath(path))
+  seen: dict[str, int] = {}
+  out = []
+  for line, row in rows:
+    where = f"{path}:{line}"
+    for column in REQUIRED:
+      if row.get(column) in (None, ""):
+        raise ManifestError(f"{where}: missing required column {column!r}")
+    for column in reserved:
+      if column in row:
+        raise ManifestError(f"{where}: column {column!r} is written by the job itself; "
+                            "rename it in the manifest")
+    slide_id = str(row["slide_id"])
+    if slide_id in seen:
+      raise ManifestError(f"{where}: slide_id {slide_id!r} already used on line {seen[slide_id]}")
+    seen[slide_id] = line
+    row["slide_id"] = slide_id
+    row["path"] = os.path.normpath(os.path.join(base, os.path.expanduser(str(row["path"]))))
+    mpp = row.get("mpp")
+    if mpp in (None, ""):
+      row["mpp"] = None
+    else:
+      try:
+        row["mpp"] = float(mpp)
+      except (TypeError, ValueError):
+        raise ManifestError(f"{where}: column 'mpp' must be a number, got {mpp!r}") from None
+      if not row["mpp"] > 0:
+        raise ManifestError(f"{where}: column 'mpp' must be > 0, got {mpp!r}")
+    out.append(row)
+  if not out:
+    raise ManifestError(f"{path}: manifest has no rows")
+  return out
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+  rows = []
+  with open(path) as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise ManifestError(f"{path}:{line_number}: expected a JSON object")
+      rows.append((line_number, row))
+  return rows

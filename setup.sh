@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs pathflip_jax on a fresh Debian/Ubuntu machine with Python 3.11: the system libtiff
+# that large_image's TIFF source loads, and a virtual environment .venv with the pinned
+# requirements and this package (editable). Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! ldconfig -p 2>/dev/null | grep -q 'libtiff\.so\.6'; then
+  if command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq libtiff6 >/dev/null
+  else
+    echo "setup.sh: install libtiff 4.x (libtiff.so.6) with your package manager" >&2
+    exit 1
+  fi
+fi
+
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null || python=python3
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup.sh: Python 3.11 is required ($python is $("$python" --version 2>&1))" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -e . \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+echo "setup.sh: ready (.venv, $(.venv/bin/python --version))"

@@ -1,0 +1,29 @@
+"""Test setup: 8 fake CPU devices (set before JAX initialises), shared synthetic slides."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + ["--xla_force_host_platform_device_count=8"])
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests import synthetic  # noqa: E402
+
+TESTDATA = pathlib.Path(__file__).parent / "testdata"
+CMU_SLIDE = TESTDATA / "cmu_small_region.svs"
+
+
+@pytest.fixture(scope="session")
+def cmu_slide() -> pathlib.Path:
+  return CMU_SLIDE
+
+
+@pytest.fixture(scope="session")
+def slide_dir(tmp_path_factory) -> pathlib.Path:
+  """Synthetic slides shared by the tests (written once per session)."""
+  return synthetic.write_test_slides(tmp_path_factory.mktemp("slides"))
