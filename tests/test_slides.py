@@ -100,3 +100,33 @@ def test_mpp_within_tolerance_reads_native_level(cmu_slide):
   with slides.Slide(cmu_slide) as slide:
     level, patch_mpp, resampled = tiling.choose_level(slide.info, tiling.TilingParams())
   assert (level, resampled) == (0, False) and patch_mpp == pytest.approx(0.499)
+
+
+def test_large_reads_go_band_by_band_with_the_same_result(slide_dir, monkeypatch):
+  with slides.Slide(slide_dir / "slide40x_flat.tif") as slide:
+    whole = slide.thumbnail(640)
+    monkeypatch.setattr(slides, "_MAX_REGION_PIXELS", 2560 * 100)
+    calls = []
+    real = slide.read_level
+    monkeypatch.setattr(slide, "read_level", lambda *a, **k: calls.append(a) or real(*a, **k))
+    banded = slide.thumbnail(640)
+  assert len(calls) > 10
+  assert banded.shape == whole.shape == (512, 640, 3)
+  assert np.abs(banded.astype(int) - whole).mean() < 1.5
+
+
+def test_untiled_tiff_images_are_read_whole(tmp_path):
+  import tifffile
+  image = np.full((600, 800, 3), 250, np.uint8)
+  image[100:500, 200:600] = (200, 120, 170)
+  path = tmp_path / "export.tif"
+  tifffile.imwrite(path, image, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+  with slides.Slide(path) as slide:
+    assert (slide.info.width, slide.info.height) == (800, 600)
+    assert slide.info.mpp == pytest.approx(0.5)
+    assert np.array_equal(slide.read_region(200, 100, 64, 64, 64, 64),
+                          image[100:164, 200:264])
+  tifffile.imwrite(tmp_path / "nores.tif", image)
+  with pytest.raises(slides.SlideError) as error:
+    slides.Slide(tmp_path / "nores.tif")
+  assert error.value.reason == slides.NO_MPP

@@ -32,6 +32,9 @@ for _name in ("large_image", "large-image", "large_image_source_openslide",
 # must match those bytes, so large_image's ICC colour correction stays off.
 large_image.config.setConfig("icc_correction", False)
 
+# Largest region decoded in one piece (pixels at the level read); bigger reads go band by band.
+_MAX_REGION_PIXELS = 2**26
+
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 # Failure reasons, stable words written to failures.jsonl.
@@ -162,21 +165,82 @@ def _native_levels(path: str, width: int, height: int) -> tuple[Level, ...]:
   return (Level(width, height, 1.0),)
 
 
-def _openslide_metadata(path: str) -> tuple[int, int, tuple[Level, ...], float | None] | None:
-  """(width, height, native levels, mpp or None) from OpenSlide, or None if it cannot open it."""
+# OpenSlide vendors whose levels are plain tiled TIFF pages (no tile overlaps, no multi-image
+# pages), so that decoding the pages' tiles directly gives exactly OpenSlide's pixels.
+_DIRECT_VENDORS = ("aperio", "generic-tiff")
+
+
+def _openslide_metadata(path: str):
+  """(width, height, native levels, mpp or None, vendor) from OpenSlide, or None."""
   try:
     with openslide.OpenSlide(path) as osr:
       width, height = osr.dimensions
       levels = tuple(Level(int(w), int(h), float(d))
                      for (w, h), d in zip(osr.level_dimensions, osr.level_downsamples))
       mpp = osr.properties.get(openslide.PROPERTY_NAME_MPP_X)
+      vendor = osr.properties.get(openslide.PROPERTY_NAME_VENDOR)
   except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError):
     return None
   try:
     mpp = float(mpp) if mpp else None
   except ValueError:
     mpp = None
-  return int(width), int(height), levels, mpp
+  return int(width), int(height), levels, mpp, vendor
+
+
+class _PlainTiff:
+  """A TIFF that is an ordinary image (strips, no pyramid), e.g. a region exported from a slide:
+  decoded once, on first read. Larger images than ``max_pixels`` are refused (they need a tiled
+  pyramid to be read piecewise)."""
+
+  max_pixels = 2**28
+
+  def __init__(self, path: str):
+    with tifffile.TiffFile(path) as tif:
+      page = tif.pages[0]
+      if page.dtype != np.uint8 or page.ndim not in (2, 3):
+        raise ValueError(f"unsupported pixel layout {page.shape} {page.dtype}")
+      self.height, self.width = page.shape[:2]
+      self.mpp = _tiff_resolution_mpp(page)
+    if self.height * self.width > self.max_pixels:
+      raise ValueError(f"{self.width}x{self.height} untiled image is too large to read whole")
+    self._path = path
+    self._pixels: np.ndarray | None = None
+
+  def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+    if self._pixels is None:
+      pixels = tifffile.imread(self._path, key=0)
+      self._pixels = _to_rgb(pixels, pixels.shape[1], pixels.shape[0], self._path)
+    out = np.full((height, width, 3), 255, np.uint8)
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + width, self.width), min(y + height, self.height)
+    if x1 > x0 and y1 > y0:
+      out[y0 - y:y1 - y, x0 - x:x1 - x] = self._pixels[y0:y1, x0:x1]
+    return out
+
+  def close(self) -> None:
+    self._pixels = None
+
+
+def _tiff_resolution_mpp(page) -> float | None:
+  """µm per pixel from XResolution/ResolutionUnit (None when the unit is not physical)."""
+  tag = page.tags.get("XResolution")
+  unit = page.tags.get("ResolutionUnit")
+  if tag is None or unit is None:
+    return None
+  numerator, denominator = tag.value
+  if not numerator or not denominator:
+    return None
+  per_unit = numerator / denominator
+  microns = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+  return microns / per_unit if microns else None
+
+
+def _try_plain_tiff(path: str) -> _PlainTiff | None:
+  try:
+    return _PlainTiff(path)
+  except Exception:  # not an ordinary image either: the slide readers' error stands
+    return None
 
 
 def _open_source(path: str, is_tiff: bool):
@@ -296,19 +360,30 @@ class Slide:
     if is_tiff:
       _check_tiff_complete(path, file_bytes)
       found = _openslide_metadata(path)
-      if found is not None:
-        width, height, levels, file_mpp = found
+      if found is not None and found[4] in _DIRECT_VENDORS:
+        width, height, levels, file_mpp, _ = found
         self._tif, self._direct = _direct_tile_readers(path, levels)
+    reader = "tifffile"
     if 0 not in self._direct:
-      # Not a plain tiled TIFF pyramid: large_image (OpenSlide or TIFF source) reads everything.
+      # Not a plain tiled TIFF pyramid: large_image (OpenSlide or TIFF source) reads everything,
+      # and an ordinary untiled TIFF image is read whole.
       self.close()
-      self._source = self._open_large_image(is_tiff)
-      meta = self._source.getMetadata()
-      width, height = int(meta["sizeX"]), int(meta["sizeY"])
-      file_mpp = float(meta["mm_x"]) * 1000.0 if meta.get("mm_x") else None
-      levels = _native_levels(path, width, height)
-      if is_tiff:
-        self._tif, self._direct = _direct_tile_readers(path, levels)
+      try:
+        self._source = self._open_large_image(is_tiff)
+      except SlideError as error:
+        plain = _try_plain_tiff(path) if is_tiff else None
+        if plain is None:
+          raise error
+        self._direct = {0: plain}
+        width, height, file_mpp = plain.width, plain.height, plain.mpp
+        levels = (Level(width, height, 1.0),)
+        reader = "tifffile-untiled"
+      else:
+        meta = self._source.getMetadata()
+        width, height = int(meta["sizeX"]), int(meta["sizeY"])
+        file_mpp = float(meta["mm_x"]) * 1000.0 if meta.get("mm_x") else None
+        levels = _native_levels(path, width, height)
+        reader = type(self._source).__name__
     if mpp is not None:
       slide_mpp, mpp_source = float(mpp), "manifest"
     elif file_mpp:
@@ -324,8 +399,7 @@ class Slide:
       raise SlideError(NO_MPP, f"{path}: invalid mpp {slide_mpp}")
     self.info = SlideInfo(
         path=path, width=width, height=height, mpp=slide_mpp, mpp_source=mpp_source,
-        levels=levels, reader="tifffile" if 0 in self._direct else type(self._source).__name__,
-        file_bytes=file_bytes)
+        levels=levels, reader=reader, file_bytes=file_bytes)
 
   def _open_large_image(self, is_tiff: bool):
     try:
@@ -400,8 +474,20 @@ class Slide:
     to the requested size when the level does not match exactly. Transparent pixels (outside
     scanned areas) come back white."""
     level = self.best_level(min(width / out_width, height / out_height))
-    array = self.read_level(x, y, width, height, level)
-    return resize(array, out_width, out_height)
+    downsample = self.info.levels[level].downsample
+    native_row = width / downsample
+    if native_row * height / downsample <= _MAX_REGION_PIXELS or out_height < 2:
+      return resize(self.read_level(x, y, width, height, level), out_width, out_height)
+    # Band by band, so that a thumbnail of a slide without a pyramid never decodes it whole.
+    native_rows_per_out_row = height / downsample / out_height
+    band = max(1, int(_MAX_REGION_PIXELS / native_row / native_rows_per_out_row))
+    out = np.empty((out_height, out_width, 3), np.uint8)
+    for r0 in range(0, out_height, band):
+      r1 = min(out_height, r0 + band)
+      y0 = y + round(r0 * height / out_height)
+      y1 = y + round(r1 * height / out_height)
+      out[r0:r1] = resize(self.read_level(x, y0, width, y1 - y0, level), out_width, r1 - r0)
+    return out
 
   def thumbnail(self, max_side: int) -> np.ndarray:
     """The whole slide with its longer side at most ``max_side`` pixels, RGB uint8."""

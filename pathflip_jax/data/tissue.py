@@ -26,24 +26,22 @@ class TissueParams:
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  rgbf = rgb.astype(np.float32) / 255.0
-  vmax = rgbf.max(axis=-1)
-  vmin = rgbf.min(axis=-1)
-  chroma = vmax - vmin
-  saturation = np.where(vmax > 0, chroma / np.maximum(vmax, 1e-6), 0.0)
-  r, g, b = rgbf[..., 0], rgbf[..., 1], rgbf[..., 2]
+  """Hue (degrees), saturation and value in [0, 1] of an RGB uint8 image."""
+  # Channel planes and pairwise maxima: reductions over a trailing axis of 3 are slow in numpy.
+  r, g, b = (rgb[..., i].astype(np.float32) * (1 / 255) for i in range(3))
+  vmax = np.maximum(np.maximum(r, g), b)
+  chroma = vmax - np.minimum(np.minimum(r, g), b)
+  saturation = chroma / np.maximum(vmax, 1e-6)
   safe = np.maximum(chroma, 1e-6)
-  hue = np.select(
-      [vmax == r, vmax == g],
-      [((g - b) / safe) % 6.0, (b - r) / safe + 2.0],
-      (r - g) / safe + 4.0) * 60.0
-  hue = np.where(chroma > 0, hue, 0.0)
+  hue = np.where(vmax == r, ((g - b) / safe) % 6.0,
+                 np.where(vmax == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)) * 60.0
+  hue[chroma == 0] = 0.0
   return hue, saturation, vmax
 
 
-def pen_mask(rgb: np.ndarray) -> np.ndarray:
+def pen_mask(rgb: np.ndarray, hsv=None) -> np.ndarray:
   """Pixels of marker ink: saturated green-to-blue hues (H&E is pink to violet) or near black."""
-  hue, saturation, value = _hsv(rgb)
+  hue, saturation, value = _hsv(rgb) if hsv is None else hsv
   coloured_ink = (hue > 70) & (hue < 250) & (saturation > 0.25)
   black_ink = value < 0.16
   return coloured_ink | black_ink
@@ -95,14 +93,14 @@ def simplify_polyline(points: np.ndarray, tolerance: float) -> np.ndarray:
 
 def tissue_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
   """Boolean tissue mask of an RGB thumbnail."""
-  _, saturation, _ = _hsv(rgb)
-  saturation = ndimage.gaussian_filter(saturation, sigma=1.0)
+  hsv = _hsv(rgb)
+  saturation = ndimage.gaussian_filter(hsv[1], sigma=1.0)
   threshold = params.min_saturation
   if np.ptp(saturation) > 1e-3:
     threshold = max(threshold, otsu_threshold(saturation))
   mask = saturation > threshold
   if params.pen_filter:
-    ink = pen_mask(rgb)
+    ink = pen_mask(rgb, hsv)
     # Ink is removed with a margin: its blurred border is often saturated enough to pass.
     mask &= ~ndimage.binary_dilation(ink, iterations=2)
   if params.smooth_px > 0:
