@@ -179,7 +179,7 @@ class PlanSlideFn(beam.DoFn):
       os.makedirs(os.path.join(config.output_dir, THUMBNAIL_DIR), exist_ok=True)
       os.makedirs(os.path.join(config.output_dir, TISSUE_DIR), exist_ok=True)
       thumbnail = os.path.join(config.output_dir, THUMBNAIL_DIR, f"{task.key}.png")
-      tiling.render_thumbnail(plan, pictures).save(thumbnail + ".partial.png")
+      tiling.render_thumbnail(plan, pictures).save(thumbnail + ".partial.png", compress_level=3)
       os.replace(thumbnail + ".partial.png", thumbnail)
       qupath.write_geojson(os.path.join(config.output_dir, TISSUE_DIR, f"{task.key}.geojson"),
                            tiling.tissue_feature_collection(plan, pictures))
