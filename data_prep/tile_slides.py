@@ -39,8 +39,17 @@ import time
 import traceback
 from typing import Any, Iterable, Sequence
 
-import apache_beam as beam
-import numpy as np
+class _DropApitoolsNotice(logging.Filter):
+  """apache_beam's import warns that the optional GCP client libraries are absent."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_DropApitoolsNotice())
+
+import apache_beam as beam  # noqa: E402
+import numpy as np  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pathflip_jax import config_args
@@ -573,7 +582,8 @@ def _pipeline_options(beam_args: list[str]) -> PipelineOptions:
     if not any(a.startswith("--direct_num_workers") for a in beam_args):
       defaults["direct_num_workers"] = os.cpu_count() or 1
   if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
-    defaults["default_sdk_harness_log_level"] = "WARNING"
+    # Failures are reported per slide by the job itself; worker chatter below ERROR is noise.
+    defaults["default_sdk_harness_log_level"] = "ERROR"
   return PipelineOptions(beam_args, **defaults)
 
 
@@ -629,7 +639,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main() -> None:
-  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
+  # The local job service re-logs every worker message at WARNING; the job reports per slide.
+  logging.getLogger("apache_beam").setLevel(logging.ERROR)
   run()
 
 
