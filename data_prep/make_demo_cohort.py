@@ -12,6 +12,7 @@ Writes (see WORKSPACE.md):
   D/captions.jsonl                   caption sentences, each with the region it describes
   D/questions.csv                    multiple-choice and open questions (SlideBench-like)
   D/contact_sheet.png, D/thumbnails.png, D/cohort.json
+  D/tfds/demo_cohort/1.0.0/          the slide-level records as a TFDS ArrayRecord dataset
 
 Deterministic for a seed (slide i draws from the generator seeded [seed, i]). Measured on 2 cores:
 ``small`` (48 slides, 2-4k px a side) in about 2 minutes; ``medium`` slides (8-18k px a side) take
@@ -35,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from pathflip_jax.data import qupath, synthetic_he as he, tissue
+from pathflip_jax.data import demo_cohort_tfds, qupath, synthetic_he as he, tissue
 from pathflip_jax.data.pyramid_tiff import write_pyramidal_tiff
 
 DIAGNOSES = ("benign", "carcinoma", "carcinoma with necrosis", "lymph node metastasis")
@@ -191,7 +192,7 @@ _LOOKS = {
     he.FAT: ["with large empty polygonal vacuoles and thin septa",
              "made of large clear adipocytes separated by delicate membranes"],
 }
-_VERBS = ["is seen", "is present", "is identified", "is noted", "occupies an area"]
+_VERBS = ["can be seen", "can be identified", "can be recognised", "can be noted"]
 _CONCLUSION = {
     "benign": ["No malignancy is identified.", "The features are benign.",
                "There is no evidence of carcinoma."],
@@ -210,9 +211,13 @@ def _sentence(rng, region: Region) -> str:
   name = rng.choice(_NAMES[region.tissue])
   look = rng.choice(_LOOKS[region.tissue])
   verb = rng.choice(_VERBS)
-  size = f"{region.size_word} " if region.tissue not in (he.STROMA, he.LYMPHOCYTES) or \
-      rng.random() < 0.5 else ""
-  text = f"{size}{name} {look} {verb} {region.location}"
+  if region.tissue not in (he.STROMA, he.LYMPHOCYTES) or rng.random() < 0.5:
+    article, _, rest = name.partition(" ")
+    if article in ("a", "an"):  # "a large carcinoma", not "large a carcinoma"
+      name = f"a {region.size_word} {rest}"
+    else:
+      name = f"{region.size_word} {name}"
+  text = f"{name} {look} {verb} {region.location}"
   if rng.random() < 0.5:
     text += f", measuring about {np.sqrt(region.area_um2) / 1000:.1f} mm across"
   return text[0].upper() + text[1:] + "."
@@ -475,6 +480,7 @@ def run(argv=None) -> dict[str, Any]:
                          "question": question, "A": "", "B": "", "C": "", "D": "",
                          "answer": "", "answer_text": answer, "type": "open"})
   _write_sheets(out, slides)
+  demo_cohort_tfds.prepare(out)
   summary = {"seed": args.seed, "size": args.size, "num_slides": len(slides),
              "seconds": round(time.time() - start, 1),
              "diagnoses": {d: sum(s["diagnosis"] == d for s in slides) for d in DIAGNOSES},

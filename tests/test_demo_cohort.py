@@ -205,3 +205,18 @@ def test_manifest_feeds_the_tiling_job(cohort, tmp_path):
   assert {r["level"] for r in rows if r["mpp"] == 0.25} <= {1}
   assert all(r["num_patches"] >= 4 for r in rows)
   assert all(r["caption"] and r["diagnosis"] for r in rows)
+
+
+def test_slide_records_as_a_tfds_data_source(cohort):
+  import tensorflow_datasets as tfds
+  from pathflip_jax.data import demo_cohort_tfds  # noqa: F401 - registers "demo_cohort"
+  sources = tfds.data_source("demo_cohort", data_dir=str(cohort / "tfds"))
+  rows = _rows(cohort)
+  assert {split: len(source) for split, source in sources.items()} == {
+      split: sum(r["split"] == split for r in rows) for split in {r["split"] for r in rows}}
+  example = sources["train"][0]
+  row = next(r for r in rows if r["slide_id"] == example["slide_id"].decode())
+  assert example["caption"].decode() == row["caption"]
+  assert demo_cohort_tfds.DIAGNOSES[example["diagnosis"]] == row["diagnosis"]
+  assert sorted(demo_cohort_tfds.TISSUES[t] for t in example["tissue_types"]) == \
+      sorted(row["tissue_types"])
