@@ -39,7 +39,7 @@ from scipy import ndimage
 from pathflip_jax.data import demo_cohort_tfds, qupath, synthetic_he as he, tissue
 from pathflip_jax.data.pyramid_tiff import write_pyramidal_tiff
 
-DIAGNOSES = ("benign", "carcinoma", "carcinoma with necrosis", "lymph node metastasis")
+DIAGNOSES = he.DIAGNOSES
 MASK_UM = 8.0        # µm per pixel of the label maps
 SIZES = {             # level-0 side range in µm
     "small": (1100.0, 1900.0),
@@ -290,7 +290,7 @@ def make_slide(args: tuple) -> dict[str, Any]:
   thumb.thumbnail((256, 256))
   return {
       "slide_id": slide_id, "patient_id": patient_id, "path": f"slides/{slide_id}.tif",
-      "split": split, "diagnosis": diagnosis, "biomarker": biomarker, "mpp": None,
+      "split": split, "diagnosis": diagnosis, "biomarker": biomarker,
       "tissue_types": present, "caption": " ".join(s["text"] for s in sentences),
       "sentences": sentences, "regions": regions, "thumb": np.asarray(thumb),
       "samples": _sample_patches(image, label, mpp, rng),

@@ -9,11 +9,10 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 
 from data_prep import tile_slides
-from pathflip_jax.data import patch_shards, records, slides, tiling
+from pathflip_jax.data import patch_shards, slides, tiling
 
 IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1",
              "--progress_interval=0"]

@@ -16,8 +16,10 @@ import os
 
 import tensorflow_datasets as tfds
 
-DIAGNOSES = ("benign", "carcinoma", "carcinoma with necrosis", "lymph node metastasis")
-TISSUES = ("stroma", "tumour", "benign glands", "lymphocytes", "necrosis", "fat")
+from pathflip_jax.data import synthetic_he as he
+
+DIAGNOSES = he.DIAGNOSES
+TISSUES = tuple(he.TISSUE_NAMES[kind] for kind in sorted(he.TISSUE_NAMES))
 
 
 class DemoCohort(tfds.core.GeneratorBasedBuilder):

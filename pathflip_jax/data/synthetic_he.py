@@ -21,6 +21,8 @@ from scipy import ndimage
 BACKGROUND, STROMA, TUMOUR, GLANDS, LYMPHOCYTES, NECROSIS, FAT = range(7)
 TISSUE_NAMES = {STROMA: "stroma", TUMOUR: "tumour", GLANDS: "benign glands",
                 LYMPHOCYTES: "lymphocytes", NECROSIS: "necrosis", FAT: "fat"}
+# Slide-level diagnoses of the demo cohort, defined by which of these types appear.
+DIAGNOSES = ("benign", "carcinoma", "carcinoma with necrosis", "lymph node metastasis")
 # QuPath-like display colours of the tissue classes (masks, GeoJSON, contact sheets).
 TISSUE_COLORS = {STROMA: (230, 140, 190), TUMOUR: (200, 0, 0), GLANDS: (0, 150, 80),
                  LYMPHOCYTES: (60, 60, 200), NECROSIS: (160, 120, 0), FAT: (250, 210, 80)}
