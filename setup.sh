@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs pathflip_jax on a fresh Debian/Ubuntu machine with Python 3.11: the system libtiff
 # that large_image's TIFF source loads, and a virtual environment .venv with the pinned
-# requirements and this package (editable). Safe to run again: it only adds what is missing.
+# requirements and this package (editable); with --test also requirements-test.txt (PyTorch CPU,
+# timm: the references the tests compare against). Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,4 +26,7 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -e . \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+fi
 echo "setup.sh: ready (.venv, $(.venv/bin/python --version))"

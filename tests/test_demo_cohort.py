@@ -1,9 +1,9 @@
 """The demo cohort generator: valid slides, ground truth that matches the pixels, texture matters."""
 
 import json
+import os
 
 import imagecodecs
-
 import large_image
 import numpy as np
 import openslide
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from data_prep import make_demo_cohort, tile_slides
-from pathflip_jax.data import patch_shards, synthetic_he as he
+from data_prep import extract_features, make_demo_cohort, tile_slides
+from pathflip_jax.data import feature_shards, patch_shards, synthetic_he as he
 
 TYPES = sorted(he.TISSUE_NAMES)
 
@@ -195,7 +195,8 @@ def test_masks_line_up_with_rendered_tissue(cohort, texture_classifier):
 
 
 @pytest.mark.slow
-def test_manifest_feeds_the_tiling_job(cohort, tmp_path):
+def test_demo_path_cohort_to_tiles_to_features(cohort, tmp_path):
+  """make_demo_cohort -> tile_slides -> extract_features: one feature record per tiled slide."""
   summary = tile_slides.run(["--manifest", str(cohort / "manifest.jsonl"), "--output_dir",
                              str(tmp_path / "tiles"), "--direct_running_mode=in_memory",
                              "--direct_num_workers=1", "--progress_interval=0"])
@@ -205,6 +206,20 @@ def test_manifest_feeds_the_tiling_job(cohort, tmp_path):
   assert {r["level"] for r in rows if r["mpp"] == 0.25} <= {1}
   assert all(r["num_patches"] >= 4 for r in rows)
   assert all(r["caption"] and r["diagnosis"] for r in rows)
+
+  config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                        "extract_features.py") + ":variant=vit_tiny_test,num_workers=0"
+  features = extract_features.run(["--patches", str(tmp_path / "tiles"), "--output_dir",
+                                   str(tmp_path / "features"), "--config", config,
+                                   "--progress_interval", "0"])
+  assert features["slides_written"] == 8 and features["slides_failed"] == 0
+  shards = feature_shards.FeatureShards(str(tmp_path / "features"))
+  assert sorted(shards.slide_ids) == sorted(r["slide_id"] for r in rows)
+  for row in rows:
+    record = shards.get(row["slide_id"])
+    assert record["features"].shape == (row["num_patches"], 32)
+    assert record["patch_size_level0"] == row["patch_size_level0"] and record["mpp"] == row["mpp"]
+  assert {r["caption"] for r in shards.rows} == {r["caption"] for r in rows}
 
 
 def test_slide_records_as_a_tfds_data_source(cohort):

@@ -84,6 +84,47 @@ PATCH = Schema(
 )
 
 
+# One slide's frozen patch features, as written by data_prep/extract_features.py and
+# data_prep/import_features.py into features-*.array_record.
+FEATURES = Schema(
+    name="features",
+    required={
+        "schema_version": int,
+        "slide_id": str,
+        "features": np.ndarray,      # [N, D] float16, one row per patch
+        "coords": np.ndarray,        # [N, 2] int64, level-0 (x, y) of each patch's top-left corner
+        "patch_size_level0": int,    # side of every patch footprint in level-0 pixels
+        "mpp": float,                # level-0 µm per pixel of the slide
+        "encoder": str,              # encoder name (e.g. "vit_base_patch16", "conch_v1 (trident)")
+        "weights_hash": str,         # sha256 of the encoder weights ("" when unknown: imports)
+        "source": str,               # "extract_features", "trident", "clam" or "slidechat"
+    },
+    optional={
+        "patch_size": int,           # pixels of the patch images the encoder saw
+        "patch_mpp": float,          # µm per pixel of those images
+        "mpp_source": str,           # where mpp came from: patches, metadata, manifest, flag, ...
+        "magnification": float,      # objective magnification of the patches, where known
+        "source_path": str,          # the imported file
+        "coords_source": str,        # "patches" (tiling), "h5", "patch_name" or "placeholder_grid"
+    },
+)
+
+
+def check_features(record: Mapping[str, Any], where: str = "") -> None:
+  """FEATURES schema plus the array shapes and dtypes it implies."""
+  FEATURES.check(record, where)
+  prefix = f"{where}: " if where else ""
+  features, coords = record["features"], record["coords"]
+  if features.ndim != 2 or features.dtype != np.float16:
+    raise RecordError(f"{prefix}features field 'features' must be float16 [N, D], got "
+                      f"{features.dtype} {list(features.shape)}")
+  if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
+    raise RecordError(f"{prefix}features field 'coords' must be [N, 2] with N = "
+                      f"{features.shape[0]} (rows of 'features'), got {list(coords.shape)}")
+  if not np.issubdtype(coords.dtype, np.integer):
+    raise RecordError(f"{prefix}features field 'coords' must be integers, got {coords.dtype}")
+
+
 def encode(record: Mapping[str, Any], schema: Schema | None = None) -> bytes:
   """Serialises a record (a flat or nested map) to msgpack bytes, checking ``schema`` first."""
   if schema is not None:

@@ -1,0 +1,1 @@
+"""Flax NNX models, one module per family (``vit``: the patch encoder)."""
