@@ -27,6 +27,7 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -e . \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 if [ "${1:-}" = "--test" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 fi
 echo "setup.sh: ready (.venv, $(.venv/bin/python --version))"
