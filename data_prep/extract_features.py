@@ -274,13 +274,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   sizes = {r["patch_size"] for r in rows}
   if len(sizes) > 1:
     raise SystemExit(f"{args.patches}: slides tiled at different patch sizes {sorted(sizes)}")
-  patch_size = sizes.pop() if sizes else int(_tiling_params(args.patches).get("patch_size", 256))
+  tiling_params = _tiling_params(args.patches)
+  patch_size = sizes.pop() if sizes else int(tiling_params.get("patch_size", 256))
 
   mesh = sharding.make_mesh()
   encoder = build_encoder(config, patch_size, mesh)
   identity = {"source": "extract_features", "encoder": encoder.name,
               "weights_hash": encoder.weights_hash, "feature_dim": encoder.feature_dim,
-              "image_size": encoder.image_size, "tiling": _tiling_params(args.patches)}
+              "image_size": encoder.image_size, "tiling": tiling_params}
   writer = feature_shards.FeatureWriter(args.output_dir, identity,
                                         slides_per_shard=config.slides_per_shard,
                                         max_shard_bytes=config.max_shard_mb << 20)

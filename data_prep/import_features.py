@@ -520,29 +520,7 @@ def _stem(path: str) -> str:
 
 def read_import_manifest(path: str) -> list[dict[str, Any]]:
   """Rows with ``slide_id`` (required) and whatever else, in file order."""
-  if not os.path.exists(path):
-    raise manifest_lib.ManifestError(f"{path}: manifest not found")
-  ext = os.path.splitext(path)[1].lower()
-  rows: list[tuple[int, dict[str, Any]]] = []
-  if ext in (".jsonl", ".json", ".ndjson"):
-    with open(path) as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise manifest_lib.ManifestError(f"{path}:{line_number}: not valid JSON ({e.msg})") \
-              from None
-        if not isinstance(row, dict):
-          raise manifest_lib.ManifestError(f"{path}:{line_number}: expected a JSON object")
-        rows.append((line_number, row))
-  elif ext in (".csv", ".tsv"):
-    with open(path, newline="") as f:
-      reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-      rows = [(i, dict(r)) for i, r in enumerate(reader, start=2)]
-  else:
-    raise manifest_lib.ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
+  rows = manifest_lib.read_rows(path)
   seen: dict[str, int] = {}
   out = []
   for line, row in rows:

@@ -26,17 +26,7 @@ def read_manifest(path: str, reserved: tuple[str, ...] = ()) -> list[dict[str, A
     path: a ``.jsonl``/``.json`` (one JSON object per line) or ``.csv``/``.tsv`` file.
     reserved: column names the caller writes itself; a manifest that uses them is an error.
   """
-  if not os.path.exists(path):
-    raise ManifestError(f"{path}: manifest not found")
-  ext = os.path.splitext(path)[1].lower()
-  if ext in (".jsonl", ".json", ".ndjson"):
-    rows = _read_jsonl(path)
-  elif ext in (".csv", ".tsv"):
-    with open(path, newline="") as f:
-      reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-      rows = [(i, dict(r)) for i, r in enumerate(reader, start=2)]
-  else:
-    raise ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
+  rows = read_rows(path)
   base = os.path.dirname(os.path.abspath(path))
   seen: dict[str, int] = {}
   out = []
@@ -69,6 +59,21 @@ def read_manifest(path: str, reserved: tuple[str, ...] = ()) -> list[dict[str, A
   if not out:
     raise ManifestError(f"{path}: manifest has no rows")
   return out
+
+
+def read_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, row) of every row of a ``.jsonl``/``.json`` or ``.csv``/``.tsv`` file, as
+  written: no column is required or converted (callers check the columns they need)."""
+  if not os.path.exists(path):
+    raise ManifestError(f"{path}: manifest not found")
+  ext = os.path.splitext(path)[1].lower()
+  if ext in (".jsonl", ".json", ".ndjson"):
+    return _read_jsonl(path)
+  if ext in (".csv", ".tsv"):
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
+      return [(i, dict(r)) for i, r in enumerate(reader, start=2)]
+  raise ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
 
 
 def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
