@@ -12,7 +12,14 @@ With UNI weights (timm format, a local file; ViT-L/16 with layer scale, trained 
   python -m data_prep.extract_features --patches P --output_dir F \
       --config configs/extract_features.py:preset=uni,weights=/models/uni/pytorch_model.bin
 
+With the demo's own patch encoder, trained by ``configs/patch_clip_demo.py`` in workdir W (its
+ViT, input size and normalisation are read from W; patches are resized to the input size):
+
+  python -m data_prep.extract_features --patches runs/demo/patches --output_dir runs/demo/features \
+      --config configs/extract_features.py:checkpoint=W
+
 Args (``key=value`` after the colon):
+  checkpoint     a patch_clip training workdir: use its latest checkpoint's ViT
   preset         "" (use variant/...), "uni" (ViT-L/16, layer scale, 224 px, ImageNet stats)
   variant        vit_tiny_test | vit_small_patch16 | vit_base_patch16 | vit_large_patch16
   weights        timm-format state dict (.safetensors, .bin/.pth via torch weights_only); ""
@@ -61,6 +68,7 @@ def _defaults() -> dict:
       variant="vit_small_patch16",
       weights="",
       weights_prefix="",
+      checkpoint="",
       name="",
       seed=0,
       image_size=0,

@@ -74,6 +74,18 @@ def build_encoder(config: ml_collections.ConfigDict, patch_size: int,
     raise ValueError(f"config key 'normalization': {config.normalization!r} is not one of "
                      f"{sorted(NORMALIZATION)}")
   image_size = config.image_size or patch_size
+  mean, std = NORMALIZATION[config.normalization]
+  if config.checkpoint:
+    if config.weights:
+      raise ValueError("config keys 'checkpoint' and 'weights' are exclusive: give one encoder")
+    # A patch_clip training run: its ViT, input size and normalisation come with it.
+    from pathflip_jax.tasks import patch_clip as patch_clip_task
+    model, clip_config, default_name = patch_clip_task.load_image_encoder(config.checkpoint)
+    name = config.name or default_name
+    source = os.path.abspath(config.checkpoint)
+    weights_hash = feature_shards.weights_hash(_named_arrays(model))
+    return Encoder(model, name, weights_hash, source, clip_config.vision.image_size,
+                   tuple(clip_config.mean), tuple(clip_config.std))
   if config.weights:
     if not os.path.exists(config.weights):
       raise FileNotFoundError(f"config key 'weights': {config.weights} does not exist (weights are "
@@ -94,7 +106,6 @@ def build_encoder(config: ml_collections.ConfigDict, patch_size: int,
     weights_hash = feature_shards.weights_hash(_named_arrays(model))
     source = f"random init (seed {config.seed})"
     name = config.name or f"{config.variant}-random-seed{config.seed}"
-  mean, std = NORMALIZATION[config.normalization]
   return Encoder(model, name, weights_hash, source, image_size, tuple(mean), tuple(std))
 
 

@@ -6,6 +6,7 @@ r"""Generates the built-in demo cohort: synthetic H&E slides with captions, mask
 Writes (see WORKSPACE.md):
   D/slides/<slide_id>.tif            pyramidal JPEG TIFF, mpp in the resolution tags
   D/masks/<slide_id>.png             tissue-type label map (one pixel = ``mask_um`` µm) and
+  D/masks/<slide_id>_regions.png     region-id map (same grid; 0 = no tissue, k = region "rk")
   D/masks/<slide_id>.json            its legend, scale to level 0 and the region-id map's regions
   D/annotations/<slide_id>.geojson   every region as QuPath annotations, level-0 pixels
   D/manifest.jsonl                   slide_id, path, caption, labels, split (tile_slides input)
@@ -267,9 +268,14 @@ def make_slide(args: tuple) -> dict[str, Any]:
       features[-1]["properties"]["region_id"] = region.region_id
   os.makedirs(os.path.join(output_dir, "masks"), exist_ok=True)
   Image.fromarray(label).save(os.path.join(output_dir, "masks", f"{slide_id}.png"))
+  # Which region (hence which caption sentence) covers a pixel: ground truth for region-level text.
+  region_dtype = np.uint8 if region_map.max() < 256 else np.uint16
+  Image.fromarray(region_map.astype(region_dtype)).save(
+      os.path.join(output_dir, "masks", f"{slide_id}_regions.png"))
   with open(os.path.join(output_dir, "masks", f"{slide_id}.json"), "w") as f:
     json.dump({"slide_id": slide_id, "mask_um_per_px": MASK_UM, "level0_px_per_mask_px": scale,
-               "mpp": mpp, "labels": {str(k): v for k, v in he.TISSUE_NAMES.items()},
+               "mpp": mpp, "region_map": f"{slide_id}_regions.png",
+               "labels": {str(k): v for k, v in he.TISSUE_NAMES.items()},
                "regions": [dataclasses.asdict(r) | {"tissue_name": he.TISSUE_NAMES[r.tissue]}
                            for r in regions]}, f)
   qupath.write_geojson(os.path.join(output_dir, "annotations", f"{slide_id}.geojson"),

@@ -91,8 +91,13 @@ def logical_rules() -> Iterator[None]:
 
 def state_shardings(module: nnx.Module, mesh: Mesh) -> Any:
   """NamedShardings for every variable of ``module`` (concrete or abstract)."""
+  return tree_shardings(nnx.state(module), mesh)
+
+
+def tree_shardings(state: Any, mesh: Mesh) -> Any:
+  """NamedShardings for an ``nnx.State`` (or any tree of annotated variables)."""
   with logical_rules():
-    specs = nnx.get_partition_spec(nnx.state(module))
+    specs = nnx.get_partition_spec(state)
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                       is_leaf=lambda x: isinstance(x, P))
 

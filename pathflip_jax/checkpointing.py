@@ -1,0 +1,188 @@
+"""Orbax checkpoints of a training run: train state, data-iterator state, metadata.
+
+Layout of a workdir::
+
+  W/checkpoints/<step>/state   params, optimizer state, step (Orbax PyTree, sharded arrays)
+  W/checkpoints/<step>/data    the grain iterator's position (one JSON file per process)
+  W/checkpoints/<step>/meta    step, wall time, the metrics of that step (JSON)
+  W/best/<step>/...            the same for the best evaluation so far (``best_metric``)
+
+Saves are asynchronous (arrays are copied to host before ``save`` returns, so the train state can
+be donated to the next step right away); a save is complete only once Orbax has renamed its
+temporary directory, so a killed run never leaves a checkpoint that half-restores. Restoring
+takes an abstract target (shapes, dtypes and the *current* mesh's shardings), so a run saved on
+8 devices restores onto 1 and vice versa.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pathflip_jax import optim
+
+
+class Checkpointer:
+  """Latest-N checkpoints for resuming, plus optionally the best-N by an evaluation metric."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, best_metric: str = "",
+               best_mode: str = "max", keep_best: int = 1, async_save: bool = True):
+    self.workdir = os.path.abspath(workdir)
+    self.best_metric = best_metric
+    options = dict(enable_async_checkpointing=async_save, create=True)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(self.workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
+    self.best = None
+    if best_metric:
+      if best_mode not in ("max", "min"):
+        raise ValueError(f"config.checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
+      self.best = ocp.CheckpointManager(
+          os.path.join(self.workdir, "best"),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep_best, best_fn=lambda m: m[best_metric], best_mode=best_mode,
+              **options))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: Any = None,
+           metrics: dict[str, float] | None = None) -> None:
+    """Saves ``state`` (and the data iterator's position) as checkpoint ``step``."""
+    self.latest.save(step, args=_save_args(state, data_iterator, step, metrics))
+
+  def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
+    """Saves ``state`` under W/best when ``metrics[best_metric]`` is among the best kept."""
+    if self.best is None:
+      return False
+    if self.best_metric not in metrics:
+      raise KeyError(f"config.checkpoint.best_metric={self.best_metric!r} is not among the "
+                     f"evaluation metrics {sorted(metrics)}")
+    clean = {k: float(v) for k, v in metrics.items()}
+    return self.best.save(step, args=_save_args(state, None, step, clean), metrics=clean)
+
+  def restore(self, abstract_state: Any, data_iterator: Any = None,
+              step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of checkpoint ``step`` (default: latest); the iterator is set in place."""
+    return restore_from(self.latest, abstract_state, data_iterator, step)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    if self.best is not None:
+      self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    self.latest.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def _save_args(state, data_iterator, step, metrics):
+  items = {"state": ocp.args.PyTreeSave(state),
+           "meta": ocp.args.JsonSave({"step": int(step), "time": time.time(),
+                                      "metrics": {k: float(v) for k, v in (metrics or {}).items()}})}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  return ocp.args.Composite(**items)
+
+
+def _manager(path: str) -> ocp.CheckpointManager:
+  """A read-only manager over ``path``: a workdir, its checkpoints/ or best/ folder."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such checkpoint directory")
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+  if manager.latest_step() is None:
+    raise FileNotFoundError(f"{path}: no complete checkpoint in it")
+  return manager
+
+
+def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
+                 data_iterator: Any = None, step: int | None = None
+                 ) -> tuple[Any, dict[str, Any]]:
+  """Restores state (onto ``abstract_state``'s shardings) and, if given, the data iterator."""
+  if isinstance(manager, str):
+    manager = _manager(manager)
+  step = manager.latest_step() if step is None else step
+  # Explicit restore args: each array is read straight into the target's sharding (the mesh of
+  # this run, whatever the mesh of the run that saved it).
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+  items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
+           "meta": ocp.args.JsonRestore()}
+  has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), "data"))
+  if data_iterator is not None and has_data:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  meta = dict(restored.meta)
+  meta["data_restored"] = data_iterator is not None and has_data
+  return restored.state, meta
+
+
+def abstract(state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of ``state`` laid out by ``shardings`` (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  out = {}
+  for path, leaf in leaves:
+    name = optim.param_path(path)
+    out[re.sub(r"(^|/)value$", "", name)] = leaf
+  return out
+
+
+def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
+  """Every parameter of another run's checkpoint as {path: array} (no target needed)."""
+  manager = _manager(path)
+  step = manager.latest_step() if step is None else step
+  with warnings.catch_warnings():
+    # Without a target Orbax takes each array's layout from the checkpoint and says so; the
+    # arrays are pulled to host memory right below, so the layout does not matter here.
+    warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+  params = restored.state["params"]
+  return {k: np.asarray(v) for k, v in _flat(params).items()}
+
+
+def partial_init(params: Any, loaded: dict[str, np.ndarray], include: Sequence[str] = (".*",),
+                 source: str = "") -> tuple[Any, list[str]]:
+  """Replaces the leaves of ``params`` whose path matches ``include`` by ``loaded`` values.
+
+  Matching leaves must exist in ``loaded`` with the same shape; anything else is an error that
+  names the parameter (a silent partial load would train from scratch without saying so).
+  Returns the new tree (each leaf keeps its sharding) and the list of paths loaded.
+  """
+  patterns = [re.compile(p) for p in include]
+  where = f" in {source}" if source else ""
+  taken = []
+
+  def replace(path, leaf):
+    name = re.sub(r"(^|/)value$", "", optim.param_path(path))
+    if not any(p.search(name) for p in patterns):
+      return leaf
+    if name not in loaded:
+      raise KeyError(f"config.model_init: parameter {name!r} not found{where}")
+    value = loaded[name]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(f"config.model_init: parameter {name!r} has shape {tuple(value.shape)}"
+                       f"{where}, the model needs {tuple(leaf.shape)}")
+    taken.append(name)
+    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+  new = jax.tree_util.tree_map_with_path(replace, params)
+  if not taken:
+    raise ValueError(f"config.model_init_include={list(include)} matches no parameter")
+  return new, taken

@@ -1,0 +1,42 @@
+"""Evaluators, one module each, chosen by ``type`` in the config's ``evals`` section.
+
+  config.evals.<name> = ConfigDict(type="patch_zero_shot", every=..., ...)
+
+Each module defines ``Evaluator(config, task, mesh)`` with ``name`` and
+``run(model) -> dict[str, float]``; metrics are logged as ``<name>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+TYPES = {
+    "patch_zero_shot": "pathflip_jax.evaluators.patch_zero_shot",
+    "patch_linear_probe": "pathflip_jax.evaluators.linear_probe",
+}
+
+
+class Evaluator(Protocol):
+  name: str
+  every: int
+
+  def run(self, model: nnx.Module) -> dict[str, float]: ...
+
+
+def build(evals: ml_collections.ConfigDict, task: Any, mesh: Mesh) -> list[Evaluator]:
+  """One evaluator per entry of ``config.evals`` (in the order given)."""
+  out = []
+  for name, config in (evals or {}).items():
+    kind = config.get("type")
+    if kind not in TYPES:
+      raise ValueError(f"config.evals.{name}.type={kind!r} is not a known evaluator; "
+                       f"known: {sorted(TYPES)}")
+    evaluator = importlib.import_module(TYPES[kind]).Evaluator(config, task, mesh)
+    evaluator.name = name
+    out.append(evaluator)
+  return out

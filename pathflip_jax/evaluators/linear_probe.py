@@ -1,0 +1,115 @@
+"""Linear probe of frozen patch features: multinomial logistic regression, train split -> val.
+
+``type="patch_linear_probe"``. Features are the patch encoder's pooled output (what
+``extract_features`` exports). The L2 strength is chosen by cross-validation grouped by slide
+inside the training split only; the probe is then refit on the whole training split and scored
+on ``split``. The same probe on each patch's mean RGB (the colour-mean baseline) and the majority
+class rate are reported beside it, so the number can be judged against what colour alone gives.
+
+Config: ``split`` ("val"), ``train_split`` ("train"), ``every`` (0: the trainer's log_steps),
+``batch_size``, ``l2_grid``, ``folds``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+import scipy.optimize
+from flax import nnx
+from jax.sharding import Mesh
+
+from pathflip_jax.evaluators import common
+
+
+def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
+                            max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
+  """Weights [D, C] and bias [C] minimising mean cross-entropy + l2/2 * |W|^2 (L-BFGS)."""
+  n, d = x.shape
+  onehot = np.eye(num_classes)[y]
+
+  def objective(theta):
+    w, b = theta[:d * num_classes].reshape(d, num_classes), theta[d * num_classes:]
+    logits = x @ w + b
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    loss = -(onehot * log_p).sum() / n + 0.5 * l2 * (w * w).sum()
+    grad_logits = (np.exp(log_p) - onehot) / n
+    grad_w = x.T @ grad_logits + l2 * w
+    return loss, np.concatenate([grad_w.ravel(), grad_logits.sum(axis=0)])
+
+  theta0 = np.zeros(d * num_classes + num_classes)
+  result = scipy.optimize.minimize(objective, theta0, jac=True, method="L-BFGS-B",
+                                   options={"maxiter": max_iter})
+  theta = result.x
+  return theta[:d * num_classes].reshape(d, num_classes), theta[d * num_classes:]
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+  classes = np.unique(y_true)
+  return float(np.mean([(y_pred[y_true == c] == c).mean() for c in classes]))
+
+
+def probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
+          test_x: np.ndarray, test_y: np.ndarray, num_classes: int,
+          l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1), folds: int = 3
+          ) -> dict[str, float]:
+  """Standardise, choose L2 by grouped CV on train, refit, score test (accuracy, balanced)."""
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  train_z, test_z = (train_x - mean) / std, (test_x - mean) / std
+  groups = np.unique(train_groups)
+  fold_of = {g: i % folds for i, g in enumerate(groups)}
+  fold = np.array([fold_of[g] for g in train_groups])
+  best_l2, best_score = l2_grid[0], -1.0
+  if len(groups) >= folds:
+    for l2 in l2_grid:
+      hits = 0
+      for k in range(folds):
+        held = fold == k
+        w, b = fit_logistic_regression(train_z[~held], train_y[~held], num_classes, l2)
+        hits += int(((train_z[held] @ w + b).argmax(1) == train_y[held]).sum())
+      if hits / len(train_y) > best_score:
+        best_l2, best_score = l2, hits / len(train_y)
+  w, b = fit_logistic_regression(train_z, train_y, num_classes, best_l2)
+  predicted = (test_z @ w + b).argmax(1)
+  return {"accuracy": float((predicted == test_y).mean()),
+          "balanced_accuracy": balanced_accuracy(test_y, predicted), "l2": float(best_l2)}
+
+
+class Evaluator:
+  """Linear probe of ``task.images(split)`` features against the patches' tissue labels."""
+
+  def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
+    self.config, self.task = config, task
+    self.every = config.get("every", 0)
+    self.split = config.get("split", "val")
+    self.train_split = config.get("train_split", "train")
+    self.embed = common.BatchedApply(lambda model, x: model.image_features(x), mesh,
+                                     config.get("batch_size", 64))
+    self._baseline: dict[str, float] | None = None
+    common.check_split(task, config, self.split, "split")
+    common.check_split(task, config, self.train_split, "train_split")
+
+  def _probe(self, train_x, test_x) -> dict[str, float]:
+    train_y, test_y = self.task.images(self.train_split)[1], self.task.images(self.split)[1]
+    groups = self.task.splits[self.train_split].slide_ids
+    return probe(train_x, train_y, groups, test_x, test_y, len(self.task.class_names),
+                 tuple(self.config.get("l2_grid", (1e-3, 1e-2, 1e-1))),
+                 self.config.get("folds", 3))
+
+  def run(self, model: nnx.Module) -> dict[str, float]:
+    train_images, _ = self.task.images(self.train_split)
+    test_images, test_y = self.task.images(self.split)
+    if self._baseline is None:
+      colour = lambda images: images.reshape(len(images), -1, 3).mean(1).astype(np.float64)
+      base = self._probe(colour(train_images), colour(test_images))
+      counts = np.bincount(test_y, minlength=len(self.task.class_names))
+      self._baseline = {"colour_mean_accuracy": base["accuracy"],
+                        "colour_mean_balanced_accuracy": base["balanced_accuracy"],
+                        "majority_class_accuracy": float(counts.max() / counts.sum()),
+                        "num_train": float(len(train_images)),
+                        "num_eval": float(len(test_images))}
+    train_x = self.embed(model, train_images).astype(np.float64)
+    test_x = self.embed(model, test_images).astype(np.float64)
+    return {**self._probe(train_x, test_x), **self._baseline}

@@ -1,0 +1,56 @@
+"""Zero-shot patch classification from text prompts (no training on labels).
+
+``type="patch_zero_shot"``. Each class is described by a few prompts (``prompts``: a dict class
+name -> list of phrases, default: the class name); a class's text embedding is the normalised mean
+of its prompts' embeddings, and a patch goes to the class whose embedding is nearest (cosine), as
+in CLIP/CONCH prompt ensembling. Reports accuracy, balanced accuracy and the chance level
+(1 / number of classes for balanced accuracy; the majority class rate for accuracy).
+
+Config: ``split`` ("val"), ``every``, ``batch_size``, ``prompts``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from pathflip_jax.evaluators import common, linear_probe
+
+
+class Evaluator:
+
+  def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
+    self.config, self.task = config, task
+    self.every = config.get("every", 0)
+    self.split = config.get("split", "val")
+    common.check_split(task, config, self.split, "split")
+    prompts = dict(config.get("prompts", None) or {})
+    unknown = set(prompts) - set(task.class_names)
+    if unknown:
+      raise ValueError(f"config.evals.*.prompts names unknown classes {sorted(unknown)}; "
+                       f"classes: {task.class_names}")
+    self.prompts = {name: list(prompts.get(name) or [name]) for name in task.class_names}
+    texts = [p for name in task.class_names for p in self.prompts[name]]
+    self.prompt_class = np.array([i for i, name in enumerate(task.class_names)
+                                  for _ in self.prompts[name]])
+    self.tokens = task.tokenizer.encode_batch(texts, task.config.text_len)
+    batch_size = config.get("batch_size", 64)
+    self.embed_images = common.BatchedApply(lambda m, x: m.encode_images(x), mesh, batch_size)
+    self.embed_texts = common.BatchedApply(lambda m, t: m.encode_texts(t), mesh, batch_size)
+
+  def run(self, model: nnx.Module) -> dict[str, float]:
+    images, labels = self.task.images(self.split)
+    prompt_emb = self.embed_texts(model, self.tokens)
+    num_classes = len(self.task.class_names)
+    class_emb = np.stack([prompt_emb[self.prompt_class == c].mean(0) for c in range(num_classes)])
+    class_emb /= np.linalg.norm(class_emb, axis=1, keepdims=True)
+    predicted = (self.embed_images(model, images) @ class_emb.T).argmax(1)
+    counts = np.bincount(labels, minlength=num_classes)
+    return {"accuracy": float((predicted == labels).mean()),
+            "balanced_accuracy": linear_probe.balanced_accuracy(labels, predicted),
+            "chance_balanced_accuracy": 1.0 / len(np.unique(labels)),
+            "majority_class_accuracy": float(counts.max() / counts.sum())}

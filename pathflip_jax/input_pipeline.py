@@ -1,0 +1,88 @@
+"""grain input pipelines: deterministic shuffling, per-process shards, workers, global arrays.
+
+Training data is a ``grain.MapDataset`` (random access over ArrayRecord shards), so the whole
+order is a function of the seed: :func:`train_iterator` shards it by process, shuffles it anew
+every epoch, applies random augmentation seeded by element index, batches and prefetches in worker
+processes. The iterator's state (how far it got) is saved in every checkpoint
+(``grain.checkpoint.CheckpointSave``), which is why a resumed run sees exactly the batches an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from pathflip_jax import sharding
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """This process's share of the global batch (the batch is split evenly over processes)."""
+  count = jax.process_count()
+  if global_batch_size % count:
+    raise ValueError(f"batch_size {global_batch_size} is not divisible by the "
+                     f"{count} JAX processes")
+  return global_batch_size // count
+
+
+def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
+  """The batch is split over the mesh's data and fsdp axes: it must divide evenly."""
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  if global_batch_size % shards:
+    raise ValueError(f"config.{key}={global_batch_size} must be divisible by the "
+                     f"data x fsdp mesh size {shards} (mesh {dict(mesh.shape)})")
+
+
+def train_iterator(source: grain.MapDataset, *, global_batch_size: int, seed: int,
+                   transform: grain.transforms.RandomMap | grain.transforms.Map | None = None,
+                   worker_count: int = 0, worker_buffer_size: int = 2,
+                   reader_threads: int = 1) -> grain.DatasetIterator:
+  """An endless, shuffled, augmented, batched iterator over this process's part of ``source``.
+
+  Epochs are reshuffled (seeded by ``seed`` and the epoch); ``transform`` (a ``RandomMap``) gets
+  a generator seeded by ``seed`` and the element's position in the endless sequence, so every
+  epoch augments differently and a restored iterator repeats nothing and skips nothing.
+  """
+  if len(source) == 0:
+    raise ValueError("the training dataset is empty")
+  ds = source[jax.process_index()::jax.process_count()]
+  ds = ds.seed(seed).shuffle().repeat(None)
+  if isinstance(transform, grain.transforms.RandomMap):
+    ds = ds.random_map(transform)
+  elif transform is not None:
+    ds = ds.map(transform)
+  ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
+  # grain's default read-ahead (16 threads, 500 elements, i.e. 500 *batches* here) would decode
+  # thousands of images ahead and starve the training step of CPU; a few batches ahead suffice.
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=reader_threads,
+                                                 prefetch_buffer_size=worker_buffer_size))
+  if worker_count > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+  return iter(iter_ds)
+
+
+def eval_batches(source: grain.MapDataset, batch_size: int,
+                 transform: grain.transforms.Map | Callable | None = None
+                 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """One ordered pass over ``source`` in batches of exactly ``batch_size`` (one compiled shape).
+
+  Yields ``(batch, num_valid)``: the last batch is padded by repeating its final element, and
+  ``num_valid`` says how many rows are real.
+  """
+  ds = source.map(transform) if transform is not None else source
+  for start in range(0, len(ds), batch_size):
+    rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+    valid = len(rows)
+    rows += [rows[-1]] * (batch_size - valid)
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, valid
+
+
+def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's batch rows -> global arrays split over the mesh's data and fsdp axes."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,67 @@
+"""Metrics of a run: ``W/metrics.jsonl`` (always) and TensorBoard event files (when tensorboardX is installed).
+
+One JSON line per write: ``{"step": N, "time": unix, "<name>": value, ...}``. A resumed run
+appends; rows of steps after the checkpoint it resumed from are dropped first, so the file reads
+as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):
+      self._truncate_after(resume_step)
+    self._tensorboard = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          kept.append(line)
+      except json.JSONDecodeError:   # a line cut by a kill
+        continue
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    row = {"step": int(step), "time": round(time.time(), 3)}
+    for key, value in metrics.items():
+      value = float(value)
+      row[key] = value if math.isfinite(value) else str(value)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tensorboard is not None:
+      for key, value in metrics.items():
+        self._tensorboard.add_scalar(key, float(value), int(step))
+      self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _tensorboard_writer(logdir: str):
+  """tensorboardX's SummaryWriter when it is installed (it is not required)."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return SummaryWriter(logdir)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The rows of ``W/metrics.jsonl``."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

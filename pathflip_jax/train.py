@@ -1,0 +1,311 @@
+r"""The trainer: one entry point for every stage (``config.stage``).
+
+  python -m pathflip_jax.train --config configs/patch_clip_demo.py[:key=value,...] --workdir W
+
+Reading order: mesh -> data -> model/optimizer -> sharding -> step -> checkpoint -> evaluators
+-> loop. What a stage trains (its data, model and loss) comes from ``pathflip_jax/tasks``;
+everything here is shared.
+
+Writes into W (see WORKSPACE.md): ``config.json`` (the resolved config), ``checkpoints/<step>``
+(Orbax: params, optimizer state, step, data-iterator position), ``best/<step>`` (optional),
+``metrics.jsonl`` (train scalars every ``log_steps``, evaluator metrics), ``results.json`` (the
+final evaluation) and the tokenizer a stage trained, if any.
+
+Resume order: the latest checkpoint in W, else ``config.resume`` (another run's workdir), else
+``config.model_init`` (parameters matching ``config.model_init_include`` copied from another
+run), else scratch. Re-running the same command after a kill therefore continues where the last
+checkpoint left off, with the same data order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pathflip_jax import (checkpointing, config_args, evaluators as evaluators_lib,
+                          input_pipeline, metric_writer, optim, sharding, tasks)
+
+TrainState = dict[str, Any]   # {"params": nnx.State, "opt_state": optax state, "step": int32}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the run stopped without saving."""
+
+
+# --------------------------------------------------------------------------- model and state
+
+
+def create_train_state(model_factory: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                       mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, Any]:
+  """(graphdef, state, state shardings) with every array created already sharded.
+
+  The state is traced abstractly first (``jax.eval_shape``: no memory), its shardings follow the
+  parameters' logical axis names (optimizer moments inherit them, since optax builds them as
+  trees of the same annotated variables), and the jitted initialisation writes each array
+  directly in its layout.
+  """
+  def init() -> TrainState:
+    graphdef, params, rest = nnx.split(model_factory(), nnx.Param, ...)
+    if jax.tree.leaves(rest):
+      raise ValueError("the model holds non-parameter state (e.g. nnx.Rngs or batch stats); "
+                       "the trainer only carries nnx.Param variables")
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  graphdef = nnx.graphdef(nnx.eval_shape(model_factory))
+  abstract = jax.eval_shape(init)
+  shardings = state_shardings(abstract, mesh)
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> Any:
+  """Shardings of a train state: annotated variables by their logical axes, the rest replicated."""
+  specs = sharding.tree_shardings(abstract_state, mesh)
+  return jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else NamedSharding(mesh, P()),
+                      specs, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
+                    nan_at_step: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """One optimizer (micro-)step: loss and grads, update, norms; returns the new state."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+
+    def objective(params):
+      loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, rng)
+      if nan_at_step:  # a test hook: config.debug.nan_at_step
+        loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)
+      return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates),
+                   lr=schedule(step // accum_steps))
+    return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+  return train_step
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer,
+                    state: TrainState, shardings: Any, data_iterator: Any
+                    ) -> tuple[TrainState, str]:
+  """Workdir checkpoint -> config.resume -> config.model_init -> scratch (``state`` as given)."""
+  target = checkpointing.abstract(state, shardings)
+  if ckpt.latest_step() is not None:
+    restored, meta = ckpt.restore(target, data_iterator)
+    return restored, f"resumed from {ckpt.workdir}/checkpoints/{meta['step']}"
+  if config.get("resume"):
+    restored, meta = checkpointing.restore_from(config.resume, target, data_iterator)
+    data = "" if meta["data_restored"] else " (data order starts afresh: none saved there)"
+    return restored, f"resumed from config.resume={config.resume} step {meta['step']}{data}"
+  if config.get("model_init"):
+    loaded = checkpointing.load_params(config.model_init)
+    include = tuple(config.get("model_init_include", None) or (".*",))
+    params, taken = checkpointing.partial_init(state["params"], loaded, include,
+                                               source=config.model_init)
+    return dict(state, params=params), (f"initialised {len(taken)} parameters from "
+                                        f"config.model_init={config.model_init}")
+  return state, "initialised from scratch"
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class Progress:
+  """One line with step, loss, steps/s and ETA, at most every ``seconds``."""
+
+  def __init__(self, total: int, start: int, seconds: float):
+    self.total, self.start, self.seconds = total, start, seconds
+    self.t0 = self.last = time.time()
+    self.steady_t0: float | None = None
+    self.steady_step = start
+
+  def update(self, step: int, loss: float, force: bool = False) -> None:
+    now = time.time()
+    if self.steady_t0 is None:  # the first step includes compilation: rate from step 2 on
+      self.steady_t0, self.steady_step = now, step
+      return
+    if not force and now - self.last < self.seconds:
+      return
+    self.last = now
+    done = step - self.steady_step
+    rate = done / max(now - self.steady_t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    print(f"[train] step {step}/{self.total} | loss {loss:.4f} | {rate:.2f} steps/s | "
+          f"ETA {_duration(eta)} | {_duration(now - self.t0)} elapsed", file=sys.stderr,
+          flush=True)
+
+  def steps_per_second(self, step: int) -> float:
+    if self.steady_t0 is None or step <= self.steady_step:
+      return float("nan")
+    return (step - self.steady_step) / max(time.time() - self.steady_t0, 1e-9)
+
+
+def _duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """W/config.json; a resumed run whose config differs says so (it still runs)."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != text:
+        print(f"[train] note: {path} differs from this run's config; overwriting",
+              file=sys.stderr)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def _evaluate(evaluators, model, step: int, total: int, log_steps: int,
+              force: bool) -> dict[str, float]:
+  out = {}
+  for evaluator in evaluators:
+    every = evaluator.every or log_steps
+    if force or (every and step % every == 0):
+      t0 = time.time()
+      for key, value in evaluator.run(model).items():
+        out[f"{evaluator.name}/{key}"] = float(value)
+      print(f"[train] eval {evaluator.name} at step {step}/{total} ({time.time() - t0:.1f}s): "
+            + ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in out.items()
+                        if k.startswith(evaluator.name + "/")), file=sys.stderr, flush=True)
+  return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint); returns the
+  final evaluation metrics (also in ``W/results.json``)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  save_config(config, workdir)
+  total_steps = int(config.total_steps)
+  accum = int(config.optim.get("grad_accum_steps", 1))
+  micro_steps = total_steps * accum
+
+  # Mesh.
+  mesh = sharding.make_mesh(**dict(config.mesh))
+  input_pipeline.check_batch_divides_mesh(config.batch_size, mesh)
+
+  # Data.
+  task = tasks.build(config, workdir)
+  train_iter = input_pipeline.train_iterator(
+      task.train_source(), global_batch_size=config.batch_size, seed=config.seed,
+      transform=task.train_transform(), worker_count=config.input.worker_count,
+      worker_buffer_size=config.input.worker_buffer_size)
+
+  # Model and optimizer, created sharded.
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  model_factory = lambda: task.create_model(nnx.Rngs(config.seed))
+  graphdef, state, shardings = create_train_state(model_factory, tx, mesh)
+  print(f"[train] stage {config.stage} | mesh {dict(mesh.shape)} | "
+        f"{optim.describe(state['params'], config.optim)}", file=sys.stderr)
+
+  # Checkpoints and resume.
+  ckpt = checkpointing.Checkpointer(
+      workdir, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
+      best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
+  state, origin = restore_or_init(config, ckpt, state, shardings, train_iter)
+  start = int(jax.device_get(state["step"]))
+  print(f"[train] {origin}; step {start}/{micro_steps}", file=sys.stderr, flush=True)
+
+  # The step.
+  train_step = jax.jit(
+      make_train_step(graphdef, task.loss, tx, schedule, seed=config.seed, accum_steps=accum,
+                      nan_at_step=config.debug.nan_at_step),
+      donate_argnums=(0,), out_shardings=(shardings, None))
+
+  evaluators = evaluators_lib.build(config.get("evals"), task, mesh)
+  writer = metric_writer.MetricWriter(workdir, resume_step=start)
+  progress = Progress(micro_steps, start, config.progress_seconds)
+  window: list[dict[str, float]] = []
+  eval_metrics: dict[str, float] = {}
+  try:
+    for step in range(start + 1, micro_steps + 1):
+      batch = input_pipeline.to_global(next(train_iter), mesh)
+      state, metrics = train_step(state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(metrics["loss"]):
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"non-finite loss ({metrics['loss']}) at step {step}; stopped without saving. "
+            f"The last good checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints "
+            "(it restores); lower config.optim.lr, set config.optim.grad_clip_norm, or check "
+            "the input data.")
+      window.append(metrics)
+      progress.update(step, metrics["loss"], force=step == micro_steps)
+      if step % config.log_steps == 0 or step == micro_steps:
+        means = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
+        means["train/steps_per_second"] = progress.steps_per_second(step)
+        writer.write(step, means)
+        window = []
+      final = step == micro_steps
+      model = nnx.merge(graphdef, state["params"])
+      eval_metrics = _evaluate(evaluators, model, step, micro_steps, config.log_steps, final)
+      if eval_metrics:
+        writer.write(step, eval_metrics)
+        if config.checkpoint.best_metric:
+          ckpt.save_best(step, state, eval_metrics)
+      if step % config.checkpoint.every == 0 or final:
+        ckpt.save(step, state, train_iter, eval_metrics)
+    if start >= micro_steps:  # nothing left to train: evaluate what the checkpoint holds
+      eval_metrics = _evaluate(evaluators, nnx.merge(graphdef, state["params"]), start,
+                               micro_steps, config.log_steps, True)
+  finally:
+    ckpt.close()
+    writer.close()
+    close = getattr(train_iter, "close", None)
+    if close is not None:
+      close()
+  results = {"step": micro_steps, "origin": origin, **eval_metrics}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  return results
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True,
+                      help="configs/<name>.py[:key=value,...] (ml_collections config file)")
+  parser.add_argument("--workdir", required=True)
+  args = parser.parse_args(argv)
+  from pathflip_jax import compilation_cache  # pylint: disable=import-outside-toplevel
+  compilation_cache.enable()
+  config = config_args.load_config(args.config)
+  try:
+    results = train_and_evaluate(config, args.workdir)
+  except NonFiniteLossError as e:
+    raise SystemExit(f"[train] {e}") from None
+  print(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  from pathflip_jax import train
+  train.main()

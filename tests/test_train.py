@@ -1,0 +1,195 @@
+"""The trainer: sharded steps, checkpoints and resume, the NaN guard, partial init."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathflip_jax import checkpointing, losses, optim, sharding, train
+from pathflip_jax.models import patch_clip, text_encoder, vit
+from tests import toy_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _clip_config():
+  vision = vit.get_config("vit_tiny_test", image_size=32, patch_size=8, width=32, depth=1,
+                          num_heads=2, pool="mean", class_token=False)
+  text = text_encoder.TextConfig(vocab_size=40, max_len=12, width=32, depth=1, num_heads=2)
+  return patch_clip.PatchClipConfig(vision=vision, text=text, embed_dim=16)
+
+
+def _clip_loss(model, batch, rng):
+  image, text, scale = model(batch["image"], batch["tokens"])
+  return losses.contrastive_loss(image, text, scale, batch["text_id"])
+
+
+def _one_step(mesh, batch):
+  # SGD: an update is the gradient, so float noise stays noise (Adam's first step would blow the
+  # ~1e-9 gradient of the key biases, zero in exact arithmetic, up to a full +-lr step).
+  tx, schedule = optim.make_optimizer(
+      ml_collections.ConfigDict(dict(optimizer="sgd", lr=0.5, momentum=0.9)), 10)
+  graphdef, state, shardings = train.create_train_state(
+      lambda: patch_clip.PatchClip(_clip_config(), rngs=nnx.Rngs(0)), tx, mesh)
+  step = jax.jit(train.make_train_step(graphdef, _clip_loss, tx, schedule, seed=0),
+                 out_shardings=(shardings, None))
+  from pathflip_jax import input_pipeline
+  new_state, metrics = step(state, input_pipeline.to_global(batch, mesh))
+  return new_state, metrics
+
+
+def test_sharded_step_equals_single_device_step():
+  """(data=2, fsdp=2, model=2) on 8 devices vs 1 device: same loss and same new parameters,
+  and the big kernels really are split (each device holds a quarter of an mlp kernel)."""
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8),
+           "tokens": np.concatenate([np.full((8, 1), 2), rng.integers(5, 40, (8, 9)),
+                                     np.zeros((8, 2), int)], axis=1).astype(np.int32),
+           "text_id": np.array([0, 1, 2, 3, 0, 1, 4, 5], np.int32)}
+  single, m1 = _one_step(sharding.make_mesh(devices=jax.devices()[:1]), batch)
+  mesh8 = sharding.make_mesh(data=2, fsdp=2, model=2)
+  sharded, m8 = _one_step(mesh8, batch)
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  flat1 = dict(jax.tree_util.tree_leaves_with_path(single["params"]))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sharded["params"]):
+    np.testing.assert_allclose(np.asarray(leaf), np.asarray(flat1[path]), rtol=2e-5, atol=2e-6,
+                               err_msg=optim.param_path(path))
+  fc1 = sharded["params"]["vision"]["blocks"][0]["mlp"]["fc1"]["kernel"][...]
+  assert fc1.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
+  assert fc1.addressable_shards[0].data.shape == (16, 64)       # [32, 128] over fsdp x model
+  # Optimizer state (momentum) lives where its parameter lives.
+  moments = [x for x in jax.tree.leaves(sharded["opt_state"]) if x.shape == fc1.shape]
+  assert moments and all(x.sharding == fc1.sharding for x in moments)
+  assert float(m8["loss"]) > 0 and np.isfinite(float(m8["param_norm"]))
+
+
+def _params(workdir):
+  return checkpointing.load_params(str(workdir))
+
+
+def test_nan_stops_with_last_checkpoint_intact_and_resume_matches(tmp_path):
+  """A NaN at step 7 stops the run (checkpoint 4 intact and restorable); running the same
+  config again resumes from 4 and ends exactly where an uninterrupted run ends."""
+  reference = train.train_and_evaluate(toy_task.get_config(), str(tmp_path / "ref"))
+  with pytest.raises(train.NonFiniteLossError, match=r"step 7.*checkpoint is step 4"):
+    train.train_and_evaluate(toy_task.get_config("nan_at_step=7"), str(tmp_path / "run"))
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
+  restored = _params(tmp_path / "run")
+  assert all(np.isfinite(v).all() for v in restored.values())
+
+  resumed = train.train_and_evaluate(toy_task.get_config(), str(tmp_path / "run"))
+  assert resumed["origin"].startswith("resumed from") and resumed["origin"].endswith("/4")
+  assert reference["origin"] == "initialised from scratch"
+  ref_params, run_params = _params(tmp_path / "ref"), _params(tmp_path / "run")
+  assert ref_params.keys() == run_params.keys()
+  for name in ref_params:
+    np.testing.assert_array_equal(run_params[name], ref_params[name], err_msg=name)
+  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  ref_rows = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [4, 8, 12]
+  assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref_rows]
+  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert config["stage"] == "tests.toy_task:ToyTask" and config["total_steps"] == 12
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  """Saved from (data=2, fsdp=2, model=2) on 8 devices, restored onto 1 device (and back)."""
+  tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(lr=1e-2)), 10)
+  factory = lambda: toy_task.ToyModel(nnx.Rngs(3))
+  mesh8 = sharding.make_mesh(data=2, fsdp=2, model=2)
+  _, state8, shardings8 = train.create_train_state(factory, tx, mesh8)
+  kernel8 = state8["params"]["hidden"]["kernel"][...]
+  assert kernel8.addressable_shards[0].data.shape == (8, 32)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(5, state8)
+  ckpt.close()
+
+  mesh1 = sharding.make_mesh(devices=jax.devices()[:1])
+  _, fresh1, shardings1 = train.create_train_state(lambda: toy_task.ToyModel(nnx.Rngs(9)), tx,
+                                                   mesh1)
+  restored, meta = checkpointing.Checkpointer(str(tmp_path)).restore(
+      checkpointing.abstract(fresh1, shardings1))
+  assert meta["step"] == 5
+  kernel1 = restored["params"]["hidden"]["kernel"][...]
+  assert len(kernel1.sharding.device_set) == 1
+  np.testing.assert_array_equal(np.asarray(kernel1), np.asarray(kernel8))
+  back, _ = checkpointing.Checkpointer(str(tmp_path)).restore(
+      checkpointing.abstract(state8, shardings8))
+  assert back["params"]["hidden"]["kernel"][...].sharding == kernel8.sharding
+
+
+def test_model_init_copies_matching_parameters(tmp_path):
+  train.train_and_evaluate(toy_task.get_config("total_steps=4"), str(tmp_path / "a"))
+  config = toy_task.get_config("total_steps=1")
+  config.model_init = str(tmp_path / "a")
+  config.model_init_include = ("^hidden/",)
+  config.optim.lr = 1e-12            # one near-zero step: parameters stay what was loaded
+  result = train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert "initialised 2 parameters from config.model_init" in result["origin"]
+  a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+  np.testing.assert_allclose(b["hidden/kernel"], a["hidden/kernel"], atol=1e-6)
+  assert not np.allclose(b["out/kernel"], a["out/kernel"], atol=1e-3)
+
+  config.model_init_include = ("^nothing/",)
+  with pytest.raises(ValueError, match="matches no parameter"):
+    train.train_and_evaluate(config, str(tmp_path / "c"))
+
+
+def test_best_checkpoint_keeps_the_best_metric(tmp_path):
+  tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(lr=1e-2)), 10)
+  _, state, _ = train.create_train_state(lambda: toy_task.ToyModel(nnx.Rngs(0)), tx,
+                                         sharding.make_mesh())
+  ckpt = checkpointing.Checkpointer(str(tmp_path), best_metric="probe/accuracy")
+  for step, accuracy in [(1, 0.5), (2, 0.9), (3, 0.7)]:
+    ckpt.save_best(step, state, {"probe/accuracy": accuracy})
+  with pytest.raises(KeyError, match="best_metric"):
+    ckpt.save_best(4, state, {"other": 1.0})
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path / "best")) == ["2"]
+
+
+def test_unknown_stage_and_bad_batch_are_named():
+  config = toy_task.get_config()
+  config.stage = "nope"
+  with pytest.raises(ValueError, match="config.stage='nope'"):
+    train.train_and_evaluate(config, "/tmp/unused_workdir_for_error")
+  config = toy_task.get_config("batch_size=6")      # 8 devices on the data axis
+  with pytest.raises(ValueError, match=r"config.batch_size=6 must be divisible"):
+    train.train_and_evaluate(config, "/tmp/unused_workdir_for_error")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
+  """The real command, killed with SIGKILL after a checkpoint, run again: same final params
+  as an uninterrupted run; grain worker processes (and their data position) included."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  command = [sys.executable, "-m", "pathflip_jax.train", "--config",
+             "tests/toy_config.py:total_steps=24,workers=1,sleep=0.01", "--workdir"]
+  subprocess.run(command + [str(tmp_path / "ref")], cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  run = tmp_path / "run"
+  process = subprocess.Popen(command + [str(run)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (run / "checkpoints" / "8").is_dir() and time.time() < deadline:
+    assert process.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
+  assert 24 not in done, "killed too late to test anything"
+  out = subprocess.run(command + [str(run)], cwd=REPO, env=env, check=True,
+                       capture_output=True, text=True)
+  assert "resumed from" in out.stderr
+  ref, resumed = _params(tmp_path / "ref"), _params(run)
+  for name in ref:
+    np.testing.assert_array_equal(resumed[name], ref[name], err_msg=name)
