@@ -11,7 +11,8 @@ Pipeline and command (2 CPU cores; ``W`` is the workdir):
 
 Args (``--config configs/patch_clip_demo.py:key=value,...``): ``cohort_dir``, ``patches_dir``
 (defaults: runs/demo/cohort and runs/demo/patches), ``total_steps``, ``batch_size``, ``lr``,
-``workers``, ``size`` (``demo`` or ``test``: a tiny model for the test suite).
+``workers``, ``size`` (``demo`` or ``test``: a tiny model for the test suite), ``eval_split``
+(``val``; ``test`` for the held-out numbers).
 
 A ViT (224-px input: the 256-px, 0.5 µm/px patches cropped and resized; 32-px tokens, 49 of
 them plus a class token; width 128, depth 3) and a 1-layer text Transformer learn from each tissue
@@ -47,7 +48,7 @@ PROMPTS = {
 def get_config(arg: str | None = None):
   args = config_args.parse_arg(
       arg, cohort_dir="runs/demo/cohort", patches_dir="runs/demo/patches", total_steps=240,
-      batch_size=64, lr=1e-3, workers=1, size="demo", seed=0, log_steps=120)
+      batch_size=64, lr=1e-3, workers=1, size="demo", seed=0, log_steps=120, eval_split="val")
   config = config_args.ml_collections.ConfigDict()
   config.stage = "patch_clip"
   config.seed = args.seed
@@ -88,8 +89,8 @@ def get_config(arg: str | None = None):
   config.checkpoint = dict(every=args.log_steps, keep=2, best_metric="", best_mode="max",
                            async_save=True)
   config.evals = dict(
-      zero_shot=dict(type="patch_zero_shot", split="val", prompts=PROMPTS),
-      linear_probe=dict(type="patch_linear_probe", split="val", train_split="train"),
+      zero_shot=dict(type="patch_zero_shot", split=args.eval_split, prompts=PROMPTS),
+      linear_probe=dict(type="patch_linear_probe", split=args.eval_split, train_split="train"),
   )
   config.resume = ""
   config.model_init = ""
