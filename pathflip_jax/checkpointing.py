@@ -135,13 +135,14 @@ def abstract(state: Any, shardings: Any) -> Any:
                       state, shardings)
 
 
+def param_name(path: tuple) -> str:
+  """"blocks/0/attn/qkv_kernel" for a parameter's key path, in a live ``nnx.State`` or in a tree
+  restored without a target (where each variable is a dict holding its array under "value")."""
+  return re.sub(r"(^|/)value$", "", optim.param_path(path))
+
+
 def _flat(tree: Any) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  out = {}
-  for path, leaf in leaves:
-    name = optim.param_path(path)
-    out[re.sub(r"(^|/)value$", "", name)] = leaf
-  return out
+  return {param_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
@@ -170,7 +171,7 @@ def partial_init(params: Any, loaded: dict[str, np.ndarray], include: Sequence[s
   taken = []
 
   def replace(path, leaf):
-    name = re.sub(r"(^|/)value$", "", optim.param_path(path))
+    name = param_name(path)
     if not any(p.search(name) for p in patterns):
       return leaf
     if name not in loaded:

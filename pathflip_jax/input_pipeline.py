@@ -10,7 +10,7 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Mapping
 
 import grain
 import jax
@@ -31,7 +31,7 @@ def local_batch_size(global_batch_size: int) -> int:
 
 def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
   """The batch is split over the mesh's data and fsdp axes: it must divide evenly."""
-  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  shards = sharding.batch_shards(mesh)
   if global_batch_size % shards:
     raise ValueError(f"config.{key}={global_batch_size} must be divisible by the "
                      f"data x fsdp mesh size {shards} (mesh {dict(mesh.shape)})")
@@ -64,22 +64,6 @@ def train_iterator(source: grain.MapDataset, *, global_batch_size: int, seed: in
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
   return iter(iter_ds)
-
-
-def eval_batches(source: grain.MapDataset, batch_size: int,
-                 transform: grain.transforms.Map | Callable | None = None
-                 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-  """One ordered pass over ``source`` in batches of exactly ``batch_size`` (one compiled shape).
-
-  Yields ``(batch, num_valid)``: the last batch is padded by repeating its final element, and
-  ``num_valid`` says how many rows are real.
-  """
-  ds = source.map(transform) if transform is not None else source
-  for start in range(0, len(ds), batch_size):
-    rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-    valid = len(rows)
-    rows += [rows[-1]] * (batch_size - valid)
-    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, valid
 
 
 def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

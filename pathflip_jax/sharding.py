@@ -79,6 +79,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces the batch is split into (the product of the data and fsdp axes)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

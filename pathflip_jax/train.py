@@ -182,13 +182,16 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(text)
 
 
-def _evaluate(evaluators, model, step: int, total: int, log_steps: int,
-              force: bool) -> dict[str, float]:
+def _evaluate(evaluators, make_model: Callable[[], nnx.Module], step: int, total: int,
+              log_steps: int, force: bool) -> dict[str, float]:
+  """Runs the evaluators due at ``step``; the model is assembled only if one is due."""
   out = {}
+  model = None
   for evaluator in evaluators:
     every = evaluator.every or log_steps
     if force or (every and step % every == 0):
       t0 = time.time()
+      model = model or make_model()
       for key, value in evaluator.run(model).items():
         out[f"{evaluator.name}/{key}"] = float(value)
       print(f"[train] eval {evaluator.name} at step {step}/{total} ({time.time() - t0:.1f}s): "
@@ -267,8 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, means)
         window = []
       final = step == micro_steps
-      model = nnx.merge(graphdef, state["params"])
-      eval_metrics = _evaluate(evaluators, model, step, micro_steps, config.log_steps, final)
+      eval_metrics = _evaluate(evaluators, lambda: nnx.merge(graphdef, state["params"]), step,
+                               micro_steps, config.log_steps, final)
       if eval_metrics:
         writer.write(step, eval_metrics)
         if config.checkpoint.best_metric:
@@ -276,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.checkpoint.every == 0 or final:
         ckpt.save(step, state, train_iter, eval_metrics)
     if start >= micro_steps:  # nothing left to train: evaluate what the checkpoint holds
-      eval_metrics = _evaluate(evaluators, nnx.merge(graphdef, state["params"]), start,
+      eval_metrics = _evaluate(evaluators, lambda: nnx.merge(graphdef, state["params"]), start,
                                micro_steps, config.log_steps, True)
   finally:
     ckpt.close()

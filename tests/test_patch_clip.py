@@ -152,7 +152,7 @@ def test_demo_path_cohort_tiles_patch_clip_features(tmp_path):
   """make_demo_cohort -> tile_slides -> train (patch_clip, tiny) -> extract_features with the
   trained checkpoint: the evaluators report, and the exported features are the trained ViT's."""
   from data_prep import extract_features, make_demo_cohort, tile_slides
-  from pathflip_jax import config_args, train
+  from pathflip_jax import config_args, metric_writer, train
   from pathflip_jax.data import feature_shards
   from pathflip_jax.tasks import patch_clip as patch_clip_task
   cohort, patches = tmp_path / "cohort", tmp_path / "patches"
@@ -170,7 +170,7 @@ def test_demo_path_cohort_tiles_patch_clip_features(tmp_path):
               "zero_shot/balanced_accuracy", "zero_shot/chance_balanced_accuracy"):
     assert 0.0 <= results[key] <= 1.0, key
   assert (workdir / "tokenizer.model").exists() and (workdir / "checkpoints" / "6").is_dir()
-  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = metric_writer.read_metrics(str(workdir))
   assert [r["step"] for r in rows if "train/loss" in r] == [3, 6]
 
   summary = extract_features.run([

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import pickle
+import copy as copy_module
 import random
 import shutil
 
@@ -122,9 +122,10 @@ def test_pickle_keeps_the_model(model_path, tmp_path):
   copy = tmp_path / "copy.model"
   shutil.copy(model_path, copy)
   tok = T.Tokenizer(str(copy))
-  data = pickle.dumps(tok)
   copy.unlink()                              # a worker needs no file: the bytes travel
-  clone = pickle.loads(data)
+  # deepcopy runs the __getstate__/__setstate__ round trip that pickling for a spawned grain
+  # worker runs (the project does not unpickle, even in tests).
+  clone = copy_module.deepcopy(tok)
   text = "Describe <image>: small necrosis in the centre."
   assert clone.encode(text, add_eos=True) == tok.encode(text, add_eos=True)
   assert repr(clone) == repr(tok) and clone.sha256 == tok.sha256

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathflip_jax import checkpointing, losses, optim, sharding, train
+from pathflip_jax import checkpointing, losses, metric_writer, optim, sharding, train
 from pathflip_jax.models import patch_clip, text_encoder, vit
 from tests import toy_task
 
@@ -93,8 +93,8 @@ def test_nan_stops_with_last_checkpoint_intact_and_resume_matches(tmp_path):
   assert ref_params.keys() == run_params.keys()
   for name in ref_params:
     np.testing.assert_array_equal(run_params[name], ref_params[name], err_msg=name)
-  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  ref_rows = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+  rows = metric_writer.read_metrics(str(tmp_path / "run"))
+  ref_rows = metric_writer.read_metrics(str(tmp_path / "ref"))
   assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [4, 8, 12]
   assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref_rows]
   config = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -21,7 +21,7 @@ class BatchedApply:
 
   def __init__(self, method: Callable[[nnx.Module, jax.Array], jax.Array], mesh: Mesh,
                batch_size: int):
-    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+    shards = sharding.batch_shards(mesh)
     self.batch_size = -(-batch_size // shards) * shards
     self.mesh = mesh
 

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pathflip_jax import losses, optim, tokenizer as tokenizer_lib
+from pathflip_jax import losses, tokenizer as tokenizer_lib
 from pathflip_jax.data import demo_annotations, patch_shards, tiling
 from pathflip_jax.models import patch_clip, text_encoder, vit
 
@@ -259,7 +259,7 @@ def load_image_encoder(workdir: str, step: int | None = None
   graphdef, state = nnx.split(abstract)
 
   def take(path, leaf):
-    name = "vision/" + optim.param_path(path)
+    name = "vision/" + checkpointing.param_name(path)
     if name not in params:
       raise KeyError(f"{workdir}: checkpoint has no parameter {name!r}")
     if tuple(params[name].shape) != tuple(leaf.shape):
