@@ -10,7 +10,7 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import jax
@@ -39,6 +39,7 @@ def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, key: str = "bat
 
 def train_iterator(source: grain.MapDataset, *, global_batch_size: int, seed: int,
                    transform: grain.transforms.RandomMap | grain.transforms.Map | None = None,
+                   batch_fn: Callable[[Sequence[Any]], Any] | None = None,
                    worker_count: int = 0, worker_buffer_size: int = 2,
                    reader_threads: int = 1) -> grain.DatasetIterator:
   """An endless, shuffled, augmented, batched iterator over this process's part of ``source``.
@@ -46,6 +47,7 @@ def train_iterator(source: grain.MapDataset, *, global_batch_size: int, seed: in
   Epochs are reshuffled (seeded by ``seed`` and the epoch); ``transform`` (a ``RandomMap``) gets
   a generator seeded by ``seed`` and the element's position in the endless sequence, so every
   epoch augments differently and a restored iterator repeats nothing and skips nothing.
+  ``batch_fn`` replaces grain's stacking (e.g. padding variable-length slides per batch).
   """
   if len(source) == 0:
     raise ValueError("the training dataset is empty")
@@ -55,7 +57,7 @@ def train_iterator(source: grain.MapDataset, *, global_batch_size: int, seed: in
     ds = ds.random_map(transform)
   elif transform is not None:
     ds = ds.map(transform)
-  ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
+  ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True, batch_fn=batch_fn)
   # grain's default read-ahead (16 threads, 500 elements, i.e. 500 *batches* here) would decode
   # thousands of images ahead and starve the training step of CPU; a few batches ahead suffice.
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=reader_threads,

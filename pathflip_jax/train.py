@@ -219,9 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Data.
   task = tasks.build(config, workdir)
+  task.mesh = mesh   # losses that gather over the batch (shard_map) need it
   train_iter = input_pipeline.train_iterator(
       task.train_source(), global_batch_size=config.batch_size, seed=config.seed,
-      transform=task.train_transform(), worker_count=config.input.worker_count,
+      transform=task.train_transform(), batch_fn=getattr(task, "collate", None),
+      worker_count=config.input.worker_count,
       worker_buffer_size=config.input.worker_buffer_size)
 
   # Model and optimizer, created sharded.

@@ -18,6 +18,8 @@ from jax.sharding import Mesh
 TYPES = {
     "patch_zero_shot": "pathflip_jax.evaluators.patch_zero_shot",
     "patch_linear_probe": "pathflip_jax.evaluators.linear_probe",
+    "slide_zero_shot": "pathflip_jax.evaluators.slide_zero_shot",
+    "slide_retrieval": "pathflip_jax.evaluators.slide_retrieval",
 }
 
 

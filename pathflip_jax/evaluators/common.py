@@ -53,3 +53,68 @@ def check_split(task, config, split: str, key: str) -> None:
   if split not in splits or not len(splits[split].indices):
     raise ValueError(f"config.evals.*.{key}={split!r}: that split has no patches to evaluate "
                      f"(splits with patches: {sorted(k for k, v in splits.items() if len(v.indices))})")
+
+
+class SlideEmbeddings:
+  """Slide embeddings, region embeddings and caption embeddings of a split (stage "align").
+
+  Runs ``model.encode_slides`` over ``task.eval_batches(split)`` (split over the mesh's batch
+  axes) and returns arrays in the split's slide order.
+  """
+
+  def __init__(self, task, mesh: Mesh, batch_size: int):
+    shards = sharding.batch_shards(mesh)
+    self.task, self.mesh = task, mesh
+    self.batch_size = -(-batch_size // shards) * shards
+
+    @jax.jit
+    def encode(graphdef, state, batch):
+      model = nnx.merge(graphdef, state)
+      out = model.encode_slides(batch)
+      return {"slide": out["slide"], "regions": out["regions"],
+              "region_valid": out["region_valid"], "caption": model.encode_texts(batch["caption"])}
+
+    @jax.jit
+    def texts(graphdef, state, tokens):
+      return nnx.merge(graphdef, state).encode_texts(tokens)
+
+    self._encode, self._texts = encode, texts
+
+  def __call__(self, model: nnx.Module, split: str) -> dict[str, np.ndarray]:
+    graphdef, state = nnx.split(model)
+    batches, count = self.task.eval_batches(split, self.batch_size)
+    parts: dict[str, list[np.ndarray]] = {}
+    index = []
+    for batch in batches:
+      keep = batch["slide_index"] >= 0
+      inputs = input_pipeline.to_global(
+          {k: v for k, v in batch.items() if k not in ("label", "slide_index")}, self.mesh)
+      out = jax.device_get(self._encode(graphdef, state, inputs))
+      for key, value in out.items():
+        parts.setdefault(key, []).append(np.asarray(value)[keep])
+      parts.setdefault("label", []).append(batch["label"][keep])
+      index.append(batch["slide_index"][keep])
+    order = np.argsort(np.concatenate(index))
+    result = {k: np.concatenate(v)[order] for k, v in parts.items()}
+    assert len(order) == count
+    return result
+
+  def texts(self, model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
+    """Unit-norm embeddings of token rows (padded to the mesh's batch split)."""
+    graphdef, state = nnx.split(model)
+    out = []
+    for start in range(0, len(tokens), self.batch_size):
+      chunk = tokens[start:start + self.batch_size]
+      valid = len(chunk)
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - valid, axis=0)])
+      x = input_pipeline.to_global({"t": chunk}, self.mesh)["t"]
+      out.append(np.asarray(jax.device_get(self._texts(graphdef, state, x)))[:valid])
+    return np.concatenate(out)
+
+
+def check_slide_split(task, split: str, key: str) -> None:
+  """Fails at start-up when an evaluator's split has no slides."""
+  splits = task.splits
+  if split not in splits or not len(splits[split]):
+    raise ValueError(f"config.evals.*.{key}={split!r}: that split has no slides to evaluate "
+                     f"(splits with slides: {sorted(k for k, v in splits.items() if len(v))})")

@@ -20,7 +20,7 @@ import scipy.optimize
 from flax import nnx
 from jax.sharding import Mesh
 
-from pathflip_jax.evaluators import common
+from pathflip_jax.evaluators import common, metrics
 
 
 def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
@@ -46,11 +46,6 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: 
   return theta[:d * num_classes].reshape(d, num_classes), theta[d * num_classes:]
 
 
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-  classes = np.unique(y_true)
-  return float(np.mean([(y_pred[y_true == c] == c).mean() for c in classes]))
-
-
 def probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
           test_x: np.ndarray, test_y: np.ndarray, num_classes: int,
           l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1), folds: int = 3
@@ -74,7 +69,7 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
   w, b = fit_logistic_regression(train_z, train_y, num_classes, best_l2)
   predicted = (test_z @ w + b).argmax(1)
   return {"accuracy": float((predicted == test_y).mean()),
-          "balanced_accuracy": balanced_accuracy(test_y, predicted), "l2": float(best_l2)}
+          "balanced_accuracy": metrics.balanced_accuracy(test_y, predicted), "l2": float(best_l2)}
 
 
 class Evaluator:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pathflip_jax.evaluators import common, linear_probe
+from pathflip_jax.evaluators import common, metrics
 
 
 class Evaluator:
@@ -51,6 +51,6 @@ class Evaluator:
     predicted = (self.embed_images(model, images) @ class_emb.T).argmax(1)
     counts = np.bincount(labels, minlength=num_classes)
     return {"accuracy": float((predicted == labels).mean()),
-            "balanced_accuracy": linear_probe.balanced_accuracy(labels, predicted),
+            "balanced_accuracy": metrics.balanced_accuracy(labels, predicted),
             "chance_balanced_accuracy": 1.0 / len(np.unique(labels)),
             "majority_class_accuracy": float(counts.max() / counts.sum())}

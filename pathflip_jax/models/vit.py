@@ -197,8 +197,11 @@ class Dense(nnx.Module):
     self.bias = _param(None, _zeros, (d_out,), (axes[1],), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + \
-        self.bias[...].astype(self.dtype)
+    # As one 2-D matmul: XLA:CPU runs the backward pass of a [b, t, d] @ [d, o] product (the
+    # kernel gradient contracts two batch dims) ~3x slower than of the flattened product.
+    d_in, d_out = self.kernel.shape
+    y = x.astype(self.dtype).reshape(-1, d_in) @ self.kernel[...].astype(self.dtype)
+    return (y + self.bias[...].astype(self.dtype)).reshape(*x.shape[:-1], d_out)
 
 
 _CPU_ATTENTION_CHUNK = 4

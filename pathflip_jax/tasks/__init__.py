@@ -1,8 +1,9 @@
 """Training stages: what one ``config.stage`` trains (data, model, loss), looked up by name.
 
 A task object gives the trainer ``create_model(rngs)``, ``train_source()``,
-``train_transform()``, ``loss(model, batch, rng) -> (loss, metrics)`` and ``dummy_batch(n)``;
-evaluators take what they need from it (``evaluators/``).
+``train_transform()``, ``loss(model, batch, rng) -> (loss, metrics)`` and ``dummy_batch(n)``,
+optionally ``collate(examples)`` (batching other than stacking); the trainer sets ``task.mesh``
+before the first step. Evaluators take what they need from it (``evaluators/``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ml_collections
 
 STAGES = {
     "patch_clip": "pathflip_jax.tasks.patch_clip:PatchClipTask",
+    "align": "pathflip_jax.tasks.align:AlignTask",
 }
 
 

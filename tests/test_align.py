@@ -1,0 +1,116 @@
+"""Stage "align" end to end on synthetic feature shards: 8-device training, evaluators,
+ablations, captions from a decompose_captions file, and input errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pathflip_jax import config_args, train
+from pathflip_jax.data import feature_shards
+from pathflip_jax.tasks import align
+
+CLASSES = ["benign", "carcinoma", "carcinoma with necrosis", "lymph node metastasis"]
+WORDS = {"benign": "Benign glands are seen.", "carcinoma": "Sheets of tumour cells are seen.",
+         "carcinoma with necrosis": "Tumour with necrosis is seen.",
+         "lymph node metastasis": "Tumour cells in a lymph node are seen."}
+
+
+def write_features(directory, slides_per_class=(3, 1, 1), dim=12, seed=0):
+  """A feature directory whose patch features carry their slide's class (cluster centres)."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(len(CLASSES), dim)) * 2
+  writer = feature_shards.FeatureWriter(str(directory), {"encoder": "synthetic",
+                                                         "feature_dim": dim}, slides_per_shard=5)
+  rows = []
+  for split, per_class in zip(("train", "val", "test"), slides_per_class):
+    for c, name in enumerate(CLASSES):
+      for k in range(per_class):
+        slide_id = f"{split}-{c}-{k}"
+        n = int(rng.integers(12, 40))
+        coords = np.stack([np.arange(n) % 6, np.arange(n) // 6], 1).astype(np.int64) * 256
+        features = (centres[c] + rng.normal(size=(n, dim))).astype(np.float16)
+        caption = (f"{WORDS[name]} Stroma is seen on the left. Diagnosis: {name}.")
+        row = {"slide_id": slide_id, "split": split, "diagnosis": name, "caption": caption}
+        writer.add({"slide_id": slide_id, "features": features, "coords": coords,
+                    "patch_size_level0": 256, "mpp": 0.5, "encoder": "synthetic",
+                    "weights_hash": "", "source": "extract_features"}, row)
+        rows.append(row)
+  writer.close(rows)
+  return rows
+
+
+@pytest.fixture(scope="module")
+def features_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("features")
+  write_features(directory)
+  return str(directory)
+
+
+def _config(features_dir, extra=""):
+  return config_args.load_config(
+      f"configs/pathflip_demo.py:size=test,features_dir={features_dir},total_steps=4,"
+      f"batch_size=8,log_steps=4,workers=0{extra}")
+
+
+@pytest.mark.slow
+def test_align_trains_on_8_devices_and_evaluates(features_dir, tmp_path):
+  config = _config(features_dir)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  for key in ("zero_shot/balanced_accuracy", "zero_shot/weighted_f1", "zero_shot/macro_auc",
+              "zero_shot/region_score_balanced_accuracy", "retrieval/slide_to_text_r@1",
+              "retrieval/text_to_slide_r@5", "retrieval/chance_r@1"):
+    assert key in results and np.isfinite(results[key]), key
+  assert results["zero_shot/num_slides"] == 4 and results["retrieval/chance_r@1"] == 0.25
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_row = next(r for r in rows if "train/loss" in r)
+  assert train_row["train/slide_loss"] > 0 and train_row["train/region_loss"] > 0
+  assert os.path.exists(tmp_path / "tokenizer.model")
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")
+
+
+@pytest.mark.slow
+def test_ablations_run_from_the_same_config(features_dir, tmp_path):
+  config = _config(features_dir, ",region_attention=False,region_loss=False,total_steps=2,"
+                                 "log_steps=2")
+  results = train.train_and_evaluate(config, str(tmp_path / "a"))
+  assert np.isfinite(results["zero_shot/balanced_accuracy"])
+  rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+  train_row = next(r for r in rows if "train/loss" in r)
+  assert "train/region_loss" not in train_row
+  np.testing.assert_allclose(train_row["train/loss"], train_row["train/slide_loss"], rtol=1e-6)
+  task = align.AlignTask(config, str(tmp_path / "a"))
+  assert task.model_config.region_attention is False
+
+
+def test_sentences_come_from_a_decompose_captions_file(features_dir, tmp_path):
+  path = tmp_path / "sentences.jsonl"
+  with open(path, "w") as f:
+    f.write(json.dumps({"slide_id": "train-0-0", "caption": "x",
+                        "sentences": ["Glands in the upper left.", "Benign."]}) + "\n")
+  config = _config(features_dir, f",captions={path}")
+  task = align.AlignTask(config, str(tmp_path))
+  texts = {t.slide_id: t for t in task.splits["train"].texts}
+  assert texts["train-0-0"].sentences == ("Glands in the upper left.", "Benign.")
+  # Slides missing from the file fall back to the rule split of their caption.
+  assert texts["train-1-0"].sentences == (WORDS["carcinoma"], "Stroma is seen on the left.",
+                                          "Diagnosis: carcinoma.")
+  assert len(task.splits["test"]) == 4 and task.splits["test"].texts[1].label == 1
+
+
+def test_unknown_label_and_missing_features_dir_are_clear_errors(tmp_path):
+  directory = tmp_path / "features"
+  write_features(directory, slides_per_class=(1, 0, 0))
+  config = _config(str(directory))
+  with config.unlocked():
+    config.class_names = ["benign", "carcinoma"]
+  with pytest.raises(ValueError, match=r"diagnosis='carcinoma with necrosis' is not in "
+                                       r"config.class_names"):
+    align.AlignTask(config, str(tmp_path))
+  config = _config(str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    align.AlignTask(config, str(tmp_path))
+  config = _config(str(directory), ",eval_split=val")
+  with pytest.raises(ValueError, match="config.evals.*split='val'.*no slides"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
