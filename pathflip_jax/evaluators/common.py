@@ -45,6 +45,27 @@ class BatchedApply:
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
 
+def class_prompts(config, class_names) -> tuple[list[str], np.ndarray]:
+  """The prompt texts of ``config.prompts`` (class name -> phrases; default: the class name)
+  and the class index of each, in class order."""
+  prompts = dict(config.get("prompts", None) or {})
+  unknown = set(prompts) - set(class_names)
+  if unknown:
+    raise ValueError(f"config.evals.*.prompts names unknown classes {sorted(unknown)}; "
+                     f"classes: {class_names}")
+  per_class = [list(prompts.get(name) or [name]) for name in class_names]
+  texts = [p for phrases in per_class for p in phrases]
+  prompt_class = np.array([i for i, phrases in enumerate(per_class) for _ in phrases])
+  return texts, prompt_class
+
+
+def class_embeddings(prompt_emb: np.ndarray, prompt_class: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """Each class's normalised mean prompt embedding (prompt ensembling): [classes, e]."""
+  class_emb = np.stack([prompt_emb[prompt_class == c].mean(0) for c in range(num_classes)])
+  return class_emb / np.linalg.norm(class_emb, axis=1, keepdims=True)
+
+
 def check_split(task, config, split: str, key: str) -> None:
   """Fails at start-up, not at the end of a run, when an evaluator's split has no data."""
   splits = getattr(task, "splits", None)
@@ -74,11 +95,8 @@ class SlideEmbeddings:
       return {"slide": out["slide"], "regions": out["regions"],
               "region_valid": out["region_valid"], "caption": model.encode_texts(batch["caption"])}
 
-    @jax.jit
-    def texts(graphdef, state, tokens):
-      return nnx.merge(graphdef, state).encode_texts(tokens)
-
-    self._encode, self._texts = encode, texts
+    self._encode = encode
+    self._texts = BatchedApply(lambda m, t: m.encode_texts(t), mesh, self.batch_size)
 
   def __call__(self, model: nnx.Module, split: str) -> dict[str, np.ndarray]:
     graphdef, state = nnx.split(model)
@@ -101,15 +119,7 @@ class SlideEmbeddings:
 
   def texts(self, model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
     """Unit-norm embeddings of token rows (padded to the mesh's batch split)."""
-    graphdef, state = nnx.split(model)
-    out = []
-    for start in range(0, len(tokens), self.batch_size):
-      chunk = tokens[start:start + self.batch_size]
-      valid = len(chunk)
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - valid, axis=0)])
-      x = input_pipeline.to_global({"t": chunk}, self.mesh)["t"]
-      out.append(np.asarray(jax.device_get(self._texts(graphdef, state, x)))[:valid])
-    return np.concatenate(out)
+    return self._texts(model, tokens)
 
 
 def check_slide_split(task, split: str, key: str) -> None:

@@ -28,15 +28,7 @@ class Evaluator:
     self.every = config.get("every", 0)
     self.split = config.get("split", "val")
     common.check_split(task, config, self.split, "split")
-    prompts = dict(config.get("prompts", None) or {})
-    unknown = set(prompts) - set(task.class_names)
-    if unknown:
-      raise ValueError(f"config.evals.*.prompts names unknown classes {sorted(unknown)}; "
-                       f"classes: {task.class_names}")
-    self.prompts = {name: list(prompts.get(name) or [name]) for name in task.class_names}
-    texts = [p for name in task.class_names for p in self.prompts[name]]
-    self.prompt_class = np.array([i for i, name in enumerate(task.class_names)
-                                  for _ in self.prompts[name]])
+    texts, self.prompt_class = common.class_prompts(config, task.class_names)
     self.tokens = task.tokenizer.encode_batch(texts, task.config.text_len)
     batch_size = config.get("batch_size", 64)
     self.embed_images = common.BatchedApply(lambda m, x: m.encode_images(x), mesh, batch_size)
@@ -46,8 +38,7 @@ class Evaluator:
     images, labels = self.task.images(self.split)
     prompt_emb = self.embed_texts(model, self.tokens)
     num_classes = len(self.task.class_names)
-    class_emb = np.stack([prompt_emb[self.prompt_class == c].mean(0) for c in range(num_classes)])
-    class_emb /= np.linalg.norm(class_emb, axis=1, keepdims=True)
+    class_emb = common.class_embeddings(prompt_emb, self.prompt_class, num_classes)
     predicted = (self.embed_images(model, images) @ class_emb.T).argmax(1)
     counts = np.bincount(labels, minlength=num_classes)
     return {"accuracy": float((predicted == labels).mean()),

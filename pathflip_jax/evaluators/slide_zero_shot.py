@@ -42,15 +42,7 @@ class Evaluator:
     if self.score not in SCORES:
       raise ValueError(f"config.evals.*.score={self.score!r}: expected one of {SCORES}")
     common.check_slide_split(task, self.split, "split")
-    prompts = dict(config.get("prompts", None) or {})
-    unknown = set(prompts) - set(task.class_names)
-    if unknown:
-      raise ValueError(f"config.evals.*.prompts names unknown classes {sorted(unknown)}; "
-                       f"classes: {task.class_names}")
-    self.prompts = {name: list(prompts.get(name) or [name]) for name in task.class_names}
-    texts = [p for name in task.class_names for p in self.prompts[name]]
-    self.prompt_class = np.array([i for i, name in enumerate(task.class_names)
-                                  for _ in self.prompts[name]])
+    texts, self.prompt_class = common.class_prompts(config, task.class_names)
     self.tokens = task.tokenizer.encode_batch(texts, task.example_config.subcaption_len)
     self.embed = common.SlideEmbeddings(task, mesh, config.get("batch_size", 8))
 
@@ -67,8 +59,7 @@ class Evaluator:
     out = self.embed(model, self.split)
     prompt_te = self.embed.texts(model, self.tokens)
     num_classes = len(self.task.class_names)
-    class_ce = np.stack([prompt_te[self.prompt_class == c].mean(0) for c in range(num_classes)])
-    class_ce /= np.linalg.norm(class_ce, axis=1, keepdims=True)
+    class_ce = common.class_embeddings(prompt_te, self.prompt_class, num_classes)
     slide_score = out["slide"] @ class_ce.T
     graphdef, state = nnx.split(model)
     per_prompt = []
