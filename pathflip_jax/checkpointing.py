@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import grain
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from pathflip_jax import optim
@@ -130,9 +131,15 @@ def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
 
 
 def abstract(state: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs of ``state`` laid out by ``shardings`` (a restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
+  """ShapeDtypeStructs of ``state`` laid out by ``shardings`` (a restore target).
+
+  Optimizer slots of frozen parameters are ``optax.MaskedNode`` (no arrays) inside a variable
+  whose sharding was still computed; they stay as they are.
+  """
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return jax.tree.map(
+      lambda x, s: x if masked(x) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      state, shardings, is_leaf=masked)
 
 
 def param_name(path: tuple) -> str:

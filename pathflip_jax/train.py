@@ -80,14 +80,23 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> Any:
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
-                    nan_at_step: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """One optimizer (micro-)step: loss and grads, update, norms; returns the new state."""
+                    nan_at_step: int = 0, trainable: Any = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """One optimizer (micro-)step: loss and grads, update, norms; returns the new state.
+
+  ``trainable`` (a bool tree like the params, from ``optim.trainable_mask``) stops gradients at
+  frozen parameters, so their backward pass is never computed (e.g. a locked text branch); the
+  optimizer leaves them unchanged either way.
+  """
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     step = state["step"]
     rng = jax.random.fold_in(jax.random.key(seed), step)
 
     def objective(params):
+      if trainable is not None:
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                              trainable)
       loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, rng)
       if nan_at_step:  # a test hook: config.debug.nan_at_step
         loss = jnp.where(step + 1 == nan_at_step, jnp.nan, loss)
@@ -108,9 +117,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
 
 
 def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpointing.Checkpointer,
-                    state: TrainState, shardings: Any, data_iterator: Any
+                    state: TrainState, shardings: Any, data_iterator: Any, task: Any = None
                     ) -> tuple[TrainState, str]:
-  """Workdir checkpoint -> config.resume -> config.model_init -> scratch (``state`` as given)."""
+  """Workdir checkpoint -> config.resume -> config.model_init -> the task's own
+  ``initial_params(params)`` (e.g. align's text branch from a patch_clip run) -> scratch."""
   target = checkpointing.abstract(state, shardings)
   if ckpt.latest_step() is not None:
     restored, meta = ckpt.restore(target, data_iterator)
@@ -126,6 +136,11 @@ def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpointing.Check
                                                source=config.model_init)
     return dict(state, params=params), (f"initialised {len(taken)} parameters from "
                                         f"config.model_init={config.model_init}")
+  initial = getattr(task, "initial_params", None)
+  result = initial(state["params"]) if initial is not None else None
+  if result is not None:
+    params, origin = result
+    return dict(state, params=params), origin
   return state, "initialised from scratch"
 
 
@@ -237,14 +252,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpointing.Checkpointer(
       workdir, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
       best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
-  state, origin = restore_or_init(config, ckpt, state, shardings, train_iter)
+  state, origin = restore_or_init(config, ckpt, state, shardings, train_iter, task)
   start = int(jax.device_get(state["step"]))
   print(f"[train] {origin}; step {start}/{micro_steps}", file=sys.stderr, flush=True)
 
   # The step.
   train_step = jax.jit(
       make_train_step(graphdef, task.loss, tx, schedule, seed=config.seed, accum_steps=accum,
-                      nan_at_step=config.debug.nan_at_step),
+                      nan_at_step=config.debug.nan_at_step,
+                      trainable=(optim.trainable_mask(state["params"], config.optim.frozen)
+                                 if config.optim.get("frozen") else None)),
       donate_argnums=(0,), out_shardings=(shardings, None))
 
   evaluators = evaluators_lib.build(config.get("evals"), task, mesh)

@@ -70,6 +70,44 @@ def test_align_trains_on_8_devices_and_evaluates(features_dir, tmp_path):
   assert os.path.isdir(tmp_path / "checkpoints" / "4")
 
 
+def test_text_init_starts_the_text_branch_from_a_patch_clip_run(features_dir, tmp_path):
+  """config.text_init: the tower's tokenizer is used and its text weights are loaded."""
+  import shutil
+
+  from flax import nnx
+
+  from pathflip_jax import checkpointing
+  from pathflip_jax.models import patch_clip, text_encoder, vit
+
+  scratch = align.AlignTask(_config(features_dir), str(tmp_path / "scratch"))
+  run = tmp_path / "patch_clip"
+  run.mkdir()
+  shutil.copy(tmp_path / "scratch" / "tokenizer.model", run / "tokenizer.model")
+  clip = patch_clip.PatchClip(patch_clip.PatchClipConfig(
+      vision=vit.get_config("vit_tiny_test", image_size=16, patch_size=8, width=16, depth=1,
+                            num_heads=2, pool="mean", class_token=False),
+      text=text_encoder.TextConfig(vocab_size=scratch.tokenizer.num_embeddings, max_len=16,
+                                   width=32, depth=1, num_heads=2),
+      embed_dim=32), rngs=nnx.Rngs(5))
+  ckpt = checkpointing.Checkpointer(str(run))
+  ckpt.save(1, {"params": nnx.state(clip, nnx.Param)})
+  ckpt.close()
+
+  task = align.AlignTask(_config(features_dir, f",text_init={run}"), str(tmp_path / "align"))
+  assert task.tokenizer.num_embeddings == scratch.tokenizer.num_embeddings
+  assert not os.path.exists(tmp_path / "align" / "tokenizer.model")   # the run's, not trained
+  params = nnx.state(task.create_model(nnx.Rngs(0)), nnx.Param)
+  loaded, origin = task.initial_params(params)
+  assert "text branch initialised from config.text_init" in origin
+  np.testing.assert_array_equal(np.asarray(loaded["qformer"]["token_embed"][...]),
+                                np.asarray(clip.text.token_embed[...]))
+  np.testing.assert_array_equal(np.asarray(loaded["text_proj"]["kernel"][...]),
+                                np.asarray(clip.text_proj.kernel[...]))
+  np.testing.assert_array_equal(np.asarray(loaded["qformer"]["query_tokens"][...]),
+                                np.asarray(params["qformer"]["query_tokens"][...]))
+  assert scratch.initial_params(params) is None                  # unset: from scratch
+
+
 @pytest.mark.slow
 def test_ablations_run_from_the_same_config(features_dir, tmp_path):
   config = _config(features_dir, ",region_attention=False,region_loss=False,total_steps=2,"

@@ -48,6 +48,21 @@ def test_chunked_cross_attention_equals_full_attention():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_text_cls_of_last_layer_equals_full_text_branch():
+  model = qformer.QFormer(_tiny_config().qformer, rngs=nnx.Rngs(1))
+  tokens = jnp.asarray([[1, 5, 9, 7, 0, 0], [1, 3, 0, 0, 0, 0]], jnp.int32)
+  valid = tokens != model.config.pad_id
+  x = jnp.take(model.token_embed[...], tokens, axis=0) + model.pos_embed[:6]
+  for layer in model.layers:                     # every row through every layer
+    x = layer.text(x, valid)
+  np.testing.assert_allclose(model.encode_text(tokens), model.norm(x[:, 0]), rtol=1e-5,
+                             atol=1e-5)
+  # Padding after the text does not change its CLS output.
+  longer = jnp.pad(tokens, ((0, 0), (0, 4)))
+  np.testing.assert_allclose(model.encode_text(longer), model.encode_text(tokens), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_group_patches_by_level0_grid():
   size = 256
   # A 5 x 3 grid of patches starting at an offset: regions of 2 x 2 patches.

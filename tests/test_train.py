@@ -144,6 +144,21 @@ def test_model_init_copies_matching_parameters(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "c"))
 
 
+def test_frozen_parameters_stay_put_through_save_and_resume(tmp_path):
+  """optim.frozen: the optimizer state holds no slots for frozen parameters (optax.MaskedNode);
+  checkpoints of such a state restore, and the frozen parameters never move."""
+  config = toy_task.get_config("total_steps=4")
+  config.optim.frozen = ("^hidden/",)
+  train.train_and_evaluate(config, str(tmp_path))
+  at4 = _params(tmp_path)
+  config.total_steps = 8
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["origin"].startswith("resumed from")
+  at8 = _params(tmp_path)
+  np.testing.assert_array_equal(at8["hidden/kernel"], at4["hidden/kernel"])
+  assert not np.allclose(at8["out/kernel"], at4["out/kernel"])
+
+
 def test_best_checkpoint_keeps_the_best_metric(tmp_path):
   tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(lr=1e-2)), 10)
   _, state, _ = train.create_train_state(lambda: toy_task.ToyModel(nnx.Rngs(0)), tx,

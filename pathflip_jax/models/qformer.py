@@ -218,9 +218,14 @@ class Layer(nnx.Module):
                                                    valid_bn, chunk)
     return x_bqd + self.query_mlp(self.query_mlp_norm(x_bqd))
 
-  def text(self, x_btd, valid_bt) -> jax.Array:
+  def text(self, x_btd, valid_bt, first_only: bool = False) -> jax.Array:
+    """The text branch; ``first_only`` returns just the first (CLS) row, [b, 1, d]: the last
+    layer's other rows feed nothing, and skipping them saves a third of the text encoder."""
     y = self.self_norm(x_btd)
-    x_btd = x_btd + self.self_attention(y, y, valid_bt)
+    if first_only:
+      x_btd = x_btd[:, :1] + self.self_attention(y[:, :1], y, valid_bt)
+    else:
+      x_btd = x_btd + self.self_attention(y, y, valid_bt)
     return x_btd + self.text_mlp(self.text_mlp_norm(x_btd))
 
 
@@ -288,6 +293,6 @@ class QFormer(nnx.Module):
     valid_bt = tokens_bt != self.config.pad_id
     x = jnp.take(self.token_embed[...], tokens_bt, axis=0).astype(self.dtype)
     x = x + self.pos_embed[:t].astype(self.dtype)
-    for layer in self.layers:
-      x = layer.text(x, valid_bt)
+    for i, layer in enumerate(self.layers):
+      x = layer.text(x, valid_bt, first_only=i == len(self.layers) - 1)
     return self.norm(x[:, 0])

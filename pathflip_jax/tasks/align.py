@@ -13,7 +13,8 @@ subcaptions (``data.slide_examples``) and minimises (``losses``)
 over the global batch (explicit gathers in ``jax.shard_map``).
 
 Config keys read here (see ``configs/pathflip_demo.py``): ``features_dir``, ``manifest``,
-``captions``, ``label_key``, ``class_names``, ``dtype``, ``tokenizer``, ``vocab_size``,
+``captions``, ``label_key``, ``class_names``, ``dtype``, ``tokenizer``, ``text_init`` (a
+patch_clip workdir whose text tower starts the Q-Former's text branch), ``vocab_size``,
 ``tokenizer_type``, ``data.*`` (``slide_examples.ExampleConfig``), ``model.*``, ``slide_loss``,
 ``region_loss``, ``region_attention``, ``loss.{slide_weight, region_weight, temperature,
 label_smoothing}``.
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
+from typing import Any
 
 import grain
 import jax
@@ -32,7 +35,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import losses, tokenizer as tokenizer_lib
+from pathflip_jax import checkpointing, losses, tokenizer as tokenizer_lib
+from pathflip_jax.convert import text_tower
 from pathflip_jax.data import captions as captions_lib, feature_shards, manifest
 from pathflip_jax.data import slide_examples
 from pathflip_jax.models import pathflip, qformer
@@ -166,6 +170,13 @@ class AlignTask:
   def _tokenizer(self, config, workdir: str) -> tokenizer_lib.Tokenizer:
     if config.tokenizer:
       return tokenizer_lib.Tokenizer(config.tokenizer)
+    if config.get("text_init"):
+      # The text branch's embeddings are the tower's: its tokenizer must come along.
+      path = os.path.join(config.text_init, "tokenizer.model")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"config.text_init={config.text_init}: no tokenizer.model there "
+                                f"(set config.tokenizer to the run's tokenizer)")
+      return tokenizer_lib.Tokenizer(path)
     path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(path):
       # Only the training split's text: evaluation captions stay unseen.
@@ -184,6 +195,26 @@ class AlignTask:
     # config.dtype is the compute dtype (bfloat16 on GPU/TPU); parameters stay float32.
     dtype = jnp.dtype(self.config.get("dtype", "float32"))
     return pathflip.PathFlip(self.model_config, rngs=rngs, dtype=dtype)
+
+  def initial_params(self, params: Any) -> tuple[Any, str] | None:
+    """``config.text_init`` (a patch_clip workdir): the Q-Former's text branch, token and
+    position embeddings and text projection start from that run's text tower (the paper starts
+    from BERT); None when unset (the trainer then starts from scratch)."""
+    path = self.config.get("text_init")
+    if not path:
+      return None
+    tower = checkpointing.load_params(path)
+    current = {checkpointing.param_name(p): np.asarray(leaf)
+               for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    loaded, kept = text_tower.qformer_text_params(
+        tower, current, self.model_config.qformer.num_heads,
+        source=f"config.text_init={path}")
+    params, taken = checkpointing.partial_init(
+        params, loaded, [f"^{re.escape(name)}$" for name in loaded],
+        source=f"config.text_init={path}")
+    return params, (f"text branch initialised from config.text_init={path} ({len(taken)} "
+                    f"parameters); from scratch: the query side"
+                    + (", " + ", ".join(kept) if kept else ""))
 
   def source(self, split: str) -> slide_examples.SlideSource:
     s = self.splits[split]
