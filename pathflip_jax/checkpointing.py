@@ -148,7 +148,8 @@ def param_name(path: tuple) -> str:
   return re.sub(r"(^|/)value$", "", optim.param_path(path))
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def named_leaves(tree: Any) -> dict[str, Any]:
+  """{``param_name``: leaf} of a parameter tree (live or restored), leaves left where they are."""
   return {param_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -162,7 +163,7 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
     warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
   params = restored.state["params"]
-  return {k: np.asarray(v) for k, v in _flat(params).items()}
+  return {k: np.asarray(v) for k, v in named_leaves(params).items()}
 
 
 def partial_init(params: Any, loaded: dict[str, np.ndarray], include: Sequence[str] = (".*",),

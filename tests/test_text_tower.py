@@ -1,6 +1,5 @@
 """convert/text_tower: a patch_clip text tower loaded into the PathFLIP Q-Former's text branch."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,9 +11,8 @@ from pathflip_jax.models import pathflip, qformer, text_encoder, vit
 
 
 def _named(module) -> dict[str, np.ndarray]:
-  state = nnx.state(module, nnx.Param)
-  return {checkpointing.param_name(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_leaves_with_path(state)}
+  return {k: np.asarray(v)
+          for k, v in checkpointing.named_leaves(nnx.state(module, nnx.Param)).items()}
 
 
 def _models(qformer_depth: int, mlp_ratio: float = 4.0):

@@ -27,20 +27,20 @@ initial values.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 
-def qformer_text_params(tower: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray],
+def qformer_text_params(tower: Mapping[str, np.ndarray], target: Mapping[str, Any],
                         num_heads: int, source: str = "the text tower"
                         ) -> tuple[dict[str, np.ndarray], list[str]]:
   """Q-Former parameters {name: array} from a patch_clip checkpoint's parameters ``tower``.
 
   Args:
     tower: every parameter of the patch_clip run (``checkpointing.load_params``).
-    target: the alignment model's parameters by name (shapes, and the initial values kept for
-      position rows the tower does not have).
+    target: the alignment model's parameters by name, numpy or device arrays (their shapes;
+      only the position embedding is read, for the rows the tower does not have).
     num_heads: the heads of both attentions (the fused kernel's head split).
     source: named in errors.
 

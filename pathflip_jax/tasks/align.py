@@ -204,10 +204,8 @@ class AlignTask:
     if not path:
       return None
     tower = checkpointing.load_params(path)
-    current = {checkpointing.param_name(p): np.asarray(leaf)
-               for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
     loaded, kept = text_tower.qformer_text_params(
-        tower, current, self.model_config.qformer.num_heads,
+        tower, checkpointing.named_leaves(params), self.model_config.qformer.num_heads,
         source=f"config.text_init={path}")
     params, taken = checkpointing.partial_init(
         params, loaded, [f"^{re.escape(name)}$" for name in loaded],
