@@ -35,14 +35,14 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pathflip_jax import tokenizer as tokenizer_lib
-from pathflip_jax.convert import safetensors_io
+from pathflip_jax.convert import mapping as mapping_lib, safetensors_io
 from pathflip_jax.models import decoder
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -50,11 +50,6 @@ _SLIDING, _FULL = "sliding_attention", "full_attention"
 _LAYER_TYPES = {_SLIDING: decoder.LOCAL, _FULL: decoder.GLOBAL}
 # All name the tanh approximation of GELU ("gelu" is a legacy Gemma 1 value that HF reads as tanh).
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh")
-_MAX_LISTED = 20
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit the decoder it is loaded into; the message names files and keys."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,14 +234,9 @@ def gemma_config(hf_config: Mapping[str, Any], source: str = "config.json"
 
 # ----------------------------------------------------------------------------------- weights
 
-Path = tuple[Any, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  path: Path                # where the tensor goes in the NNX state
-  shape: tuple[int, ...]     # its shape in the HF checkpoint
-  transform: Callable[[np.ndarray], np.ndarray] = lambda x: x
+Path = mapping_lib.Path
+_Entry = mapping_lib.Entry
+ConversionError = mapping_lib.ConversionError
 
 
 def _mapping(config: decoder.DecoderConfig, model_type: str) -> dict[str, Any]:
@@ -288,11 +278,6 @@ def _mapping(config: decoder.DecoderConfig, model_type: str) -> dict[str, Any]:
     for hf_norm, our_norm in norms.items():
       entries[hf + hf_norm + ".weight"] = _Entry(ours + (our_norm, "scale"), (d,))
   return entries
-
-
-def _listing(lines: list[str]) -> str:
-  more = len(lines) - _MAX_LISTED
-  return "\n  ".join(lines[:_MAX_LISTED] + ([f"... and {more} more"] if more > 0 else []))
 
 
 def _weight_files(path: str) -> list[str]:
@@ -369,7 +354,7 @@ def _assemble(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str],
                       f"{tuple(tensors[key].shape)}) is not used by this Gemma config")
   if problems:
     raise ConversionError(f"{len(problems)} problem(s) loading the Gemma checkpoint:\n  "
-                          + _listing(problems))
+                          + mapping_lib.listing(problems))
   values: dict[Path, np.ndarray] = {}
   parts: dict[Path, dict[int, np.ndarray]] = {}
   for key, entry in entries.items():
@@ -413,15 +398,7 @@ def load_gemma(path: str | os.PathLike, dtype: Any = jnp.float32,
 
   abstract = nnx.eval_shape(lambda: decoder.Decoder(config, rngs=nnx.Rngs(0), dtype=dtype,
                                                     param_dtype=param_dtype))
-  graphdef, state = nnx.split(abstract)
-  for param_path, variable in nnx.to_flat_state(state):
-    value = values.pop(param_path, None)
-    # Both can only fail if _mapping and the decoder disagree: a bug here, not in the checkpoint.
-    assert value is not None, f"no HF key maps to decoder parameter {param_path}"
-    assert value.shape == variable.shape, (param_path, value.shape, variable.shape)
-    variable.set_value(jnp.asarray(value, variable.dtype))
-  assert not values, f"mapped keys with no decoder parameter: {sorted(values)}"
-  model = nnx.merge(graphdef, state)
+  model = mapping_lib.fill(abstract, values, "HF")
 
   spm_path = os.path.join(path, "tokenizer.model")
   tok = tokenizer_lib.Tokenizer(spm_path) if os.path.isfile(spm_path) else None

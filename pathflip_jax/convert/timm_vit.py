@@ -17,13 +17,13 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pathflip_jax.convert import safetensors_io
+from pathflip_jax.convert import mapping as mapping_lib, safetensors_io
 from pathflip_jax.data import feature_shards
 from pathflip_jax.models import vit
 
@@ -31,11 +31,6 @@ from pathflip_jax.models import vit
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 _ANCHOR = "patch_embed.proj.weight"  # present in every timm ViT state dict
-_MAX_LISTED = 20
-
-
-class ConversionError(ValueError):
-  """A checkpoint does not fit the ViT it is loaded into; the message names keys and shapes."""
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -207,15 +202,9 @@ def infer_config(state_dict: Mapping[str, np.ndarray], *, num_heads: int | None 
 
 # ----------------------------------------------------------------------------------- mapping
 
-Path = tuple[Any, ...]
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  path: Path             # where the tensor goes in the NNX state
-  shape: tuple[int, ...]  # its shape in the timm state dict
-  transform: Transform = lambda x: x
+Path = mapping_lib.Path
+_Entry = mapping_lib.Entry
+ConversionError = mapping_lib.ConversionError
 
 
 def _linear(path: Path, d_in: int, d_out: int) -> dict[str, _Entry]:
@@ -273,11 +262,6 @@ def _mapping(config: vit.ViTConfig, pos_len: int) -> dict[str, _Entry]:
   if config.head_dim:
     add("head", _linear(("head",), d, config.head_dim))
   return entries
-
-
-def _listing(lines: list[str]) -> str:
-  more = len(lines) - _MAX_LISTED
-  return "\n  ".join(lines[:_MAX_LISTED] + ([f"... and {more} more"] if more > 0 else []))
 
 
 def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -353,7 +337,7 @@ def vit_from_timm(state_dict: Mapping[str, np.ndarray], config: vit.ViTConfig, *
                     f"{(1, config.pos_embed_len, config.width)}")
   if problems:
     raise ConversionError(f"{len(problems)} problem(s) loading the timm ViT:\n  "
-                          + _listing(problems))
+                          + mapping_lib.listing(problems))
 
   values: dict[Path, np.ndarray] = {}
   for key, entry in entries.items():
@@ -365,15 +349,7 @@ def vit_from_timm(state_dict: Mapping[str, np.ndarray], config: vit.ViTConfig, *
                                                 config.grid_size)
 
   abstract = nnx.eval_shape(lambda: vit.VisionTransformer(config, rngs=nnx.Rngs(0), dtype=dtype))
-  graphdef, state = nnx.split(abstract)
-  for path, variable in nnx.to_flat_state(state):
-    value = values.pop(path, None)
-    # Both can only fail if _mapping and the model disagree: a bug here, not in the checkpoint.
-    assert value is not None, f"no timm key maps to model parameter {path}"
-    assert value.shape == variable.shape, (path, value.shape, variable.shape)
-    variable.set_value(jnp.asarray(value, variable.dtype))
-  assert not values, f"mapped keys with no model parameter: {sorted(values)}"
-  return nnx.merge(graphdef, state)
+  return mapping_lib.fill(abstract, values, "timm")
 
 
 def _resolve_config(sd: Mapping[str, np.ndarray], variant_or_config: str | vit.ViTConfig | None,
