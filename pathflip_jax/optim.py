@@ -19,11 +19,15 @@ Config fields (``config.optim``; every one has a default, so ``ConfigDict()`` is
   weight_decay    decoupled decay on :func:`decay_mask` params, times the lr  (0.0)
   no_decay        regexes of params never decayed (besides all ndim < 2)      (:data:`NO_DECAY`)
   frozen          regexes of params that are never updated                    (())
+  trainable       regexes; when given, params matching none are frozen        (())
   grad_clip_norm  clip the global norm of the trainable grads, 0 = off        (0.0)
   grad_accum_steps  micro-steps per optimizer step (``optax.MultiSteps``)     (1)
 
-Patterns are Python regexes matched with ``re.search`` against the path string. Unknown fields
-and unknown values raise ``ValueError`` naming ``optim.<field>``.
+Patterns are Python regexes matched with ``re.search`` against the path string. A parameter is
+trained iff it matches some ``trainable`` pattern (when any are given) and no ``frozen`` pattern;
+a ``frozen`` or ``trainable`` pattern that matches no parameter is an error (a typo would
+otherwise silently train, or freeze, the wrong parameters). Unknown fields and unknown values
+raise ``ValueError`` naming ``optim.<field>``.
 
 Gradient accumulation: with ``grad_accum_steps = k`` the trainer calls ``tx.update`` once per
 micro-batch; every k-th call applies the mean gradient and the others return zero updates.
@@ -48,7 +52,8 @@ NO_DECAY = ("pos_embed", "cls_token", "reg_token", "logit_scale", "logit_bias")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
 FIELDS = ("optimizer", "lr", "schedule", "warmup_steps", "end_lr", "b1", "b2", "eps", "momentum",
-          "nesterov", "weight_decay", "no_decay", "frozen", "grad_clip_norm", "grad_accum_steps")
+          "nesterov", "weight_decay", "no_decay", "frozen", "trainable", "grad_clip_norm",
+          "grad_accum_steps")
 
 _TRAIN, _FROZEN = "train", "frozen"
 
@@ -97,20 +102,28 @@ def _compile(patterns: Sequence[str], field: str) -> list[re.Pattern]:
     raise ValueError(f"optim.{field}: invalid regex: {e}") from e
 
 
-def trainable_mask(tree: Any, frozen_patterns: Sequence[str]) -> Any:
-  """True for leaves whose path matches none of ``frozen_patterns``.
+def trainable_mask(tree: Any, frozen_patterns: Sequence[str] = (),
+                   trainable_patterns: Sequence[str] = ()) -> Any:
+  """True for leaves that train: paths matching no frozen and some trainable pattern.
 
-  Raises ``ValueError`` naming ``optim.frozen`` if a pattern matches no leaf: a typo would
-  otherwise silently train the whole model.
+  Empty ``trainable_patterns`` stand for every path (only ``frozen_patterns`` then count).
+  Raises ``ValueError`` naming ``optim.frozen`` / ``optim.trainable`` if a pattern matches no
+  leaf: a typo would otherwise silently train the whole model (or freeze it).
   """
-  regexes = _compile(frozen_patterns, "frozen")
+  frozen = _compile(frozen_patterns, "frozen")
+  trainable = _compile(trainable_patterns, "trainable")
   paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-  unused = [r.pattern for r in regexes if not any(r.search(p) for p in paths)]
-  if unused:
-    raise ValueError(f"optim.frozen patterns {unused} match no parameter "
-                     f"(parameters: {_abbreviate(paths)})")
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: not any(r.search(param_path(path)) for r in regexes), tree)
+  for field, regexes in (("frozen", frozen), ("trainable", trainable)):
+    unused = [r.pattern for r in regexes if not any(r.search(p) for p in paths)]
+    if unused:
+      raise ValueError(f"optim.{field} patterns {unused} match no parameter "
+                       f"(parameters: {_abbreviate(paths)})")
+
+  def trains(path: str) -> bool:
+    return (not trainable or any(r.search(path) for r in trainable)) \
+        and not any(r.search(path) for r in frozen)
+
+  return jax.tree_util.tree_map_with_path(lambda path, _: trains(param_path(path)), tree)
 
 
 def decay_mask(tree: Any, *, exclude_patterns: Sequence[str] = NO_DECAY) -> Any:
@@ -141,6 +154,20 @@ def _patterns(config: ml_collections.ConfigDict, name: str,
   patterns = config.get(name, default)
   _compile(patterns, name)
   return tuple(patterns)
+
+
+def trainable_mask_from_config(tree: Any, config: ml_collections.ConfigDict) -> Any | None:
+  """``trainable_mask`` of ``tree`` under the ``frozen`` and ``trainable`` of ``config``.
+
+  ``config`` is the ``optim`` block. Returns None when neither field is set (every parameter
+  trains), so a trainer can skip masking altogether.
+  """
+  _check_fields(config)
+  frozen = _patterns(config, "frozen", ())
+  trainable = _patterns(config, "trainable", ())
+  if not frozen and not trainable:
+    return None
+  return trainable_mask(tree, frozen, trainable)
 
 
 def _check_fields(config: ml_collections.ConfigDict) -> None:
@@ -252,11 +279,11 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """``(tx, schedule)`` for ``total_steps`` optimizer steps; see the module docstring.
 
-  Frozen parameters get zero updates and no optimizer state (``optax.multi_transform``); their
-  gradients do not count towards the clipping norm. The ``optim.frozen`` patterns are checked
-  against the tree when ``tx.init`` (and ``tx.update``) is called, not here, since only then is
-  the tree known. ``schedule`` takes the optimizer step: with accumulation that is
-  ``opt_state.gradient_step``, otherwise the step count of the trainer.
+  Frozen parameters (``optim.frozen``, or outside ``optim.trainable``) get zero updates and no
+  optimizer state (``optax.multi_transform``); their gradients do not count towards the clipping
+  norm. The patterns are checked against the tree when ``tx.init`` (and ``tx.update``) is
+  called, not here, since only then is the tree known. ``schedule`` takes the optimizer step:
+  with accumulation that is ``opt_state.gradient_step``, otherwise the step count of the trainer.
   """
   _check_fields(config)
   schedule = make_schedule(config, total_steps)
@@ -266,15 +293,17 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
   # Read (and compile) the patterns now, so bad regexes fail here rather than at tx.init.
   no_decay = _patterns(config, "no_decay", NO_DECAY)
   frozen = _patterns(config, "frozen", ())
+  trainable = _patterns(config, "trainable", ())
 
   tx = _base_optimizer(config, schedule, weight_decay,
                        lambda params: decay_mask(params, exclude_patterns=no_decay))
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-  if frozen:
+  if frozen or trainable:
     # Clipping sits inside the trainable branch, so frozen gradients are left out of its norm.
     labels = lambda params: jax.tree.map(  # noqa: E731
-        lambda trainable: _TRAIN if trainable else _FROZEN, trainable_mask(params, frozen))
+        lambda trains: _TRAIN if trains else _FROZEN,
+        trainable_mask(params, frozen, trainable))
     tx = optax.multi_transform({_TRAIN: tx, _FROZEN: optax.set_to_zero()}, labels)
   if accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
@@ -289,8 +318,9 @@ def describe(tree: Any, config: ml_collections.ConfigDict) -> str:
   """A small table of how many arrays/scalars are trained, decayed and frozen, for the log."""
   _check_fields(config)
   frozen = _patterns(config, "frozen", ())
+  trainable_patterns = _patterns(config, "trainable", ())
   weight_decay = config.get("weight_decay", 0.0)
-  trainable = jax.tree.leaves(trainable_mask(tree, frozen))
+  trainable = jax.tree.leaves(trainable_mask(tree, frozen, trainable_patterns))
   decayed = jax.tree.leaves(
       decay_mask(tree, exclude_patterns=_patterns(config, "no_decay", NO_DECAY)))
   sizes = [int(np.size(x)) for x in jax.tree.leaves(tree)]
@@ -303,5 +333,6 @@ def describe(tree: Any, config: ml_collections.ConfigDict) -> str:
   lines = [f"{'parameters':<24}{'arrays':>8}{'scalars':>16}"]
   lines += [f"{name:<24}{len(s):>8}{sum(s):>16,}" for name, s in groups.items()]
   lines.append(f"optimizer={config.get('optimizer', 'adamw')} weight_decay={weight_decay} "
-               f"frozen={list(frozen)}")
+               f"frozen={list(frozen)}"
+               + (f" trainable={list(trainable_patterns)}" if trainable_patterns else ""))
   return "\n".join(lines)

@@ -260,8 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = jax.jit(
       make_train_step(graphdef, task.loss, tx, schedule, seed=config.seed, accum_steps=accum,
                       nan_at_step=config.debug.nan_at_step,
-                      trainable=(optim.trainable_mask(state["params"], config.optim.frozen)
-                                 if config.optim.get("frozen") else None)),
+                      trainable=optim.trainable_mask_from_config(state["params"], config.optim)),
       donate_argnums=(0,), out_shardings=(shardings, None))
 
   evaluators = evaluators_lib.build(config.get("evals"), task, mesh)

@@ -284,3 +284,54 @@ def test_nnx_state():
   rows = {line[:24].strip(): line[24:].split() for line in table.splitlines()[1:5]}
   assert rows == {"trainable, decayed": ["1", "4"], "trainable, not decayed": ["2", "6"],
                   "frozen": ["2", "8"], "total": ["5", "18"]}, table
+
+
+# --- trainable ----------------------------------------------------------------------------------
+
+
+def test_trainable_mask_combines_trainable_and_frozen():
+  params = tiny_params()
+  # A parameter trains iff it matches some trainable pattern and no frozen one.
+  config = cfg(trainable=("^stem/", "^w$", "^b$"), frozen=("^b$",))
+  expected = {"stem": {"kernel": True}, "w": True, "b": False, "pos_embed": False}
+  assert optim.trainable_mask(params, config.frozen, config.trainable) == expected
+  assert optim.trainable_mask_from_config(params, config) == expected
+  assert optim.trainable_mask_from_config(params, cfg(frozen=("^w$",))) == {
+      "stem": {"kernel": True}, "w": False, "b": True, "pos_embed": True}
+  assert optim.trainable_mask_from_config(params, cfg(lr=0.1)) is None  # nothing frozen
+  with pytest.raises(ValueError, match=r"optim\.trainable.*\^wq\$"):
+    optim.trainable_mask_from_config(params, cfg(trainable=("^w$", "^wq$")))
+  with pytest.raises(ValueError, match=r"optim\.trainble"):
+    optim.trainable_mask_from_config(params, cfg(trainble=("^w$",)))
+
+
+@pytest.mark.parametrize("fields", [dict(trainable="stem"), dict(trainable=["("])])
+def test_trainable_errors(fields):
+  with pytest.raises(ValueError, match=r"optim\.trainable"):
+    optim.make_optimizer(cfg(**fields), total_steps=10)
+
+
+def test_unmatched_trainable_pattern_raises_at_init():
+  tx, _ = optim.make_optimizer(cfg(trainable=("^stem/", "^stme/")), total_steps=10)
+  with pytest.raises(ValueError, match=r"optim\.trainable.*stme"):
+    tx.init(tiny_params())
+
+
+def test_only_trainable_leaves_move_and_have_state():
+  params = tiny_params()
+  config = cfg(lr=0.1, weight_decay=0.1, grad_clip_norm=1.0, trainable=("^stem/", "^w$"),
+               frozen=("^w$",))
+  new, _, state = step(optim.make_optimizer(config, total_steps=10)[0], params,
+                       grads_like(params))
+  assert not np.allclose(new["stem"]["kernel"], params["stem"]["kernel"])
+  for name in ("w", "b", "pos_embed"):
+    np.testing.assert_array_equal(new[name], params[name], err_msg=name)
+  state_paths = jax.tree.leaves(optim.param_paths(state))
+  assert any(p.endswith("mu/stem/kernel") for p in state_paths)
+  assert not any(p.endswith(("/w", "/b", "/pos_embed")) for p in state_paths)
+
+  table = optim.describe(params, config)
+  rows = {line[:24].strip(): line[24:].split() for line in table.splitlines()[1:5]}
+  assert rows == {"trainable, decayed": ["1", "4"], "trainable, not decayed": ["0", "0"],
+                  "frozen": ["3", "12"], "total": ["4", "16"]}, table
+  assert table.splitlines()[-1].endswith("frozen=['^w$'] trainable=['^stem/', '^w$']")

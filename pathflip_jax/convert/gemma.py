@@ -1,6 +1,8 @@
-"""Imports Hugging Face–format Gemma checkpoints (Gemma 1, 2 and 3 text) into ``models.decoder``.
+"""Imports Hugging Face–format Gemma checkpoints (Gemma 1, 2 and 3 text) into ``models.decoder``,
+and exports a decoder as one.
 
   model, config, report = load_gemma("gemma-3-1b-pt/")
+  save_gemma(model, "out/", model_type="gemma3_text", tokenizer_path="tokenizer.model")
 
 The directory holds ``config.json`` (``model_type`` gemma, gemma2 or gemma3_text),
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``, and optionally
@@ -27,14 +29,26 @@ Weights (HF key under ``model.`` -> decoder parameter):
 HF's Gemma RMSNorm computes ``x * (1 + weight)``, the decoder's ``(1 + scale)``: norms copy as
 they are. The mapping is strict: a missing, unused or mis-shaped tensor is a
 :class:`ConversionError` naming the file and key.
+
+Export (:func:`save_gemma`) inverts the same mapping: ``config.json`` in the transformers >= 5
+layout (:func:`gemma_hf_config`, checked by reading it back with :func:`gemma_config`), weights
+in float32 or bfloat16, optionally sharded with an index, and the tokenizer. ``load_gemma`` reads
+an export back bit for bit; ``transformers.AutoModelForCausalLM`` loads it. A setting the chosen
+model type cannot state (sandwich norms for gemma, q/k norm for gemma2, a local RoPE base for
+gemma2, ...) is a ValueError naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import functools
 import glob
 import json
+import math
 import os
+import shutil
+import struct
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -408,3 +422,297 @@ def load_gemma(path: str | os.PathLike, dtype: Any = jnp.float32,
   report = ImportReport(model_type=model_type, weight_files=tuple(files),
                         ignored_keys=tuple(ignored), tokenizer=tok)
   return model, config, report
+
+
+# ----------------------------------------------------------------------------------- export
+
+EXPORT_DTYPES = ("float32", "bfloat16")
+_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
+# Settings each model type fixes (transformers' Gemma classes have no switch for them).
+_FIXED: dict[str, dict[str, Any]] = {
+    "gemma": {"qk_norm": False, "post_norms": False, "attn_logit_softcap": None,
+              "final_logit_softcap": None},
+    "gemma2": {"qk_norm": False, "post_norms": True},
+    "gemma3_text": {"qk_norm": True, "post_norms": True},
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _canonical(config: decoder.DecoderConfig) -> decoder.DecoderConfig:
+  """``config`` with settings that do not change the model in one form: the pattern as its
+  shortest period over depth, no window or local RoPE base without local layers, a local base
+  equal to the global one as None, and an explicit ``head_dim ** -0.5`` query scale as None."""
+  types = config.layer_types
+  has_local = decoder.LOCAL in types
+  local_base = config.rope_local_base
+  if not has_local or local_base == config.rope_base:
+    local_base = None
+  query_scale = None if config.query_scale == config.head_dim ** -0.5 else config.query_scale
+  return dataclasses.replace(
+      config, attention_pattern=_shortest_period(types), rope_local_base=local_base,
+      sliding_window=config.sliding_window if has_local else None, query_scale=query_scale)
+
+
+def _query_pre_attn_scalar(config: decoder.DecoderConfig) -> int | None:
+  """HF's integer query_pre_attn_scalar n with n ** -0.5 == query_scale exactly, or None."""
+  if config.query_scale is None:
+    return config.head_dim
+  if not (math.isfinite(config.query_scale) and config.query_scale > 0):
+    return None
+  n = round(config.query_scale ** -2)
+  # The importer computes float(n) ** -0.5; anything else would not re-import the same config.
+  return n if n > 0 and float(n) ** -0.5 == config.query_scale else None
+
+
+def _inexpressible(config: decoder.DecoderConfig, model_type: str) -> list[str]:
+  """What ``model_type``'s config.json cannot state about ``config``, one line per field."""
+  problems = []
+  for field, required in _FIXED[model_type].items():
+    value = getattr(config, field)
+    if value != required:
+      fits = [t for t in MODEL_TYPES if _FIXED[t].get(field, value) == value]
+      problems.append(f"field {field}={value!r}: {model_type} requires {required!r} (model types "
+                      f"that can state {value!r}: {', '.join(fits) or 'none'})")
+  has_local = decoder.LOCAL in config.layer_types
+  if model_type == "gemma":
+    if has_local:
+      problems.append(f"field attention_pattern={config.attention_pattern!r}: gemma has global "
+                      "layers only (sliding-window layers need gemma2 or gemma3_text)")
+    if config.query_scale is not None and config.query_scale != config.head_dim ** -0.5:
+      problems.append(f"field query_scale={config.query_scale!r}: gemma scales queries by "
+                      "head_dim ** -0.5 (another scale needs gemma2 or gemma3_text)")
+  elif _query_pre_attn_scalar(config) is None:
+    problems.append(f"field query_scale={config.query_scale!r} is not n ** -0.5 for an integer n "
+                    "(transformers' query_pre_attn_scalar is an integer)")
+  if model_type == "gemma2" and has_local:
+    # Gemma 2 has one RoPE setting for all layers.
+    if config.rope_local_base is not None and config.rope_local_base != config.rope_base:
+      problems.append(f"field rope_local_base={config.rope_local_base!r}: gemma2 uses one RoPE "
+                      f"base ({config.rope_base!r}) for all layers (a separate local base needs "
+                      "gemma3_text)")
+    if config.rope_scale_factor != 1.0:
+      problems.append(f"field rope_scale_factor={config.rope_scale_factor!r}: gemma2 would scale "
+                      "sliding-window layers too (global-only scaling needs gemma3_text)")
+  return problems
+
+
+def _rope_json(theta: float, factor: float) -> dict[str, Any]:
+  if factor == 1.0:
+    return {"rope_type": "default", "rope_theta": float(theta)}
+  return {"rope_type": "linear", "rope_theta": float(theta), "factor": float(factor)}
+
+
+def gemma_hf_config(config: decoder.DecoderConfig, model_type: str, *, dtype: str = "float32",
+                    extra: Mapping[str, Any] | None = None,
+                    tokenizer: tokenizer_lib.Tokenizer | None = None) -> dict[str, Any]:
+  """The Hugging Face ``config.json`` (transformers >= 5 layout) of ``config`` as ``model_type``.
+
+  The inverse of :func:`gemma_config`: it reads the dict back as ``config`` up to settings that
+  do not change the model (see ``_canonical``). Special token ids come from ``tokenizer`` (else
+  Gemma's <pad>=0, <eos>=1, <bos>=2); ``extra`` is merged last (token ids, ``transformers_version``
+  ...). Raises ValueError naming each field ``model_type`` cannot express, or that ``extra``
+  changes.
+  """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model_type {model_type!r} is not supported; expected one of {MODEL_TYPES}")
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not supported; expected one of {EXPORT_DTYPES}")
+  problems = _inexpressible(config, model_type)
+  if problems:
+    raise ValueError(f"cannot export this decoder as {model_type}:\n  "
+                     + mapping_lib.listing(problems))
+  c = _canonical(config)
+  types = c.layer_types
+  out: dict[str, Any] = {
+      "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type, "dtype": dtype,
+      "vocab_size": c.vocab_size, "hidden_size": c.width, "intermediate_size": c.mlp_width,
+      "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+      # Gemma 1's field is hidden_act; Gemma 2/3 name it hidden_activation.
+      ("hidden_act" if model_type == "gemma" else "hidden_activation"): "gelu_pytorch_tanh",
+      "max_position_embeddings": c.max_len, "rms_norm_eps": float(c.norm_eps),
+      "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
+      "use_bidirectional_attention": False, "use_cache": True,
+      "pad_token_id": 0 if tokenizer is None else tokenizer.pad_id,
+      "eos_token_id": 1 if tokenizer is None else tokenizer.eos_id,
+      "bos_token_id": 2 if tokenizer is None else tokenizer.bos_id,
+  }
+  if model_type == "gemma3_text":
+    out["rope_parameters"] = {
+        _FULL: _rope_json(c.rope_base, c.rope_scale_factor),
+        # The decoder never scales local positions.
+        _SLIDING: _rope_json(c.rope_base if c.rope_local_base is None else c.rope_local_base, 1.0),
+    }
+  else:
+    out["rope_parameters"] = _rope_json(c.rope_base, c.rope_scale_factor)
+  if model_type != "gemma":
+    out.update({
+        "layer_types": [_SLIDING if t == decoder.LOCAL else _FULL for t in types],
+        "sliding_window": c.sliding_window,
+        "query_pre_attn_scalar": _query_pre_attn_scalar(c),
+        # Written even when None: Gemma 2's defaults (50 / 30) would apply to a missing field.
+        "attn_logit_softcapping": c.attn_logit_softcap,
+        "final_logit_softcapping": c.final_logit_softcap,
+    })
+  out.update(extra or {})
+
+  # The importer is the judge: whatever it reads back must be this decoder.
+  back = _canonical(gemma_config(out, source="the exported config"))
+  changed = [f"{f.name}: {getattr(c, f.name)!r} -> {getattr(back, f.name)!r}"
+             for f in dataclasses.fields(c) if getattr(c, f.name) != getattr(back, f.name)]
+  if changed:
+    raise ValueError(f"the exported {model_type} config does not state this decoder (extra_config "
+                     "overrides an architecture field?):\n  " + mapping_lib.listing(changed))
+  return out
+
+
+def _model_params(model: decoder.Decoder, entries: Mapping[str, _Entry]) -> dict[Path, Any]:
+  """The model's parameters by path, checked to be exactly those the mapping writes."""
+  params = {path: variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  mapped = {e.path[:-1] if isinstance(e.path[-1], int) else e.path for e in entries.values()}
+  unmapped = sorted(set(params) - mapped, key=str)
+  if unmapped:
+    raise ConversionError(
+        f"{len(unmapped)} model parameter(s) have no Gemma checkpoint key (merge LoRA adapters "
+        "into the kernels before exporting):\n  "
+        + mapping_lib.listing(["/".join(map(str, p)) for p in unmapped]))
+  missing = sorted(mapped - set(params), key=str)
+  assert not missing, f"the mapping writes parameters the model lacks: {missing}"
+  return params
+
+
+def _hf_tensor(params: Mapping[Path, Any], entry: _Entry, dtype: str) -> np.ndarray:
+  """The HF tensor of one mapping entry: the inverse of ``entry.transform``."""
+  if isinstance(entry.path[-1], int):  # one half of the fused gate/up kernel [d, 2, f]
+    value = np.asarray(params[entry.path[:-1]])[:, entry.path[-1]]
+  else:
+    value = np.asarray(params[entry.path])
+  value = value.astype(np.float32)  # bfloat16 parameters widen exactly
+  # Every 2-D weight but the embedding is a torch Linear [out, in], which the importer
+  # transposes and splits into the kernel's axes; norms and the embedding copy as they are.
+  if len(entry.shape) == 2 and entry.path != ("embedding",):
+    value = value.reshape(entry.shape[::-1]).T
+  assert value.shape == entry.shape, (entry.path, value.shape, entry.shape)
+  if dtype == "bfloat16":
+    value = value.astype(jnp.bfloat16)  # ml_dtypes: round to nearest even, like torch
+  return np.ascontiguousarray(value)
+
+
+def _write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], Any]], code: str,
+                       itemsize: int) -> None:
+  """Writes ``(name, shape, make_array)`` tensors, all of safetensors dtype ``code``.
+
+  Unlike ``safetensors_io.save_file`` this writes BF16 and makes one tensor at a time, so a
+  multi-GB model is never held twice in memory.
+  """
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires format
+  offset = 0
+  for name, shape, _ in tensors:
+    size = math.prod(shape) * itemsize
+    header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  blob += b" " * (-len(blob) % 8)  # aligns the data section, as the spec allows
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name, shape, make in tensors:
+      array = make()
+      raw = array.view(np.uint16) if code == "BF16" else array
+      data = raw.astype(raw.dtype.newbyteorder("<"), copy=False).tobytes()
+      begin, end = header[name]["data_offsets"]
+      assert array.shape == tuple(shape) and len(data) == end - begin, (name, array.shape, shape)
+      f.write(data)
+  os.replace(tmp, path)
+
+
+def _shards(sizes: list[int], max_bytes: int | None) -> list[list[int]]:
+  """Indices of consecutive tensors per shard, each shard at most ``max_bytes`` (a larger tensor
+  gets a shard of its own), as transformers' ``save_pretrained`` splits."""
+  shards: list[list[int]] = [[]]
+  total = 0
+  for i, size in enumerate(sizes):
+    if max_bytes is not None and shards[-1] and total + size > max_bytes:
+      shards.append([])
+      total = 0
+    shards[-1].append(i)
+    total += size
+  return shards
+
+
+def save_gemma(model: decoder.Decoder, path: str | os.PathLike, *, model_type: str,
+               tokenizer_path: str | os.PathLike | None = None, dtype: Any = "float32",
+               max_shard_bytes: int | None = None,
+               extra_config: Mapping[str, Any] | None = None) -> list[str]:
+  """Writes ``model`` as a Hugging Face Gemma checkpoint directory; returns the files written.
+
+  The directory gets ``config.json`` (:func:`gemma_hf_config`), the weights as
+  ``model.safetensors`` in ``dtype`` ("float32" or "bfloat16"), or, when ``max_shard_bytes`` is
+  given and they do not fit in one file of that size, ``model-0000i-of-0000n.safetensors`` shards
+  and ``model.safetensors.index.json``, and a copy of ``tokenizer_path`` as ``tokenizer.model``.
+  Weight files of an earlier save in the directory are removed, so the importer cannot read
+  stale ones. :func:`load_gemma` reads the directory back as the same parameters (bfloat16:
+  rounded to nearest even) and config; ``transformers.AutoModelForCausalLM`` loads it too.
+
+  Raises ValueError naming each config field ``model_type`` cannot express, and
+  ConversionError for parameters with no checkpoint key (unmerged LoRA adapters), before writing
+  anything.
+  """
+  path = os.fspath(path)
+  dtype = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  if max_shard_bytes is not None and max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  tok = None
+  if tokenizer_path is not None:
+    tok = tokenizer_lib.Tokenizer(tokenizer_path)
+    if tok.vocab_size > model.config.vocab_size:
+      raise ValueError(f"{tokenizer_path} has {tok.vocab_size} pieces but the decoder's "
+                       f"vocab_size is {model.config.vocab_size}")
+  hf_config = gemma_hf_config(model.config, model_type, dtype=dtype, extra=extra_config,
+                              tokenizer=tok)
+  entries = _mapping(model.config, model_type)
+  params = _model_params(model, entries)
+
+  code, itemsize = ("BF16", 2) if dtype == "bfloat16" else ("F32", 4)
+  keys = list(entries)  # embedding, final norm, then layer by layer
+  shards = _shards([math.prod(entries[k].shape) * itemsize for k in keys], max_shard_bytes)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  os.makedirs(path, exist_ok=True)
+  written, weight_map = [], {}
+  for name, shard in zip(names, shards):
+    tensors = [("model." + keys[i], entries[keys[i]].shape,
+                functools.partial(_hf_tensor, params, entries[keys[i]], dtype)) for i in shard]
+    _write_safetensors(os.path.join(path, name), tensors, code, itemsize)
+    written.append(os.path.join(path, name))
+    weight_map.update({tensor_name: name for tensor_name, _, _ in tensors})
+  if len(shards) > 1:
+    total = sum(math.prod(entries[k].shape) * itemsize for k in keys)
+    written.append(_write_json(os.path.join(path, _WEIGHT_FILES[1]),
+                               {"metadata": {"total_size": total}, "weight_map": weight_map}))
+  # The importer prefers an index and reads every shard it lists or finds: leftovers of an
+  # earlier save would shadow or join the new weights.
+  for name in os.listdir(path):
+    file = os.path.join(path, name)
+    if (name in _WEIGHT_FILES or fnmatch.fnmatch(name, "model-*-of-*.safetensors")) \
+        and file not in written and os.path.isfile(file):
+      os.remove(file)
+  written.append(_write_json(os.path.join(path, "config.json"), hf_config))
+  if tokenizer_path is not None:
+    target = os.path.join(path, "tokenizer.model")
+    if not (os.path.exists(target) and os.path.samefile(tokenizer_path, target)):
+      shutil.copyfile(tokenizer_path, target)
+    written.append(target)
+  return written
+
+
+def _write_json(path: str, value: Any) -> str:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
