@@ -20,6 +20,8 @@ TYPES = {
     "patch_linear_probe": "pathflip_jax.evaluators.linear_probe",
     "slide_zero_shot": "pathflip_jax.evaluators.slide_zero_shot",
     "slide_retrieval": "pathflip_jax.evaluators.slide_retrieval",
+    "captioning": "pathflip_jax.evaluators.captioning",
+    "vqa": "pathflip_jax.evaluators.vqa",
 }
 
 

@@ -16,6 +16,7 @@ import ml_collections
 STAGES = {
     "patch_clip": "pathflip_jax.tasks.patch_clip:PatchClipTask",
     "align": "pathflip_jax.tasks.align:AlignTask",
+    "instruct": "pathflip_jax.tasks.instruct:InstructTask",
 }
 
 

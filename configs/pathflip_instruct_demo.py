@@ -1,0 +1,88 @@
+r"""Instruction tuning on the demo cohort (stage "instruct"): captions and answers from a slide.
+
+After configs/pathflip_demo.py (``runs/demo/align``; its docstring has the steps before):
+
+  python -m pathflip_jax.train --config configs/pathflip_instruct_demo.py --workdir W
+
+The align run is loaded and frozen; it encodes each slide once into a slide token and up to 64
+region tokens. A small Gemma-style decoder (4 layers, width 256, multi-query attention, local
+and global layers; a 1000-piece tokenizer trained on the training split's prompts and answers)
+and the linear projector are trained from scratch on the training split's captions ("Describe
+the slide.") and questions (the cohort's questions.csv), the loss on answer tokens only, the
+multiple-choice options shuffled every epoch.
+
+Args (``--config configs/pathflip_instruct_demo.py:key=value,...``): ``align_workdir``
+(runs/demo/align), ``features_dir`` ("" = the align run's), ``questions``
+(runs/demo/cohort/questions.csv), ``total_steps``, ``batch_size``, ``lr``, ``size`` (``demo``, or
+``test``: a tiny decoder for the test suite), ``seed``, ``eval_split`` (``test``),
+``answer_format`` (``text``: "fat"; ``letter_text``: "B. fat"; ``letter``), ``lora_rank`` (0: the whole
+decoder trains; > 0: LoRA adapters and the projector only), ``workers``, ``caption_tokens``
+and ``answer_tokens`` (longest generated caption / answer in evaluation).
+
+Measured: see the note of issue 7 (filled in when the demo run is measured).
+"""
+
+from pathflip_jax import config_args
+
+
+def get_config(arg: str | None = None):
+  args = config_args.parse_arg(
+      arg, align_workdir="runs/demo/align", features_dir="", questions="runs/demo/cohort/questions.csv",
+      total_steps=600, batch_size=8, lr=1e-3, size="demo", seed=0, eval_split="test",
+      answer_format="text", lora_rank=0, workers=0, log_steps=200, caption_tokens=256,
+      answer_tokens=24)
+  config = config_args.ml_collections.ConfigDict()
+  config.stage = "instruct"
+  config.seed = args.seed
+  config.align_workdir = args.align_workdir
+  config.features_dir = args.features_dir
+  config.questions = args.questions
+  config.caption_prompt = "Describe the slide."
+  config.tokenizer = ""
+  config.vocab_size = 1000
+  config.tokenizer_type = "bpe"
+  config.dtype = "float32"
+  config.encode_batch_size = 8
+  config.template = dict(prompt="<image>\nQuestion: {question}\nAnswer:", answer_suffix="",
+                         option_format="\n{letter}. {text}", choice_instruction="",
+                         answer_format=args.answer_format)
+  config.data = dict(max_len=256, max_visual=65, shuffle_options=True, region_dropout=0.1)
+  config.position_frequencies = 4
+  if args.size == "demo":
+    config.decoder = dict(variant="demo", init="", overrides=dict(
+        width=128, head_dim=32, mlp_width=512, max_len=512))
+  elif args.size == "test":
+    config.decoder = dict(variant="tiny", init="",
+                          overrides=dict(max_len=512, sliding_window=64))
+  else:
+    raise ValueError(f"config arg size={args.size!r}: expected 'demo' or 'test'")
+  config.lora = dict(rank=args.lora_rank, alpha=2.0 * max(args.lora_rank, 1), dropout=0.05,
+                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                              "down_proj"))
+
+  config.total_steps = args.total_steps
+  config.batch_size = args.batch_size
+  config.optim = dict(optimizer="adamw", lr=args.lr, schedule="cosine",
+                      warmup_steps=min(50, args.total_steps // 10), end_lr=args.lr * 0.05,
+                      weight_decay=0.05, grad_clip_norm=1.0)
+  if args.lora_rank:
+    config.optim.trainable = ("lora", "projector")
+  config.mesh = dict(data=-1, fsdp=1, model=1)
+  config.input = dict(worker_count=args.workers, worker_buffer_size=4)
+  config.log_steps = args.log_steps
+  config.progress_seconds = 10.0
+  config.checkpoint = dict(every=args.log_steps, keep=2, best_metric="", best_mode="max",
+                           async_save=True)
+  # eval_split="": no evaluators (e.g. a run that is evaluated later, or a smoke test).
+  config.evals = {} if not args.eval_split else dict(
+      captioning=dict(type="captioning", split=args.eval_split, batch_size=8,
+                      max_new_tokens=args.caption_tokens, every=args.total_steps),
+      vqa=dict(type="vqa", split=args.eval_split, batch_size=8, every=args.total_steps,
+               max_new_tokens=args.answer_tokens, description_tokens=args.caption_tokens),
+  )
+  config.resume = ""
+  config.model_init = ""
+  config.model_init_include = (".*",)
+  config.debug = dict(nan_at_step=0)
+  config.lock()
+  return config
