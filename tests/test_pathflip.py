@@ -40,27 +40,37 @@ def test_chunked_cross_attention_equals_full_attention():
   def chunked(state, x, kv):
     return nnx.merge(graphdef, state).chunked(x, kv, valid, chunk=8)
 
-  np.testing.assert_allclose(chunked(state, x, kv), full(state, x, kv), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda s, x, kv: jnp.sum(jnp.sin(f(s, x, kv)))
-  g_full = jax.grad(loss(full), argnums=(0, 1, 2))(state, x, kv)
-  g_chunk = jax.jit(jax.grad(loss(chunked), argnums=(0, 1, 2)))(state, x, kv)
-  for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_full)):
+
+  @jax.jit  # one compilation: eager ops (and an eager scan) each compile on their own
+  def outputs_and_grads(state, x, kv):
+    return (full(state, x, kv), chunked(state, x, kv),
+            jax.grad(loss(full), argnums=(0, 1, 2))(state, x, kv),
+            jax.grad(loss(chunked), argnums=(0, 1, 2))(state, x, kv))
+
+  out_full, out_chunk, g_full, g_chunk = outputs_and_grads(state, x, kv)
+  np.testing.assert_allclose(out_chunk, out_full, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_full), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_text_cls_of_last_layer_equals_full_text_branch():
   model = qformer.QFormer(_tiny_config().qformer, rngs=nnx.Rngs(1))
   tokens = jnp.asarray([[1, 5, 9, 7, 0, 0], [1, 3, 0, 0, 0, 0]], jnp.int32)
-  valid = tokens != model.config.pad_id
-  x = jnp.take(model.token_embed[...], tokens, axis=0) + model.pos_embed[:6]
-  for layer in model.layers:                     # every row through every layer
-    x = layer.text(x, valid)
-  np.testing.assert_allclose(model.encode_text(tokens), model.norm(x[:, 0]), rtol=1e-5,
-                             atol=1e-5)
+
+  @nnx.jit  # one compilation instead of one per eager op
+  def run(model):
+    valid = tokens != model.config.pad_id
+    x = jnp.take(model.token_embed[...], tokens, axis=0) + model.pos_embed[:6]
+    for layer in model.layers:                   # every row through every layer
+      x = layer.text(x, valid)
+    longer = jnp.pad(tokens, ((0, 0), (0, 4)))
+    return model.norm(x[:, 0]), model.encode_text(tokens), model.encode_text(longer)
+
+  full, cls, cls_longer = run(model)
+  np.testing.assert_allclose(cls, full, rtol=1e-5, atol=1e-5)
   # Padding after the text does not change its CLS output.
-  longer = jnp.pad(tokens, ((0, 0), (0, 4)))
-  np.testing.assert_allclose(model.encode_text(longer), model.encode_text(tokens), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(cls_longer, cls, rtol=1e-5, atol=1e-5)
 
 
 def test_group_patches_by_level0_grid():
@@ -146,19 +156,26 @@ def test_slide_encoder_ignores_padding_and_region_order():
                                       caption_len=8, subcaption_len=8, buckets=(32,))
   padded = dataclasses.replace(base, buckets=(256,), eval_num_regions=40)
   element = _element(n=30)
-  a = model.encode_slides(_inputs(slide_examples.build_example(element, base, _Tokens(), None)))
-  b = model.encode_slides(_inputs(slide_examples.build_example(element, padded, _Tokens(),
-                                                               None)))
+
+  @nnx.jit  # one compilation for both layouts (eager ops and scans each compile on their own)
+  def run(model, inputs_a, inputs_b, tokens):
+    a, b = model.encode_slides(inputs_a), model.encode_slides(inputs_b)
+    text = model.encode_texts(tokens)[None]
+    za = model.text_conditioned_regions(text, a["regions"], a["region_valid"])
+    zb = model.text_conditioned_regions(text, b["regions"], b["region_valid"])
+    return a, b, za, zb, model.region_text_attention(text, b["regions"], b["region_valid"])
+
+  a, b, za, zb, weights = run(
+      model, _inputs(slide_examples.build_example(element, base, _Tokens(), None)),
+      _inputs(slide_examples.build_example(element, padded, _Tokens(), None)),
+      jnp.asarray(_Tokens().encode_batch(["abc", "de"], 8)))
+  assert a["regions"].shape[1] == 24 and b["regions"].shape[1] == 40
   np.testing.assert_allclose(a["slide"], b["slide"], rtol=2e-5, atol=2e-5)
   r = int(a["region_valid"].sum())
   assert r == 10                                  # 10 x 3 patches -> 5 x 2 regions
   np.testing.assert_allclose(a["regions"][:, :r], b["regions"][:, :r], rtol=2e-5, atol=2e-5)
   # Text-conditioned embeddings attend over valid regions only.
-  text = model.encode_texts(jnp.asarray(_Tokens().encode_batch(["abc", "de"], 8)))[None]
-  za = model.text_conditioned_regions(text, a["regions"], a["region_valid"])
-  zb = model.text_conditioned_regions(text, b["regions"], b["region_valid"])
   np.testing.assert_allclose(za, zb, rtol=2e-5, atol=2e-5)
-  weights = model.region_text_attention(text, b["regions"], b["region_valid"])
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
   assert float(jnp.abs(weights[..., r:]).max()) == 0.0
 
@@ -178,7 +195,8 @@ def test_patch_attention_is_a_distribution_over_valid_patches():
   model = pathflip.PathFlip(_tiny_config(), rngs=nnx.Rngs(0))
   features = jax.random.normal(jax.random.key(0), (2, 11, 12))
   valid = jnp.arange(11)[None] < jnp.array([[11], [6]])
-  weights = model.qformer.patch_attention(model.qformer.project_features(features), valid)
+  weights = nnx.jit(lambda m: m.qformer.patch_attention(m.qformer.project_features(features),
+                                                        valid))(model)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
   assert float(weights[1, 6:].max()) == 0.0
 
