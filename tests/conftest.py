@@ -40,3 +40,24 @@ def cmu_slide() -> pathlib.Path:
 def slide_dir(tmp_path_factory) -> pathlib.Path:
   """Synthetic slides shared by the tests (written once per session)."""
   return synthetic.write_test_slides(tmp_path_factory.mktemp("slides"))
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory) -> pathlib.Path:
+  """An 8-slide demo cohort (make_demo_cohort, seed 0), generated once per session: rendering
+  slides is slow, and test_demo_cohort and test_patch_clip both read it."""
+  from data_prep import make_demo_cohort  # noqa: PLC0415
+  out = tmp_path_factory.mktemp("cohort")
+  make_demo_cohort.run(["--output_dir", str(out), "--num_slides", "8", "--seed", "0"])
+  return out
+
+
+@pytest.fixture(scope="session")
+def demo_tiles(demo_cohort, tmp_path_factory) -> tuple[pathlib.Path, dict]:
+  """tile_slides run once on ``demo_cohort``: (output directory, the job's summary)."""
+  from data_prep import tile_slides  # noqa: PLC0415
+  out = tmp_path_factory.mktemp("demo_tiles")
+  summary = tile_slides.run(["--manifest", str(demo_cohort / "manifest.jsonl"), "--output_dir",
+                             str(out), "--direct_running_mode=in_memory",
+                             "--direct_num_workers=1", "--progress_interval=0"])
+  return out, summary

@@ -77,18 +77,24 @@ def test_text_init_starts_the_text_branch_from_a_patch_clip_run(features_dir, tm
   from flax import nnx
 
   from pathflip_jax import checkpointing
+  from pathflip_jax.convert import mapping
   from pathflip_jax.models import patch_clip, text_encoder, vit
 
   scratch = align.AlignTask(_config(features_dir), str(tmp_path / "scratch"))
   run = tmp_path / "patch_clip"
   run.mkdir()
   shutil.copy(tmp_path / "scratch" / "tokenizer.model", run / "tokenizer.model")
-  clip = patch_clip.PatchClip(patch_clip.PatchClipConfig(
+  # A patch_clip model with random parameters: filled in from NumPy rather than initialised (an
+  # eager random init compiles every op, ~20 s on a slow CPU; only the values matter here).
+  clip = nnx.eval_shape(lambda: patch_clip.PatchClip(patch_clip.PatchClipConfig(
       vision=vit.get_config("vit_tiny_test", image_size=16, patch_size=8, width=16, depth=1,
                             num_heads=2, pool="mean", class_token=False),
       text=text_encoder.TextConfig(vocab_size=scratch.tokenizer.num_embeddings, max_len=16,
                                    width=32, depth=1, num_heads=2),
-      embed_dim=32), rngs=nnx.Rngs(5))
+      embed_dim=32), rngs=nnx.Rngs(5)))
+  rng = np.random.default_rng(5)
+  clip = mapping.fill(clip, {path: rng.normal(0.0, 0.1, v.shape).astype(v.dtype) for path, v in
+                             nnx.to_flat_state(nnx.state(clip))}, "test")
   ckpt = checkpointing.Checkpointer(str(run))
   ckpt.save(1, {"params": nnx.state(clip, nnx.Param)})
   ckpt.close()

@@ -11,17 +11,16 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from data_prep import extract_features, make_demo_cohort, tile_slides
+from data_prep import extract_features, make_demo_cohort
 from pathflip_jax.data import feature_shards, patch_shards, synthetic_he as he
 
 TYPES = sorted(he.TISSUE_NAMES)
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-  out = tmp_path_factory.mktemp("cohort")
-  make_demo_cohort.run(["--output_dir", str(out), "--num_slides", "8", "--seed", "0"])
-  return out
+def cohort(demo_cohort):
+  """8 slides, seed 0 (conftest: generated once per session)."""
+  return demo_cohort
 
 
 def _rows(cohort):
@@ -195,13 +194,11 @@ def test_masks_line_up_with_rendered_tissue(cohort, texture_classifier):
 
 
 @pytest.mark.slow
-def test_demo_path_cohort_to_tiles_to_features(cohort, tmp_path):
+def test_demo_path_cohort_to_tiles_to_features(cohort, demo_tiles, tmp_path):
   """make_demo_cohort -> tile_slides -> extract_features: one feature record per tiled slide."""
-  summary = tile_slides.run(["--manifest", str(cohort / "manifest.jsonl"), "--output_dir",
-                             str(tmp_path / "tiles"), "--direct_running_mode=in_memory",
-                             "--direct_num_workers=1", "--progress_interval=0"])
+  tiles, summary = demo_tiles     # tile_slides on this cohort (conftest; test_patch_clip too)
   assert summary["slides_failed"] == 0 and summary["slides_ok"] == 8
-  rows = patch_shards.read_slide_index(str(tmp_path / "tiles"))
+  rows = patch_shards.read_slide_index(str(tiles))
   assert {r["patch_mpp"] for r in rows} == {0.5}
   assert {r["level"] for r in rows if r["mpp"] == 0.25} <= {1}
   assert all(r["num_patches"] >= 4 for r in rows)
@@ -209,7 +206,7 @@ def test_demo_path_cohort_to_tiles_to_features(cohort, tmp_path):
 
   config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
                         "extract_features.py") + ":variant=vit_tiny_test,num_workers=0"
-  features = extract_features.run(["--patches", str(tmp_path / "tiles"), "--output_dir",
+  features = extract_features.run(["--patches", str(tiles), "--output_dir",
                                    str(tmp_path / "features"), "--config", config,
                                    "--progress_interval", "0"])
   assert features["slides_written"] == 8 and features["slides_failed"] == 0

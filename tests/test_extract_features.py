@@ -156,7 +156,9 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.time() + 120
+  # Generous: the loop ends at the first shard; a loaded 2-core CI box can take minutes to get
+  # there (interpreter start, imports, compiling ViT-S).
+  deadline = time.time() + 300
   while time.time() < deadline and process.poll() is None:
     if feature_shards.list_shards(str(out)):
       break

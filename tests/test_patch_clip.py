@@ -148,22 +148,20 @@ def test_zero_shot_evaluator_uses_prompts():
 
 
 @pytest.mark.slow
-def test_demo_path_cohort_tiles_patch_clip_features(tmp_path):
+def test_demo_path_cohort_tiles_patch_clip_features(demo_cohort, demo_tiles, tmp_path):
   """make_demo_cohort -> tile_slides -> train (patch_clip, tiny) -> extract_features with the
-  trained checkpoint: the evaluators report, and the exported features are the trained ViT's."""
-  from data_prep import extract_features, make_demo_cohort, tile_slides
+  trained checkpoint: the evaluators report, and the exported features are the trained ViT's.
+  The cohort and its tiles are conftest's (made once per session; test_demo_cohort checks them).
+  """
+  from data_prep import extract_features
   from pathflip_jax import config_args, metric_writer, train
   from pathflip_jax.data import feature_shards
   from pathflip_jax.tasks import patch_clip as patch_clip_task
-  cohort, patches = tmp_path / "cohort", tmp_path / "patches"
-  make_demo_cohort.run(["--output_dir", str(cohort), "--num_slides", "12", "--seed", "3"])
-  tile_slides.run(["--manifest", str(cohort / "manifest.jsonl"), "--output_dir", str(patches),
-                   "--direct_running_mode=in_memory", "--direct_num_workers=1",
-                   "--progress_interval=0"])
+  cohort, (patches, _) = demo_cohort, demo_tiles
   config = config_args.load_config(
       os.path.join(REPO, "configs", "patch_clip_demo.py") + f":cohort_dir={cohort},"
       f"patches_dir={patches},size=test,total_steps=6,log_steps=3,batch_size=16,workers=0,"
-      "eval_split=test")   # a 12-slide cohort of this seed has no val patient
+      "eval_split=test")   # the 8-slide cohort of seed 0 has no val patient
   workdir = tmp_path / "run"
   results = train.train_and_evaluate(config, str(workdir))
   for key in ("linear_probe/accuracy", "linear_probe/colour_mean_accuracy",
@@ -177,7 +175,7 @@ def test_demo_path_cohort_tiles_patch_clip_features(tmp_path):
       "--patches", str(patches), "--output_dir", str(tmp_path / "features"), "--config",
       os.path.join(REPO, "configs", "extract_features.py") + f":checkpoint={workdir},"
       "num_workers=0", "--progress_interval", "0"])
-  assert summary["slides_written"] == 12
+  assert summary["slides_written"] == 8
   shards = feature_shards.FeatureShards(str(tmp_path / "features"))
   record = shards[0]
   assert record["features"].shape[1] == 32 and record["encoder"].startswith("patch_clip:")

@@ -98,7 +98,8 @@ def test_top_p_to_zero_is_greedy_and_sampling_is_reproducible():
 
 def test_select_token_top_p_keeps_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  draws = jax.vmap(lambda k: sampling.select_token(logits, k, 1.0, 0.7))(
+  # Jitted: an eager vmap compiles each of its ops separately.
+  draws = jax.jit(jax.vmap(lambda k: sampling.select_token(logits, k, 1.0, 0.7)))(
       jax.random.split(jax.random.key(0), 400))
   # Mass before token 2 is 0.8 >= 0.7: only tokens 0 and 1 (0.5 : 0.3) can be drawn.
   assert set(np.unique(draws)) == {0, 1}

@@ -41,11 +41,16 @@ def test_loaded_text_branch_reproduces_the_tower():
   model = nnx.merge(graphdef, params, rest)
   assert set(taken) == set(loaded) and "qformer/layers/0/self_attention/q_kernel" in taken
   tokens = jnp.asarray([[1, 5, 9, 7, 0, 0, 0, 0], [1, 3, 2, 0, 0, 0, 0, 0]], jnp.int32)
-  np.testing.assert_allclose(model.qformer.encode_text(tokens), tower(tokens), rtol=1e-5,
-                             atol=1e-5)
-  expected = proj(tower(tokens))
-  expected = expected / jnp.linalg.norm(expected, axis=-1, keepdims=True)
-  np.testing.assert_allclose(model.encode_texts(tokens), expected, rtol=1e-5, atol=1e-5)
+
+  @nnx.jit  # one compilation instead of one per eager op
+  def run(model, tower, proj):
+    expected = proj(tower(tokens))
+    return (model.qformer.encode_text(tokens), tower(tokens), model.encode_texts(tokens),
+            expected / jnp.linalg.norm(expected, axis=-1, keepdims=True))
+
+  qformer_cls, tower_cls, texts, expected = run(model, tower, proj)
+  np.testing.assert_allclose(qformer_cls, tower_cls, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(texts, expected, rtol=1e-5, atol=1e-5)
   # Positions beyond the tower's 8 keep their initial values; the query side is untouched.
   after = _named(model)
   np.testing.assert_array_equal(after["qformer/pos_embed"][8:], before["qformer/pos_embed"][8:])
