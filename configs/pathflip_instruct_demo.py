@@ -46,7 +46,8 @@ def get_config(arg: str | None = None):
   config.template = dict(prompt="<image>\nQuestion: {question}\nAnswer:", answer_suffix="",
                          option_format="\n{letter}. {text}", choice_instruction="",
                          answer_format=args.answer_format)
-  config.data = dict(max_len=256, max_visual=65, shuffle_options=True, region_dropout=0.1)
+  config.data = dict(max_len=256, max_visual=65, shuffle_options=True, region_dropout=0.1,
+                     flip=False)
   config.position_frequencies = 4
   if args.size == "demo":
     config.decoder = dict(variant="demo", init="", overrides=dict(

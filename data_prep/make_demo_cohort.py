@@ -1,7 +1,7 @@
 r"""Generates the built-in demo cohort: synthetic H&E slides with captions, masks, labels, questions.
 
   python -m data_prep.make_demo_cohort --output_dir D [--num_slides 48] [--seed 0] \
-      [--size small|medium] [--workers N]
+      [--size small|medium] [--workers N] [--train_question_draws 3]
 
 Writes (see WORKSPACE.md):
   D/slides/<slide_id>.tif            pyramidal JPEG TIFF, mpp in the resolution tags
@@ -11,7 +11,8 @@ Writes (see WORKSPACE.md):
   D/annotations/<slide_id>.geojson   every region as QuPath annotations, level-0 pixels
   D/manifest.jsonl                   slide_id, path, caption, labels, split (tile_slides input)
   D/captions.jsonl                   caption sentences, each with the region it describes
-  D/questions.csv                    multiple-choice and open questions (SlideBench-like)
+  D/questions.csv                    multiple-choice and open questions (SlideBench-like); training
+                                     slides get more (``--train_question_draws``), appended last
   D/contact_sheet.png, D/thumbnails.png, D/cohort.json
   D/tfds/demo_cohort/1.0.0/          the slide-level records as a TFDS ArrayRecord dataset
 
@@ -354,6 +355,44 @@ def _questions(rng, slide: dict[str, Any]) -> list[dict[str, Any]]:
   return qs
 
 
+def _training_questions(rng, slide: dict[str, Any], draws: int) -> list[tuple[str, str, str,
+                                                                             list[str]]]:
+  """More multiple-choice questions on a training slide's ground truth, worded as the evaluation
+  ones: every present type as a presence answer, every absent one as an absence answer, the place
+  and size of each type's largest area; each with ``draws`` sets of distractors. One question per
+  slide and category (what ``_questions`` writes) leaves too few examples to learn to read the
+  options rather than the answer prior."""
+  qs = []
+  present = slide["tissue_types"]
+  absent = [n for n in he.TISSUE_NAMES.values() if n not in present]
+  places = ["in the upper left", "in the upper right", "in the lower left", "in the lower right",
+            "in the centre", "on the left side", "on the right side", "in the upper part",
+            "in the lower part"]
+  sizes = ["small", "medium-sized", "large"]
+  largest = {}
+  for region in slide["regions"]:
+    if region.tissue != he.STROMA and (region.tissue not in largest or
+                                       region.area_um2 > largest[region.tissue].area_um2):
+      largest[region.tissue] = region
+  for _ in range(draws):
+    qs.append(("diagnosis", "What is the most likely diagnosis for this slide?",
+               slide["diagnosis"], [d for d in DIAGNOSES if d != slide["diagnosis"]]))
+    if len(absent) >= 3:
+      qs += [("presence", "Which of these tissue types is present on the slide?", name,
+              list(rng.permutation(absent))[:3]) for name in present]
+    if len(present) >= 3:
+      qs += [("absence", "Which of these tissue types is NOT present on the slide?", name,
+              list(rng.permutation(present))[:3]) for name in absent]
+    for kind, region in sorted(largest.items()):
+      name = he.TISSUE_NAMES[kind]
+      place = region.location.split(",")[0]
+      qs.append(("location", f"Where is the largest area of {name} located?", place,
+                 list(rng.permutation([o for o in places if o != place]))[:3]))
+      qs.append(("size", f"How large is the largest area of {name}?", region.size_word,
+                 [s for s in sizes if s != region.size_word] + ["absent"]))
+  return qs
+
+
 def _open_questions(slide: dict[str, Any]) -> list[tuple[str, str, str]]:
   """Open-ended question-answer pairs whose answers come from the slide's ground truth."""
   out = [("diagnosis", "What is the diagnosis?", slide["diagnosis"]),
@@ -433,6 +472,9 @@ def run(argv=None) -> dict[str, Any]:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--size", choices=sorted(SIZES), default="small")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--train_question_draws", type=int, default=3,
+                      help="extra multiple-choice questions for training slides: each fact asked "
+                           "this many times with fresh distractors (0: as many as val/test have)")
   args = parser.parse_args(argv)
   if args.num_slides < len(DIAGNOSES):
     raise SystemExit(f"--num_slides must be >= {len(DIAGNOSES)} (one per diagnosis)")
@@ -469,22 +511,34 @@ def run(argv=None) -> dict[str, Any]:
     writer = csv.DictWriter(f, fieldnames=["slide_id", "split", "category", "question", "A", "B",
                                            "C", "D", "answer", "answer_text", "type"])
     writer.writeheader()
-    position = 0
-    for s in slides:
-      for category, question, correct, wrong in _questions(q_rng, s):
+
+    def write_choices(slide, questions, position):
+      for category, question, correct, wrong in questions:
         if len(wrong) < 3:
           continue
         options = list(wrong[:3])
         options.insert(position % 4, correct)
-        writer.writerow({"slide_id": s["slide_id"], "split": s["split"], "category": category,
-                         "question": question, "A": options[0], "B": options[1],
-                         "C": options[2], "D": options[3], "answer": "ABCD"[position % 4],
-                         "answer_text": correct, "type": "multiple_choice"})
+        writer.writerow({"slide_id": slide["slide_id"], "split": slide["split"],
+                         "category": category, "question": question, "A": options[0],
+                         "B": options[1], "C": options[2], "D": options[3],
+                         "answer": "ABCD"[position % 4], "answer_text": correct,
+                         "type": "multiple_choice"})
         position += 1
+      return position
+
+    position = 0
+    for s in slides:
+      position = write_choices(s, _questions(q_rng, s), position)
       for category, question, answer in _open_questions(s):
         writer.writerow({"slide_id": s["slide_id"], "split": s["split"], "category": category,
                          "question": question, "A": "", "B": "", "C": "", "D": "",
                          "answer": "", "answer_text": answer, "type": "open"})
+    # Appended with their own generator: the rows above (and so val/test) do not depend on it.
+    extra_rng, position = np.random.default_rng([args.seed, 10**6 + 1]), 0
+    for s in slides:
+      if s["split"] == "train" and args.train_question_draws > 0:
+        position = write_choices(s, _training_questions(extra_rng, s, args.train_question_draws),
+                                 position)
   _write_sheets(out, slides)
   demo_cohort_tfds.prepare(out)
   summary = {"seed": args.seed, "size": args.size, "num_slides": len(slides),

@@ -1,5 +1,6 @@
 """The demo cohort generator: valid slides, ground truth that matches the pixels, texture matters."""
 
+import csv
 import json
 import os
 
@@ -49,6 +50,20 @@ def test_layout_and_labels(cohort):
   answers = [q.split(",")[-3] for q in mcq]
   counts = [answers.count(letter) for letter in "ABCD"]
   assert min(counts) >= len(mcq) // 4 - 1                         # balanced correct position
+  # Training slides get many more questions (every fact, fresh distractors); all are true.
+  with open(cohort / "questions.csv", newline="") as f:
+    table = [q for q in csv.DictReader(f) if q["type"] == "multiple_choice"]
+  present = {r["slide_id"]: set(r["tissue_types"]) for r in rows}
+  per_slide = {split: [sum(q["slide_id"] == r["slide_id"] for q in table) for r in rows
+                       if r["split"] == split] for split in ("train", "test")}
+  assert min(per_slide["train"]) > 3 * max(per_slide["test"])
+  for q in table:
+    assert q[q["answer"]] == q["answer_text"] and len({q[k] for k in "ABCD"}) == 4
+    if q["category"] == "presence":
+      assert q["answer_text"] in present[q["slide_id"]]
+      assert not {q[k] for k in "ABCD" if k != q["answer"]} & present[q["slide_id"]]
+    if q["category"] == "absence":
+      assert q["answer_text"] not in present[q["slide_id"]]
 
 
 def test_slides_open_at_every_level_with_mpp(cohort):

@@ -117,6 +117,39 @@ def test_training_example_masks_only_the_answer(tokenizer):
 
 # ------------------------------------------------------------------------------ model
 
+def test_flip_mirrors_region_positions_and_location_words(tokenizer):
+  config = ins.SequenceConfig(max_len=100, max_visual=5, flip=True, shuffle_options=False)
+  assert (ins.swap_words("In the upper left; on the Right side. Leftover lower part.",
+                         [("left", "right"), ("upper", "lower")])
+          == "In the lower right; on the Left side. Leftover upper part.")
+  pos = np.array([[1.0, 0.5, 0.5], [0.0, 0.2, 0.9], [0.0, 0.7, 0.1]], np.float32)
+  prompt, answer, flipped = ins.flip_example("Is it upper left?", "on the left side", pos,
+                                             config, horizontal=True, vertical=False)
+  assert (prompt, answer) == ("Is it upper right?", "on the right side")
+  np.testing.assert_allclose(flipped, [[1.0, 0.5, 0.5], [0.0, 0.8, 0.9], [0.0, 0.3, 0.1]])
+  _, answer, flipped = ins.flip_example("", "in the upper left", pos, config, True, True)
+  assert answer == "in the lower right"
+  np.testing.assert_allclose(flipped[1:, 1:], 1.0 - pos[1:, 1:])
+  # In training, the four orientations all occur; the text and positions always agree.
+  item = ins.Instruction(slide=0, kind=ins.OPEN, question="Where is the fat?",
+                         answer_text="In the upper left.")
+  visual = {"tokens": np.ones((3, 4), np.float32), "positions": pos}
+  seen = set()
+  rng = np.random.default_rng(0)
+  for _ in range(40):
+    ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, rng)
+    answer = tokenizer.decode(ex["targets"][ex["loss_mask"]][:-1].tolist())
+    x_flipped, y_flipped = ex["visual_pos"][1, 1] > 0.5, ex["visual_pos"][1, 2] < 0.5
+    expected = {(False, False): "upper left", (True, False): "upper right",
+                (False, True): "lower left", (True, True): "lower right"}[(x_flipped, y_flipped)]
+    assert expected in answer
+    seen.add(expected)
+  assert len(seen) == 4
+  # Evaluation (no rng) never flips.
+  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, None)
+  np.testing.assert_array_equal(ex["visual_pos"][:3], pos)
+
+
 
 def test_visual_tokens_are_spliced_in_order():
   config = decoder.get_config("tiny", vocab_size=20)

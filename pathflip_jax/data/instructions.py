@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 from typing import Any, Sequence
 
 import grain
@@ -182,6 +183,41 @@ class SequenceConfig:
   max_visual: int = 65            # visual tokens per slide (slide token + regions)
   shuffle_options: bool = True
   region_dropout: float = 0.0     # fraction of region tokens dropped per epoch in training
+  # Mirror training examples left-right and top-bottom at random (a slide has no canonical
+  # orientation): region x / y positions and the text's location words swap together.
+  flip: bool = False
+  flip_horizontal_words: tuple[tuple[str, str], ...] = (("left", "right"),)
+  flip_vertical_words: tuple[tuple[str, str], ...] = (("upper", "lower"), ("top", "bottom"))
+
+
+def swap_words(text: str, pairs: Sequence[Sequence[str]]) -> str:
+  """Each word of a pair replaced by the other (whole words, first-letter case kept)."""
+  mapping = {}
+  for a, b in pairs:
+    mapping[a.lower()], mapping[b.lower()] = b.lower(), a.lower()
+  if not mapping:
+    return text
+
+  def swap(match: re.Match) -> str:
+    word = match.group(0)
+    other = mapping[word.lower()]
+    return other[0].upper() + other[1:] if word[0].isupper() else other
+  words = sorted(mapping, key=len, reverse=True)
+  pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"
+  return re.sub(pattern, swap, text, flags=re.IGNORECASE)
+
+
+def flip_example(prompt: str, answer: str, pos_v3: np.ndarray, config: SequenceConfig,
+                 horizontal: bool, vertical: bool) -> tuple[str, str, np.ndarray]:
+  """The example mirrored: region positions (not the slide token's) and location words."""
+  pairs = list(config.flip_horizontal_words if horizontal else ()) + list(
+      config.flip_vertical_words if vertical else ())
+  pos_v3 = pos_v3.copy()
+  regions = pos_v3[:, 0] == 0
+  for axis, flipped in ((1, horizontal), (2, vertical)):
+    if flipped:
+      pos_v3[regions, axis] = 1.0 - pos_v3[regions, axis]
+  return swap_words(prompt, pairs), swap_words(answer, pairs), pos_v3
 
 
 def training_example(item: Instruction, visual: dict[str, np.ndarray], template: Template,
@@ -200,6 +236,9 @@ def training_example(item: Instruction, visual: dict[str, np.ndarray], template:
       keep[1 + rng.integers(len(tokens_ve) - 1)] = True
     tokens_ve, pos_v3 = tokens_ve[keep], pos_v3[keep]
   prompt, answer, _, _ = render(item, template, rng if config.shuffle_options else None)
+  if rng is not None and config.flip:
+    horizontal, vertical = rng.random(2) < 0.5
+    prompt, answer, pos_v3 = flip_example(prompt, answer, pos_v3, config, horizontal, vertical)
   prompt_ids = encode_prompt(tokenizer, prompt, len(tokens_ve))
   answer_ids = tokenizer.encode(answer + template.answer_suffix) + [tokenizer.eos_id]
   if len(prompt_ids) >= config.max_len:
