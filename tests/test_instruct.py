@@ -150,6 +150,20 @@ def test_flip_mirrors_region_positions_and_location_words(tokenizer):
   np.testing.assert_array_equal(ex["visual_pos"][:3], pos)
 
 
+def test_visual_noise_is_relative_to_each_token_and_training_only(tokenizer):
+  config = ins.SequenceConfig(max_len=100, max_visual=5, visual_noise=0.5)
+  item = ins.Instruction(slide=0, kind=ins.OPEN, question="Where is the fat?", answer_text="fat")
+  tokens = np.concatenate([np.ones((1, 256)), 10 * np.ones((2, 256))]).astype(np.float32)
+  visual = {"tokens": tokens, "positions": np.zeros((3, 3), np.float32)}
+  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config,
+                            np.random.default_rng(0))
+  noise = ex["visual"][:3] - tokens
+  np.testing.assert_allclose(np.sqrt((noise ** 2).mean(-1)), [0.5, 5.0, 5.0], rtol=0.15)
+  np.testing.assert_array_equal(ex["visual"][3:], 0.0)        # padding stays zero
+  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, None)
+  np.testing.assert_array_equal(ex["visual"][:3], tokens)
+
+
 
 def test_visual_tokens_are_spliced_in_order():
   config = decoder.get_config("tiny", vocab_size=20)

@@ -185,6 +185,9 @@ class SequenceConfig:
   region_dropout: float = 0.0     # fraction of region tokens dropped per epoch in training
   # Mirror training examples left-right and top-bottom at random (a slide has no canonical
   # orientation): region x / y positions and the text's location words swap together.
+  # Gaussian noise on each training example's visual tokens, in units of the token's RMS: the
+  # exact token values of a few training slides are then no key to memorise answers by.
+  visual_noise: float = 0.0
   flip: bool = False
   flip_horizontal_words: tuple[tuple[str, str], ...] = (("left", "right"),)
   flip_vertical_words: tuple[tuple[str, str], ...] = (("upper", "lower"), ("top", "bottom"))
@@ -235,6 +238,10 @@ def training_example(item: Instruction, visual: dict[str, np.ndarray], template:
     if keep.sum() < 2:
       keep[1 + rng.integers(len(tokens_ve) - 1)] = True
     tokens_ve, pos_v3 = tokens_ve[keep], pos_v3[keep]
+  if rng is not None and config.visual_noise:
+    rms = np.sqrt(np.mean(np.square(tokens_ve), axis=-1, keepdims=True))
+    tokens_ve = (tokens_ve + config.visual_noise * rms * rng.standard_normal(tokens_ve.shape)
+                 ).astype(np.float32)
   prompt, answer, _, _ = render(item, template, rng if config.shuffle_options else None)
   if rng is not None and config.flip:
     horizontal, vertical = rng.random(2) < 0.5
