@@ -84,6 +84,14 @@ def _location_words(cx: float, cy: float, bbox: tuple[float, float, float, float
   return words + (", at the periphery" if near_edge else "")
 
 
+# Every place _location_words can name (before ", at the periphery") and every _size_word: the
+# options of the location and size questions.
+PLACES = ("in the upper left", "in the upper right", "in the lower left", "in the lower right",
+          "in the centre", "on the left side", "on the right side", "in the upper part",
+          "in the lower part")
+SIZE_WORDS = ("small", "medium-sized", "large")
+
+
 def _size_word(area_mm2: float) -> str:
   return "small" if area_mm2 < 0.08 else "medium-sized" if area_mm2 < 0.3 else "large"
 
@@ -344,13 +352,9 @@ def _questions(rng, slide: dict[str, Any]) -> list[dict[str, Any]]:
     lesion = max(lesions, key=lambda r: r.area_um2)
     name = he.TISSUE_NAMES[lesion.tissue]
     place = lesion.location.split(",")[0]
-    others = ["in the upper left", "in the upper right", "in the lower left",
-              "in the lower right", "in the centre", "on the left side", "on the right side",
-              "in the upper part", "in the lower part"]
     qs.append(("location", f"Where is the largest area of {name} located?", place,
-               list(rng.permutation([o for o in others if o != place]))[:3]))
-    sizes = ["small", "medium-sized", "large"]
-    wrong = [s for s in sizes if s != lesion.size_word] + ["absent"]
+               list(rng.permutation([o for o in PLACES if o != place]))[:3]))
+    wrong = [s for s in SIZE_WORDS if s != lesion.size_word] + ["absent"]
     qs.append(("size", f"How large is the largest area of {name}?", lesion.size_word, wrong))
   return qs
 
@@ -365,10 +369,6 @@ def _training_questions(rng, slide: dict[str, Any], draws: int) -> list[tuple[st
   qs = []
   present = slide["tissue_types"]
   absent = [n for n in he.TISSUE_NAMES.values() if n not in present]
-  places = ["in the upper left", "in the upper right", "in the lower left", "in the lower right",
-            "in the centre", "on the left side", "on the right side", "in the upper part",
-            "in the lower part"]
-  sizes = ["small", "medium-sized", "large"]
   largest = {}
   for region in slide["regions"]:
     if region.tissue != he.STROMA and (region.tissue not in largest or
@@ -387,9 +387,9 @@ def _training_questions(rng, slide: dict[str, Any], draws: int) -> list[tuple[st
       name = he.TISSUE_NAMES[kind]
       place = region.location.split(",")[0]
       qs.append(("location", f"Where is the largest area of {name} located?", place,
-                 list(rng.permutation([o for o in places if o != place]))[:3]))
+                 list(rng.permutation([o for o in PLACES if o != place]))[:3]))
       qs.append(("size", f"How large is the largest area of {name}?", region.size_word,
-                 [s for s in sizes if s != region.size_word] + ["absent"]))
+                 [s for s in SIZE_WORDS if s != region.size_word] + ["absent"]))
   return qs
 
 

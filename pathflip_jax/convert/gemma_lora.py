@@ -5,8 +5,8 @@
   gemma_lora.load_lora_adapters(model, "adapter/")
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's
-``save_pretrained`` writes them for a ``GemmaForCausalLM`` (or Gemma 2/3 text), so
-``PeftModel.from_pretrained(hf_model, "adapter/")`` applies them to the Hugging Face model and
+``save_pretrained`` writes them for a ``GemmaForCausalLM`` (or Gemma 2/3 text), so PEFT's
+``PeftModel`` loads them from that local directory onto the Hugging Face model, and
 ``merge_and_unload`` gives the same weights as ``decoder.merge_lora``.
 
 Tensors (float32), for each layer i and target t:

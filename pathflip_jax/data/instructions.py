@@ -183,11 +183,11 @@ class SequenceConfig:
   max_visual: int = 65            # visual tokens per slide (slide token + regions)
   shuffle_options: bool = True
   region_dropout: float = 0.0     # fraction of region tokens dropped per epoch in training
-  # Mirror training examples left-right and top-bottom at random (a slide has no canonical
-  # orientation): region x / y positions and the text's location words swap together.
   # Gaussian noise on each training example's visual tokens, in units of the token's RMS: the
   # exact token values of a few training slides are then no key to memorise answers by.
   visual_noise: float = 0.0
+  # Mirror training examples left-right and top-bottom at random (a slide has no canonical
+  # orientation): region x / y positions and the text's location words swap together.
   flip: bool = False
   flip_horizontal_words: tuple[tuple[str, str], ...] = (("left", "right"),)
   flip_vertical_words: tuple[tuple[str, str], ...] = (("upper", "lower"), ("top", "bottom"))
