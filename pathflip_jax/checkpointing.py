@@ -20,13 +20,15 @@ import os
 import re
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from pathflip_jax import optim
 
@@ -109,6 +111,12 @@ def _manager(path: str) -> ocp.CheckpointManager:
   return manager
 
 
+def checkpoint_steps(path: str) -> list[int]:
+  """The complete checkpoint steps of a workdir (or its checkpoints/ folder), ascending; a
+  folder without one is an error that names it."""
+  return sorted(int(s) for s in _manager(path).all_steps())
+
+
 def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
                  data_iterator: Any = None, step: int | None = None
                  ) -> tuple[Any, dict[str, Any]]:
@@ -164,6 +172,26 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
   params = restored.state["params"]
   return {k: np.asarray(v) for k, v in named_leaves(params).items()}
+
+
+def model_from_checkpoint(model_factory: Callable[[], nnx.Module], path: str,
+                          step: int | None = None) -> nnx.Module:
+  """The model ``model_factory`` builds, with every parameter from the checkpoint of the run in
+  ``path`` (latest step, or ``step``); a parameter missing there or of another shape is an
+  error that names it (the config does not match the run)."""
+  params = load_params(path, step)
+  graphdef, state = nnx.split(nnx.eval_shape(model_factory))
+
+  def take(leaf_path, leaf):
+    name = param_name(leaf_path)
+    if name not in params:
+      raise KeyError(f"{path}: the checkpoint has no parameter {name!r}")
+    if tuple(params[name].shape) != tuple(leaf.shape):
+      raise ValueError(f"{path}: parameter {name!r} is {params[name].shape}, its config "
+                       f"builds {leaf.shape}")
+    return jnp.asarray(params[name], leaf.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(take, state))
 
 
 def partial_init(params: Any, loaded: dict[str, np.ndarray], include: Sequence[str] = (".*",),

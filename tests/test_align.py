@@ -113,6 +113,20 @@ def test_text_init_starts_the_text_branch_from_a_patch_clip_run(features_dir, tm
                                 np.asarray(params["qformer"]["query_tokens"][...]))
   assert scratch.initial_params(params) is None                  # unset: from scratch
 
+  # A finished text_init run loads (instruct stage, evaluation) with the text_init run's
+  # tokenizer: no new tokenizer is trained into its workdir.
+  from pathflip_jax.tasks import instruct
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "align"))
+  ckpt.save(1, {"params": params})
+  ckpt.close()
+  train.save_config(_config(features_dir, f",text_init={run}"), str(tmp_path / "align"))
+  reloaded, model = instruct.load_align_run(str(tmp_path / "align"))
+  assert reloaded.tokenizer.encode_batch(["Stroma is seen."], 12).tolist() == \
+      task.tokenizer.encode_batch(["Stroma is seen."], 12).tolist()
+  assert not os.path.exists(tmp_path / "align" / "tokenizer.model")
+  np.testing.assert_array_equal(np.asarray(model.text_proj.kernel[...]),
+                                np.asarray(params["text_proj"]["kernel"][...]))
+
 
 @pytest.mark.slow
 def test_ablations_run_from_the_same_config(features_dir, tmp_path):

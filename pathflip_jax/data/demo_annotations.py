@@ -83,6 +83,25 @@ class CohortAnnotations:
       self._truth[slide_id] = _SlideTruth(label, regions, float(meta["level0_px_per_mask_px"]))
     return self._truth[slide_id]
 
+  def tissue_fractions(self, slide_id: str, coords_n2: np.ndarray, size_level0: float
+                       ) -> np.ndarray:
+    """Share of each patch's footprint covered by each tissue type: [n, len(CLASS_LABELS)]
+    (columns in ``CLASS_LABELS`` order; glass and pixels outside the slide count in no column).
+    The ground truth of the localization evaluator."""
+    truth = self._slide(slide_id)
+    h, w = truth.label.shape
+    coords_n2 = np.asarray(coords_n2, np.float64).reshape(-1, 2)
+    out = np.zeros((len(coords_n2), len(CLASS_LABELS)), np.float32)
+    for row, (x, y) in enumerate(coords_n2):
+      x0, y0 = int(np.floor(x / truth.scale)), int(np.floor(y / truth.scale))
+      x1 = max(x0 + 1, int(np.ceil((x + size_level0) / truth.scale)))
+      y1 = max(y0 + 1, int(np.ceil((y + size_level0) / truth.scale)))
+      footprint = (x1 - x0) * (y1 - y0)
+      label = truth.label[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)].ravel()
+      counts = np.bincount(label, minlength=max(CLASS_LABELS) + 1)
+      out[row] = counts[list(CLASS_LABELS)] / footprint
+    return out
+
   def label_patch(self, slide_id: str, x: int, y: int, size_level0: int) -> PatchLabel:
     """Majority tissue type under the patch and the sentence of the region holding most of it."""
     truth = self._slide(slide_id)

@@ -22,6 +22,7 @@ TYPES = {
     "slide_retrieval": "pathflip_jax.evaluators.slide_retrieval",
     "captioning": "pathflip_jax.evaluators.captioning",
     "vqa": "pathflip_jax.evaluators.vqa",
+    "localization": "pathflip_jax.evaluators.localization",
 }
 
 

@@ -219,6 +219,65 @@ class PathFlip(nnx.Module):
       return jnp.broadcast_to(weights[:, None], text_bte.shape[:2] + valid_bm.shape[1:])
     return self.region_attention.weights(text_bte, regions_bme, valid_bm)
 
+  def region_contributions(self, text_bte: jax.Array, regions_bme: jax.Array,
+                           valid_bm: jax.Array) -> jax.Array:
+    """Each region's share of cos(text, text-conditioned region embedding) [b, t, m].
+
+    The text-conditioned embedding is sum_m sum_h w[h, m] * o_h(v_h(region m)) + o_bias, so
+    <unit(text), it> splits exactly into one term per region (the bias aside): attention weight
+    times how well that region's value matches the text. Unlike the weights alone it is signed
+    and tells a region that is attended to but does not match (uniform for the ablation)."""
+    if self.region_attention is None:
+      return self.region_text_attention(text_bte, regions_bme, valid_bm)
+    attention = self.region_attention.attention
+    keys_bme = self.region_attention.region_norm(regions_bme)
+    weights_bhtm = attention.weights(text_bte, keys_bme, valid_bm)
+    v_bmhc = attention.project(keys_bme, "v").astype(jnp.float32)
+    o_hce = attention.o_kernel[...].astype(jnp.float32)
+    text_be = unit(text_bte)
+    # Per region and head, the output projection of its value dotted with the text.
+    match_bthm = jnp.einsum("bmhc,hce,bte->bthm", v_bmhc, o_hce, text_be)
+    z_norm_bt = jnp.linalg.norm(
+        self.text_conditioned_regions(text_bte, regions_bme, valid_bm).astype(jnp.float32),
+        axis=-1)
+    contribution_btm = jnp.einsum("bhtm,bthm->btm", weights_bhtm, match_bthm)
+    return contribution_btm / jnp.maximum(z_norm_bt[..., None], 1e-6)
+
+  def patch_heatmap(self, batch: Mapping[str, jax.Array], text_bte: jax.Array,
+                    method: str = "attention") -> jax.Array:
+    """Patch-level heatmap of each text [b, t, n] (DESIGN.md section 2.4): a score per region
+    (``method`` "attention": the text-conditioned attention weights, averaged over heads;
+    "contribution": :meth:`region_contributions`) times the region Q-Former's attention over
+    that region's patches (relative to the region's mean). Patches of no kept region score 0."""
+    encoded = self.encode_slides(batch)
+    regions_bme, valid_bm = encoded["regions"], encoded["region_valid"]
+    if method == "attention":
+      region_btm = self.region_text_attention(text_bte, regions_bme, valid_bm)
+    elif method == "contribution":
+      region_btm = self.region_contributions(text_bte, regions_bme, valid_bm)
+    else:
+      raise ValueError(f"heatmap method {method!r}: expected 'attention' or 'contribution'")
+    region_btm = jnp.where(valid_bm[:, None], region_btm, 0.0)
+    index_bmp = batch["region_index"]
+    b, m, p = index_bmp.shape
+    patches_bnw = self.qformer.project_features(batch["features"])
+    gathered = jnp.take_along_axis(patches_bnw, index_bmp.reshape(b, m * p, 1), axis=1)
+    patch_valid_bmp = batch["region_patch_valid"]
+    within_bmp = self.qformer.patch_attention(
+        gathered.reshape(b * m, p, -1), patch_valid_bmp.reshape(b * m, p)).reshape(b, m, p)
+    # Scaled to mean 1 over each region's patches: a patch scores its region's score, raised or
+    # lowered by where the region Q-Former looks, and a region of 1 patch is not 4x brighter
+    # than one of 4.
+    count_bm1 = patch_valid_bmp.sum(-1, keepdims=True).astype(jnp.float32)
+    within_bmp = jnp.where(patch_valid_bmp, within_bmp * count_bm1, 0.0)
+    weight_btq = (region_btm[..., None] * within_bmp[:, None]).reshape(b, -1, m * p)
+    n = batch["features"].shape[1]
+
+    def scatter(weight_tq, index_q):  # padded slots carry weight 0, whatever their index
+      return jax.ops.segment_sum(weight_tq.T, index_q, num_segments=n).T
+
+    return jax.vmap(scatter)(weight_btq, index_bmp.reshape(b, m * p))
+
   def region_logit_params(self) -> tuple[jax.Array, jax.Array]:
     scale = jnp.exp(jnp.clip(self.region_logit_scale[...], 0.0, math.log(100.0)))
     return scale, self.region_logit_bias[...]

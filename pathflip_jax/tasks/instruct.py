@@ -67,22 +67,18 @@ def load_align_run(workdir: str, features_dir: str = "") -> tuple[align.AlignTas
   if not os.path.isdir(config.features_dir):
     raise FileNotFoundError(f"{path}: its features_dir={config.features_dir} does not exist "
                             "(set config.features_dir to where the features are now)")
-  # Its own tokenizer (in its workdir) and no text_init: nothing is retrained or re-read here.
+  # The tokenizer the run trained with: its config's, the text_init run's, or the one it trained
+  # into its workdir. No text_init weights are re-read (the checkpoint holds the trained ones).
+  if not config.get("tokenizer"):
+    source = config.get("text_init") or workdir
+    config.tokenizer = os.path.join(source, "tokenizer.model")
+    if not os.path.exists(config.tokenizer):
+      raise FileNotFoundError(f"{config.tokenizer} not found: the tokenizer of the align run "
+                              f"{workdir} is missing")
   config.text_init = ""
   task = align.AlignTask(config, workdir)
-  params = checkpointing.load_params(workdir)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: task.create_model(nnx.Rngs(0))))
-
-  def take(path, leaf):
-    name = checkpointing.param_name(path)
-    if name not in params:
-      raise KeyError(f"{workdir}: the checkpoint has no parameter {name!r}")
-    if tuple(params[name].shape) != tuple(leaf.shape):
-      raise ValueError(f"{workdir}: parameter {name!r} is {params[name].shape}, its config "
-                       f"builds {leaf.shape}")
-    return jnp.asarray(params[name], leaf.dtype)
-
-  return task, nnx.merge(graphdef, jax.tree_util.tree_map_with_path(take, state))
+  return task, checkpointing.model_from_checkpoint(lambda: task.create_model(nnx.Rngs(0)),
+                                                   workdir)
 
 
 def relative_positions(cells_m2: np.ndarray, all_cells_n2: np.ndarray) -> np.ndarray:

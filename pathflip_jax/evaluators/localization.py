@@ -1,0 +1,115 @@
+"""Text-prompted localization (stage "align"): how well a query's heatmap finds its tissue.
+
+``type="localization"``. For each slide of ``split`` and each query (a tissue type of the demo
+cohort, described by ``prompts``: name -> phrases, default the name), the patch heatmap of
+``pathflip_jax.heatmaps`` (mean over the query's phrases) is scored against the cohort's label
+maps: a patch is positive when at least ``positive_fraction`` of its footprint is that tissue.
+
+  auroc/<query>   patch-level AUROC within a slide, averaged over slides that have both
+                  positive and negative patches (chance 0.5)
+  dice/<query>    Dice of the heatmap thresholded at one level for all slides (scores min-max
+                  normalised per slide), mean over those slides, at the best of 20 levels
+  mean_lesion_auroc, mean_lesion_dice   over the ``lesions`` queries (the headline numbers)
+
+Config: ``split`` ("test"), ``every``, ``cohort_dir`` (the demo cohort: masks/ and
+manifest.jsonl), ``queries`` (tissue names), ``lesions``, ``prompts``, ``method`` ("attention" or
+"contribution", see ``PathFlip.patch_heatmap``), ``positive_fraction`` (0.5).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from pathflip_jax import heatmaps
+from pathflip_jax.data import demo_annotations
+from pathflip_jax.evaluators import common, metrics
+
+LESIONS = ("tumour", "necrosis", "benign glands")
+THRESHOLDS = np.linspace(0.05, 1.0, 20)   # on per-slide min-max normalised scores
+
+
+def dice(truth: np.ndarray, predicted: np.ndarray) -> float:
+  denominator = truth.sum() + predicted.sum()
+  return float(2.0 * np.sum(truth & predicted) / denominator) if denominator else 1.0
+
+
+class Evaluator:
+
+  def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
+    self.config, self.task, self.mesh = config, task, mesh
+    self.every = config.get("every", 0)
+    self.split = config.get("split", "test")
+    common.check_slide_split(task, self.split, "split")
+    cohort_dir = config.get("cohort_dir", "")
+    if not cohort_dir or not os.path.isdir(os.path.join(cohort_dir, "masks")):
+      raise ValueError(f"config.evals.*.cohort_dir={cohort_dir!r}: the localization evaluator "
+                       "needs a demo cohort directory with masks/ (data_prep/make_demo_cohort.py)")
+    self.annotations = demo_annotations.CohortAnnotations(cohort_dir)
+    column = {name: i for i, name in
+              enumerate(demo_annotations.TISSUE_NAMES[c] for c in demo_annotations.CLASS_LABELS)}
+    self.queries = list(config.get("queries", None) or LESIONS)
+    unknown = [q for q in self.queries if q not in column]
+    if unknown:
+      raise ValueError(f"config.evals.*.queries names {unknown}, not tissue types of the demo "
+                       f"cohort: {sorted(column)}")
+    self.columns = [column[q] for q in self.queries]
+    self.lesions = [q for q in (config.get("lesions", None) or LESIONS) if q in self.queries]
+    prompts = dict(config.get("prompts", None) or {})
+    per_query = [list(prompts.get(q) or [q]) for q in self.queries]
+    self.prompt_query = np.array([i for i, p in enumerate(per_query) for _ in p])
+    self.tokens = task.tokenizer.encode_batch([p for ps in per_query for p in ps],
+                                              task.example_config.subcaption_len)
+    self.positive_fraction = float(config.get("positive_fraction", 0.5))
+    self.scorer = heatmaps.HeatmapScorer(config.get("method", "attention"))
+
+  def slide_heatmaps(self, model: nnx.Module):
+    """Per slide of the split: (slide_id, coords [n, 2], patch size, scores [queries, n])."""
+    source = self.task.source(self.split)
+    examples = self.task.eval_examples(self.split)
+    for i, example in enumerate(examples):
+      element = source[i]
+      per_prompt = self.scorer(model, example, self.tokens)
+      scores = np.stack([per_prompt[self.prompt_query == q].mean(0)
+                         for q in range(len(self.queries))])
+      yield (element["text"].slide_id, np.asarray(element["coords"]),
+             float(element["patch_size_level0"]), scores)
+
+  def run(self, model: nnx.Module) -> dict[str, float]:
+    aurocs = {q: [] for q in self.queries}
+    dices = {q: [] for q in self.queries}       # per slide: Dice at each threshold
+    skipped = 0
+    for slide_id, coords, size, scores in self.slide_heatmaps(model):
+      if slide_id not in self.annotations.slides:
+        skipped += 1
+        continue
+      fractions = self.annotations.tissue_fractions(slide_id, coords, size)
+      for q, (query, column) in enumerate(zip(self.queries, self.columns)):
+        truth = fractions[:, column] >= self.positive_fraction
+        if truth.all() or not truth.any():
+          continue
+        aurocs[query].append(metrics.binary_auc(truth.astype(np.int32), scores[q]))
+        norm = heatmaps.normalise(scores[q])
+        dices[query].append([dice(truth, norm >= t) for t in THRESHOLDS])
+    if skipped:
+      print(f"[localization] {skipped} slides of split {self.split!r} are not in the cohort "
+            f"{self.annotations.cohort_dir}; skipped", file=sys.stderr)
+    result: dict[str, float] = {}
+    for query in self.queries:
+      key = heatmaps.safe_name(query)
+      result[f"num_slides/{key}"] = float(len(aurocs[query]))
+      if aurocs[query]:
+        result[f"auroc/{key}"] = float(np.mean(aurocs[query]))
+        result[f"dice/{key}"] = float(np.max(np.mean(dices[query], axis=0)))
+    lesion_keys = [heatmaps.safe_name(q) for q in self.lesions if aurocs[q]]
+    if lesion_keys:
+      result["mean_lesion_auroc"] = float(np.mean([result[f"auroc/{k}"] for k in lesion_keys]))
+      result["mean_lesion_dice"] = float(np.mean([result[f"dice/{k}"] for k in lesion_keys]))
+    result["chance_auroc"] = 0.5
+    return result
