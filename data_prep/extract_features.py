@@ -109,6 +109,21 @@ def build_encoder(config: ml_collections.ConfigDict, patch_size: int,
   return Encoder(model, name, weights_hash, source, image_size, tuple(mean), tuple(std))
 
 
+# The keys of an extract_features config that decide the encoder (not how the job runs).
+ENCODER_KEYS = ("variant", "weights", "weights_prefix", "checkpoint", "name", "seed",
+                "image_size", "layer_scale", "num_registers", "pool", "normalization")
+
+
+def encoder_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What rebuilds this encoder later (``features.json``'s ``encoder_config``: inference on a
+  new slide embeds its patches as the features were), local paths made absolute."""
+  out = {key: config[key] for key in ENCODER_KEYS}
+  for key in ("weights", "checkpoint"):
+    if out[key]:
+      out[key] = os.path.abspath(out[key])
+  return out
+
+
 def _named_arrays(model: nnx.Module):
   flat = nnx.state(model, nnx.Param).flat_state()
   return [(".".join(map(str, path)), np.asarray(leaf.get_value())) for path, leaf in flat]
@@ -292,7 +307,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   encoder = build_encoder(config, patch_size, mesh)
   identity = {"source": "extract_features", "encoder": encoder.name,
               "weights_hash": encoder.weights_hash, "feature_dim": encoder.feature_dim,
-              "image_size": encoder.image_size, "tiling": tiling_params}
+              "image_size": encoder.image_size, "tiling": tiling_params,
+              "encoder_config": encoder_config(config)}
   writer = feature_shards.FeatureWriter(args.output_dir, identity,
                                         slides_per_shard=config.slides_per_shard,
                                         max_shard_bytes=config.max_shard_mb << 20)

@@ -87,6 +87,9 @@ def test_one_record_per_slide_with_values_coords_and_labels(tmp_path):
   assert row["diagnosis"] == "dx1" and row["num_patches"] == 11 and row["feature_dim"] == 32
   identity = json.load(open(out / feature_shards.CONFIG_FILE))
   assert identity["encoder"] == record["encoder"] and identity["feature_dim"] == 32
+  # What inference on a new slide rebuilds the encoder from (the same weights hash).
+  assert identity["encoder_config"]["variant"] == "vit_tiny_test"
+  assert identity["encoder_config"]["seed"] == 0 and identity["encoder_config"]["checkpoint"] == ""
 
 
 def test_corrupt_patch_fails_its_slide_only_and_is_retried(tmp_path):

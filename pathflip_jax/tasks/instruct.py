@@ -104,18 +104,29 @@ def encode_visual_tokens(align_task: align.AlignTask, model: pathflip.PathFlip, 
     source = align_task.source(split)
     slides = []
     for i, example in enumerate(examples):
-      valid = np.asarray(encoded["region_valid"][i], bool)
       element = source[i]
-      grid, _ = regions_lib.group_patches(element["coords"], element["patch_size_level0"],
-                                          align_task.example_config.region_patches)
-      xy = relative_positions(example["region_pos"][valid], grid.cells)
-      tokens = np.concatenate([encoded["slide"][i][None] * math.sqrt(width),
-                               encoded["regions"][i][valid]]).astype(np.float32)
-      positions = np.concatenate([[[1.0, 0.5, 0.5]],
-                                  np.concatenate([np.zeros((len(xy), 1)), xy], axis=1)])
-      slides.append({"tokens": tokens, "positions": positions.astype(np.float32)})
+      slides.append(slide_visual_tokens(
+          encoded["slide"][i], encoded["regions"][i], encoded["region_valid"][i],
+          example["region_pos"], element["coords"], element["patch_size_level0"],
+          align_task.example_config.region_patches, width))
     out[split] = slides
   return out
+
+
+def slide_visual_tokens(slide_e: np.ndarray, regions_me: np.ndarray, region_valid_m: np.ndarray,
+                        region_pos_m2: np.ndarray, coords_n2: np.ndarray,
+                        patch_size_level0: float, region_patches: int, width: int
+                        ) -> dict[str, np.ndarray]:
+  """One slide's ``tokens`` [v, e] (the slide token, scaled to the region tokens' norm, then
+  the valid regions) and ``positions`` [v, 3] (is_slide, x, y relative to the tissue)."""
+  valid = np.asarray(region_valid_m, bool)
+  grid, _ = regions_lib.group_patches(coords_n2, patch_size_level0, region_patches)
+  xy = relative_positions(np.asarray(region_pos_m2)[valid], grid.cells)
+  tokens = np.concatenate([np.asarray(slide_e)[None] * math.sqrt(width),
+                           np.asarray(regions_me)[valid]]).astype(np.float32)
+  positions = np.concatenate([[[1.0, 0.5, 0.5]],
+                              np.concatenate([np.zeros((len(xy), 1)), xy], axis=1)])
+  return {"tokens": tokens, "positions": positions.astype(np.float32)}
 
 
 # ------------------------------------------------------------------------------------ task
