@@ -22,7 +22,10 @@ test suite), ``seed``, ``log_steps``, ``eval_split`` (``test``), and the ablatio
 ``slide_loss``, ``region_loss`` and ``region_attention`` (False: mean-pooled regions);
 ``cohort_dir`` (the demo cohort: adds the ``localization`` evaluator, which scores text-prompted
 heatmaps against the cohort's label maps) and ``heatmap_method`` (``contribution``, or
-``attention``: the region attention weights alone; see ``PathFlip.patch_heatmap``).
+``attention``: the region attention weights alone; see ``PathFlip.patch_heatmap``), and
+``probe_label`` (a slide column, e.g. ``biomarker``: adds the ``slide_linear_probe`` evaluator,
+linear and few-shot probes on the frozen slide embeddings and, for the biomarker, zero-shot
+AUROC from prompts).
 
 Model: the paper's, narrowed. A 4-layer Q-Former (width 128, 8 queries, cross-attention into the
 patches in layers 0 and 2) reads each slide's patch features (all of them: slide token; each
@@ -43,6 +46,11 @@ Localization (``cohort_dir=runs/demo/cohort``; or afterwards ``python -m pathfli
 ``heatmap_method=contribution``; 0.36 with ``attention`` (the attention weights barely depend on
 the text); the ``region_loss=False`` ablation 0.50. Method and prompts were chosen on the val
 split (0.80 there).
+
+Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
+tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
+balanced accuracy 0.68 (mean patch features: 0.62 / 0.67; majority class 0.54); zero-shot AUROC
+from prompts 0.57 (chance 0.5). Thirteen slides make these numbers coarse.
 """
 
 from pathflip_jax import config_args
@@ -90,6 +98,14 @@ _TISSUE_WORDS = {
 TISSUE_PROMPTS = {tissue: [f"{name} {look}" for name in names for look in looks]
                   for tissue, (names, looks) in _TISSUE_WORDS.items()}
 TISSUES = list(TISSUE_PROMPTS)
+# The demo's biomarker is likelier with tumour-infiltrating lymphocytes and more tumour: the
+# zero-shot AUROC of the slide_linear_probe evaluator contrasts these descriptions.
+BIOMARKER_PROMPTS = {
+    "1": ["invasive carcinoma with a lymphocytic infiltrate",
+          "sheets of tumour cells and dense lymphocytes", "a large carcinoma with lymphocytes"],
+    "0": ["benign glands in fibrous stroma", "stroma without tumour or lymphocytes",
+          "a small carcinoma without lymphocytes"],
+}
 LESIONS = ["tumour", "necrosis", "benign glands"]
 
 
@@ -99,7 +115,7 @@ def get_config(arg: str | None = None):
       text_init="",
       total_steps=600, batch_size=8, lr=1e-3, workers=1, size="demo", seed=0, log_steps=200, eval_split="test",
       slide_loss=True, region_loss=True, region_attention=True, cohort_dir="",
-      heatmap_method="contribution")
+      heatmap_method="contribution", probe_label="")
   config = config_args.ml_collections.ConfigDict()
   config.stage = "align"
   config.seed = args.seed
@@ -156,6 +172,11 @@ def get_config(arg: str | None = None):
                      score="both"),
       retrieval=dict(type="slide_retrieval", split=args.eval_split),
   )
+  if args.probe_label and args.eval_split:
+    config.evals.probe = dict(
+        type="slide_linear_probe", split=args.eval_split, label_key=args.probe_label,
+        shots=(1, 2, 4, 8), draws=10,
+        prompts=BIOMARKER_PROMPTS if args.probe_label == "biomarker" else {})
   if args.cohort_dir and args.eval_split:  # the demo cohort's label maps: text-prompted localization is measurable
     config.evals.localization = dict(
         type="localization", split=args.eval_split, cohort_dir=args.cohort_dir,

@@ -172,3 +172,53 @@ def test_unknown_label_and_missing_features_dir_are_clear_errors(tmp_path):
   config = _config(str(directory), ",eval_split=val")
   with pytest.raises(ValueError, match="config.evals.*split='val'.*no slides"):
     train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_slide_linear_probe_evaluator(tmp_path):
+  """Probes on frozen slide embeddings: the mean-patch-feature baseline finds a label the
+  features carry; few-shot and zero-shot readings are reported; bad configs name the key."""
+  import ml_collections
+  from flax import nnx
+
+  from pathflip_jax import sharding
+  from pathflip_jax.evaluators import slide_linear_probe
+
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(2, 12)) * 3
+  writer = feature_shards.FeatureWriter(str(tmp_path / "f"), {"encoder": "synthetic",
+                                                              "feature_dim": 12})
+  rows = []
+  for split, count in (("train", 16), ("test", 8)):
+    for k in range(count):
+      marker = k % 2
+      slide_id = f"{split}-{k}"
+      n = int(rng.integers(8, 20))
+      coords = np.stack([np.arange(n) % 4, np.arange(n) // 4], 1).astype(np.int64) * 256
+      features = (centres[marker] + rng.normal(size=(n, 12))).astype(np.float16)
+      row = {"slide_id": slide_id, "split": split, "diagnosis": CLASSES[marker],
+             "caption": WORDS[CLASSES[marker]], "marker": marker, "patient_id": f"p{k // 2}"}
+      writer.add({"slide_id": slide_id, "features": features, "coords": coords,
+                  "patch_size_level0": 256, "mpp": 0.5, "encoder": "synthetic",
+                  "weights_hash": "", "source": "extract_features"}, row)
+      rows.append(row)
+  writer.close(rows)
+  task = align.AlignTask(_config(str(tmp_path / "f")), str(tmp_path / "w"))
+  model = task.create_model(nnx.Rngs(0))
+  mesh = sharding.make_mesh()
+  config = dict(label_key="marker", split="test", shots=(1, 4, 20), draws=3,
+                prompts={"1": ["sheets of tumour cells"], "0": ["benign glands"]})
+  result = slide_linear_probe.Evaluator(ml_collections.ConfigDict(config), task, mesh).run(model)
+  assert result["num_train"] == 16 and result["num_eval"] == 8
+  assert result["mean_patch_feature/auc"] == 1.0                 # the features carry the label
+  assert result["mean_patch_feature/balanced_accuracy"] == 1.0
+  for key in ("accuracy", "balanced_accuracy", "auc", "few_shot/k1/auc",
+              "few_shot/k4/balanced_accuracy", "zero_shot_auc"):
+    assert 0.0 <= result[key] <= 1.0, key
+  assert "few_shot/k20/auc" not in result                      # fewer than 20 slides per class
+  assert result["majority_class_accuracy"] == 0.5 and result["chance_auc"] == 0.5
+  with pytest.raises(ValueError, match="label_key='dx'.*0 distinct values"):
+    slide_linear_probe.Evaluator(ml_collections.ConfigDict({**config, "label_key": "dx"}),
+                                 task, mesh)
+  with pytest.raises(ValueError, match="prompts for each of its values"):
+    slide_linear_probe.Evaluator(ml_collections.ConfigDict(
+        {**config, "label_key": "diagnosis"}), task, mesh)

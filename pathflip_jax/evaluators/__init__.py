@@ -23,6 +23,7 @@ TYPES = {
     "captioning": "pathflip_jax.evaluators.captioning",
     "vqa": "pathflip_jax.evaluators.vqa",
     "localization": "pathflip_jax.evaluators.localization",
+    "slide_linear_probe": "pathflip_jax.evaluators.slide_linear_probe",
 }
 
 

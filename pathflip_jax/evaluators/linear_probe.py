@@ -12,7 +12,7 @@ Config: ``split`` ("val"), ``train_split`` ("train"), ``every`` (0: the trainer'
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -46,13 +46,13 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: 
   return theta[:d * num_classes].reshape(d, num_classes), theta[d * num_classes:]
 
 
-def probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
-          test_x: np.ndarray, test_y: np.ndarray, num_classes: int,
-          l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1), folds: int = 3
-          ) -> dict[str, float]:
-  """Standardise, choose L2 by grouped CV on train, refit, score test (accuracy, balanced)."""
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
+              num_classes: int, l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1), folds: int = 3
+              ) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+  """Standardises, chooses L2 by cross-validation grouped by ``train_groups`` (inside the
+  training data only), refits on all of it; returns (x -> logits [n, C], the chosen L2)."""
   mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-  train_z, test_z = (train_x - mean) / std, (test_x - mean) / std
+  train_z = (train_x - mean) / std
   groups = np.unique(train_groups)
   fold_of = {g: i % folds for i, g in enumerate(groups)}
   fold = np.array([fold_of[g] for g in train_groups])
@@ -67,9 +67,18 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
       if hits / len(train_y) > best_score:
         best_l2, best_score = l2, hits / len(train_y)
   w, b = fit_logistic_regression(train_z, train_y, num_classes, best_l2)
-  predicted = (test_z @ w + b).argmax(1)
+  return (lambda x: ((x - mean) / std) @ w + b), float(best_l2)
+
+
+def probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
+          test_x: np.ndarray, test_y: np.ndarray, num_classes: int,
+          l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1), folds: int = 3
+          ) -> dict[str, float]:
+  """Standardise, choose L2 by grouped CV on train, refit, score test (accuracy, balanced)."""
+  logits_fn, l2 = fit_probe(train_x, train_y, train_groups, num_classes, l2_grid, folds)
+  predicted = logits_fn(test_x).argmax(1)
   return {"accuracy": float((predicted == test_y).mean()),
-          "balanced_accuracy": metrics.balanced_accuracy(test_y, predicted), "l2": float(best_l2)}
+          "balanced_accuracy": metrics.balanced_accuracy(test_y, predicted), "l2": l2}
 
 
 class Evaluator:
