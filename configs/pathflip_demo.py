@@ -45,7 +45,8 @@ Localization (``cohort_dir=runs/demo/cohort``; or afterwards ``python -m pathfli
 0.5): mean over the lesion queries 0.67 (tumour 0.91, necrosis 0.59, benign glands 0.49) with
 ``heatmap_method=contribution``; 0.36 with ``attention`` (the attention weights barely depend on
 the text); the ``region_loss=False`` ablation 0.50. Method and prompts were chosen on the val
-split (0.80 there).
+split (0.80 there). Lesion FROC (mean sensitivity at 1/4-8 false positives per slide): 0.46,
+against 0.26 without the region loss.
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
@@ -181,7 +182,7 @@ def get_config(arg: str | None = None):
     config.evals.localization = dict(
         type="localization", split=args.eval_split, cohort_dir=args.cohort_dir,
         method=args.heatmap_method, queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,
-        positive_fraction=0.5)
+        positive_fraction=0.5, froc=True)
   config.resume = ""
   config.model_init = ""
   config.model_init_include = (".*",)

@@ -197,7 +197,8 @@ def test_localization_evaluator_scores_oracle_and_inverted_heatmaps(demo_cohort,
   task = _Task(str(truth_features[0]), truth_features[1])
   queries = ["tumour", "benign glands", "stroma"]
   config = dict(split="test", cohort_dir=str(demo_cohort), queries=queries,
-                lesions=["tumour", "benign glands"], prompts={"tumour": ["tumour", "carcinoma"]})
+                lesions=["tumour", "benign glands"], prompts={"tumour": ["tumour", "carcinoma"]},
+                froc=True)
   evaluator = localization.Evaluator(ml_collections.ConfigDict(config), task, mesh=None)
   column = {demo_annotations.TISSUE_NAMES[c]: i
             for i, c in enumerate(demo_annotations.CLASS_LABELS)}
@@ -210,6 +211,8 @@ def test_localization_evaluator_scores_oracle_and_inverted_heatmaps(demo_cohort,
   assert oracle["auroc/tumour"] == 1.0 and oracle["auroc/stroma"] == 1.0
   assert oracle["dice/tumour"] > 0.8
   assert inverted["auroc/tumour"] == 0.0 and inverted["mean_lesion_auroc"] < 0.2
+  assert oracle["mean_lesion_froc"] > 0.9 and inverted["mean_lesion_froc"] < oracle[
+      "mean_lesion_froc"]
   assert oracle["chance_auroc"] == 0.5
   with pytest.raises(ValueError, match="queries names \\['tumor'\\]"):
     localization.Evaluator(ml_collections.ConfigDict({**config, "queries": ["tumor"]}), task,
@@ -242,3 +245,12 @@ def test_evaluate_cli_runs_every_evaluator_on_a_checkpoint(demo_cohort, truth_fe
   table = (workdir / "eval" / "metrics.md").read_text()
   assert "| localization | mean_lesion_auroc |" in table
   assert "| zero_shot | balanced_accuracy |" in table
+
+
+def test_froc_score_counts_each_lesion_once():
+  # Two slides, two lesions: a hit, a false positive, the other lesion, a repeat hit (ignored
+  # for sensitivity), an ignored detection.
+  detections = [(0.9, "a", 1), (0.8, "a", 0), (0.7, "b", 2), (0.6, "a", 1), (0.5, "b", -1)]
+  # FPs per slide after each: 0, 0.5, 0.5, 0.5, 0.5; sensitivity 0.5, 0.5, 1, 1, 1.
+  assert localization.froc_score(detections, 2, 2) == pytest.approx((0.5 + 5 * 1.0) / 6)
+  assert localization.froc_score([(0.9, "a", 0)] * 40, 1, 1) == 0.0

@@ -102,6 +102,27 @@ class CohortAnnotations:
       out[row] = counts[list(CLASS_LABELS)] / footprint
     return out
 
+  def patch_regions(self, slide_id: str, coords_n2: np.ndarray, size_level0: float,
+                    tissue: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch: the id of the ``tissue``-type region (lesion) covering most of the patch's
+    ``tissue`` pixels (0: none), and the share of the footprint that region covers."""
+    truth = self._slide(slide_id)
+    h, w = truth.label.shape
+    coords_n2 = np.asarray(coords_n2, np.float64).reshape(-1, 2)
+    ids = np.zeros(len(coords_n2), np.int64)
+    shares = np.zeros(len(coords_n2), np.float32)
+    for row, (x, y) in enumerate(coords_n2):
+      x0, y0 = int(np.floor(x / truth.scale)), int(np.floor(y / truth.scale))
+      x1 = max(x0 + 1, int(np.ceil((x + size_level0) / truth.scale)))
+      y1 = max(y0 + 1, int(np.ceil((y + size_level0) / truth.scale)))
+      window = (slice(max(y0, 0), min(y1, h)), slice(max(x0, 0), min(x1, w)))
+      regions = truth.regions[window][truth.label[window] == tissue]
+      if regions.size:
+        counts = np.bincount(regions)
+        ids[row] = int(counts.argmax())
+        shares[row] = counts.max() / ((x1 - x0) * (y1 - y0))
+    return ids, shares
+
   def label_patch(self, slide_id: str, x: int, y: int, size_level0: int) -> PatchLabel:
     """Majority tissue type under the patch and the sentence of the region holding most of it."""
     truth = self._slide(slide_id)

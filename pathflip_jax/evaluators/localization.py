@@ -10,10 +10,16 @@ maps: a patch is positive when at least ``positive_fraction`` of its footprint i
   dice/<query>    Dice of the heatmap thresholded at one level for all slides (scores min-max
                   normalised per slide), mean over those slides, at the best of 20 levels
   mean_lesion_auroc, mean_lesion_dice   over the ``lesions`` queries (the headline numbers)
+  froc/<query>    with ``froc=True``: CAMELYON16-style FROC score, the mean sensitivity at
+                  1/4, 1/2, 1, 2, 4 and 8 false positives per slide. Every patch is a detection
+                  at its normalised score; it hits the lesion (a connected area of that tissue
+                  in the cohort's region map) covering at least ``positive_fraction`` of it
+                  (later hits of the same lesion are ignored), or is a false positive when no
+                  lesion covers it at all. Lesions no tiled patch reaches are not counted.
 
 Config: ``split`` ("test"), ``every``, ``cohort_dir`` (the demo cohort: masks/ and
 manifest.jsonl), ``queries`` (tissue names), ``lesions``, ``prompts``, ``method`` ("attention" or
-"contribution", see ``PathFlip.patch_heatmap``), ``positive_fraction`` (0.5).
+"contribution", see ``PathFlip.patch_heatmap``), ``positive_fraction`` (0.5), ``froc`` (False).
 """
 
 from __future__ import annotations
@@ -33,6 +39,26 @@ from pathflip_jax.evaluators import common, metrics
 
 LESIONS = ("tumour", "necrosis", "benign glands")
 THRESHOLDS = np.linspace(0.05, 1.0, 20)   # on per-slide min-max normalised scores
+
+
+FROC_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def froc_score(detections: list[tuple[float, str, int]], num_lesions: int, num_slides: int,
+               rates: tuple[float, ...] = FROC_RATES) -> float:
+  """Mean sensitivity at ``rates`` false positives per slide. ``detections``: (score, slide,
+  lesion id; 0 = false positive, -1 = ignored)."""
+  if not num_lesions or not num_slides:
+    return float("nan")
+  hit: set[tuple[str, int]] = set()
+  false_positives, points = 0, [(0.0, 0.0)]
+  for _, slide, lesion in sorted(detections, key=lambda d: -d[0]):
+    if lesion == 0:
+      false_positives += 1
+    elif lesion > 0:
+      hit.add((slide, lesion))
+    points.append((false_positives / num_slides, len(hit) / num_lesions))
+  return float(np.mean([max(s for fp, s in points if fp <= rate) for rate in rates]))
 
 
 def dice(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -67,6 +93,9 @@ class Evaluator:
     self.tokens = task.tokenizer.encode_batch([p for ps in per_query for p in ps],
                                               task.example_config.subcaption_len)
     self.positive_fraction = float(config.get("positive_fraction", 0.5))
+    self.froc = bool(config.get("froc", False))
+    label_of = {demo_annotations.TISSUE_NAMES[c]: c for c in demo_annotations.CLASS_LABELS}
+    self.labels = [label_of[q] for q in self.queries]
     self.scorer = heatmaps.HeatmapScorer(config.get("method", "attention"))
 
   def slide_heatmaps(self, model: nnx.Module):
@@ -84,12 +113,24 @@ class Evaluator:
   def run(self, model: nnx.Module) -> dict[str, float]:
     aurocs = {q: [] for q in self.queries}
     dices = {q: [] for q in self.queries}       # per slide: Dice at each threshold
+    detections: dict[str, list[tuple[float, str, int]]] = {q: [] for q in self.queries}
+    lesions = {q: set() for q in self.queries}
+    slides_seen = 0
     skipped = 0
     for slide_id, coords, size, scores in self.slide_heatmaps(model):
       if slide_id not in self.annotations.slides:
         skipped += 1
         continue
       fractions = self.annotations.tissue_fractions(slide_id, coords, size)
+      slides_seen += 1
+      if self.froc:
+        for q, query in enumerate(self.queries):
+          ids, shares = self.annotations.patch_regions(slide_id, coords, size, self.labels[q])
+          # Hit: the lesion covers enough of the patch; touched but less: neither hit nor FP.
+          lesion = np.where(shares >= self.positive_fraction, ids, np.where(ids > 0, -1, 0))
+          lesions[query].update((slide_id, int(i)) for i in lesion[lesion > 0])
+          detections[query] += [(float(v), slide_id, int(l))
+                                 for v, l in zip(heatmaps.normalise(scores[q]), lesion)]
       for q, (query, column) in enumerate(zip(self.queries, self.columns)):
         truth = fractions[:, column] >= self.positive_fraction
         if truth.all() or not truth.any():
@@ -107,9 +148,14 @@ class Evaluator:
       if aurocs[query]:
         result[f"auroc/{key}"] = float(np.mean(aurocs[query]))
         result[f"dice/{key}"] = float(np.max(np.mean(dices[query], axis=0)))
+      if self.froc and lesions[query]:
+        result[f"froc/{key}"] = froc_score(detections[query], len(lesions[query]), slides_seen)
     lesion_keys = [heatmaps.safe_name(q) for q in self.lesions if aurocs[q]]
     if lesion_keys:
       result["mean_lesion_auroc"] = float(np.mean([result[f"auroc/{k}"] for k in lesion_keys]))
       result["mean_lesion_dice"] = float(np.mean([result[f"dice/{k}"] for k in lesion_keys]))
+      frocs = [result[f"froc/{k}"] for k in lesion_keys if f"froc/{k}" in result]
+      if frocs:
+        result["mean_lesion_froc"] = float(np.mean(frocs))
     result["chance_auroc"] = 0.5
     return result
