@@ -1,4 +1,5 @@
-r"""Reads the released files of the public benchmarks PathFLIP reports on into this project's inputs.
+r"""Reads the released files of the public benchmarks PathFLIP reports on into this project's
+inputs.
 
   python -m data_prep.benchmarks ADAPTER --input FILE [FILE ...] --output OUT \
       [--split train|val|test [...]] [--slides_dir DIR] [--slide_ext .svs] [--id_from_file] \
@@ -73,7 +74,8 @@ cptac_labels  (a) Patho-Bench task splits (huggingface MahmoodLab/Patho-Bench,
 Slide ids and paths
 -------------------
 The benchmark's slide field is kept as ``slide_id``, reduced to its file name without a known
-slide or feature extension (``.svs``, ``.tif``, ``.ndpi``, ``.jpg``, ``.h5``, ``.pt``, ``.csv``, ...):
+slide or feature extension (``.svs``, ``.tif``, ``.ndpi``, ``.jpg``, ``.h5``, ``.pt``, ``.csv``,
+...):
 SlideChat's ``TCGA-05-0000-01Z-00-DX1`` stays as it is, PathFLIP's
 ``datasets/features/TCGA/LUAD/.../TCGA-05-0000-01Z-00-DX1.<uuid>.h5`` becomes
 ``TCGA-05-0000-01Z-00-DX1.<uuid>`` (the stem TRIDENT/CLAM features of that slide carry), BCNB's
@@ -776,7 +778,8 @@ def _vqa(path: str, *, split: str, slides: SlideFiles, report: Report, skip_inva
       if n != len(instructions.LETTERS):
         reason = ("too_many_options" if n > 4 else "too_few_options" if n < 2
                   else "not_4_options")
-        report.skip(where, reason, f"{n} options (the multiple-choice format holds exactly 4)")
+        report.skip(where, reason, f"{n} option{'s' if n != 1 else ''} (the multiple-choice "
+                                   "format holds exactly 4)")
         continue
       letter = answer_letter(row.get(answer_col, ""), options, answer_col)
       resolved = slides.resolve(clean_id(row[slide_col]), default_ext) if (
@@ -945,7 +948,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Converts the inputs, writes the output and returns the summary (BenchmarkError on bad input)."""
+  """Converts the inputs, writes the output, returns the summary (BenchmarkError on bad input)."""
   args = _parse_args(argv)
   slides = SlideFiles(args.slides_dir, args.slide_ext, args.id_from_file)
   report = Report()
