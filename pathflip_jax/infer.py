@@ -216,10 +216,15 @@ def _parse_question(text: str) -> ins.Instruction:
   return ins.Instruction(slide=0, kind=ins.OPEN, question=question, category="user")
 
 
-def ask(instruct_dir: str, visual: dict[str, np.ndarray], questions: Sequence[str],
-        caption_tokens: int = 256, answer_tokens: int = 48) -> dict[str, Any]:
-  """The instruct run's caption of the slide and answers to ``questions`` (greedy)."""
+def ask(instruct_dir: str, visual: dict[str, np.ndarray], questions: Sequence[str]
+        ) -> dict[str, Any]:
+  """The instruct run's caption of the slide and answers to ``questions`` (greedy; at most as
+  many tokens as the run's captioning and VQA evaluators generate)."""
   config = _read_run_config(instruct_dir)
+  evals = config.get("evals") or {}
+  caption_tokens = next((e.max_new_tokens for e in evals.values()
+                         if e.get("type") == "captioning"), 256)
+  answer_tokens = next((e.max_new_tokens for e in evals.values() if e.get("type") == "vqa"), 48)
   task = tasks.build(config, instruct_dir)
   model = checkpointing.model_from_checkpoint(lambda: task.create_model(nnx.Rngs(0)),
                                               instruct_dir)
