@@ -1,0 +1,165 @@
+"""The Colab notebooks (colabs/*.ipynb) run headless on CPU, so they cannot rot.
+
+One quickstart workdir (``Quickstart(tmp, size="test")``: a 12-slide cohort and tiny models,
+about 1.5 min on 2 cores) is made once per module and every notebook gets it as ``WORKDIR``
+through its ``parameters``-tagged cell, which the test replaces; each notebook then only runs its
+own cells. Kernels run this interpreter (``sys.executable -m ipykernel_launcher``) in the test
+process's environment (tests/conftest.py: 8 fake CPU devices, the shared compilation cache), with
+a temporary directory as their working directory. Executed notebooks are written next to the
+workdir (for a look after a failure), never into the repository. The committed notebooks carry
+no outputs (``test_notebooks_are_clean``). The same workdir is the quickstart's own end-to-end
+test (``test_quickstart_reports_and_resumes``), so the pipeline runs once for both.
+"""
+
+import json
+import os
+import pathlib
+import re
+import sys
+
+import pytest
+
+# Plain imports (requirements-test.txt): a missing package fails the suite, it does not skip.
+import ipykernel
+import nbclient
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from pathflip_jax import quickstart
+
+COLABS = pathlib.Path(__file__).resolve().parent.parent / "colabs"
+# notebook -> whether it promises figures (at least one image/png output)
+NOTEBOOKS = {
+    "quickstart.ipynb": True,
+    "zero_shot_and_heatmaps.ipynb": True,
+    "instruct.ipynb": True,
+    "tpu_scaling.ipynb": False,
+}
+KERNEL_NAME = "pathflip-jax-tests"
+CELL_TIMEOUT_S = 600
+
+
+def _read(name: str):
+  return nbformat.read(COLABS / name, as_version=4)
+
+
+def _parameters_cell(nb):
+  cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(cells) == 1, "a notebook needs exactly one cell tagged 'parameters'"
+  return cells[0]
+
+
+def test_notebooks_are_clean():
+  """Committed without outputs, valid nbformat v4, a title on every code cell, and a parameters
+  cell that sets SIZE and WORKDIR."""
+  assert sorted(p.name for p in COLABS.glob("*.ipynb")) == sorted(NOTEBOOKS)
+  for name in NOTEBOOKS:
+    nb = _read(name)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3", name
+    for cell in nb.cells:
+      if cell.cell_type != "code":
+        continue
+      assert cell.source.startswith("# @title "), (name, cell.source[:60])
+      assert not cell.outputs and cell.execution_count is None, f"{name}: outputs committed"
+    params = _parameters_cell(nb).source
+    assert "SIZE = " in params and "WORKDIR = " in params, name
+    assert '"google.colab" in sys.modules' in nb.cells[1].source, f"{name}: no Colab-only setup"
+
+
+@pytest.fixture(scope="module")
+def quickstart_workdir(tmp_path_factory) -> pathlib.Path:
+  workdir = tmp_path_factory.mktemp("colabs") / "quickstart"
+  quickstart.Quickstart(str(workdir), size="test").run()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def kernel_specs(tmp_path_factory) -> KernelSpecManager:
+  """A kernelspec for this interpreter only (whatever ``python3`` means elsewhere)."""
+  root = tmp_path_factory.mktemp("kernels")
+  (root / KERNEL_NAME).mkdir()
+  (root / KERNEL_NAME / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": f"pathflip_jax tests (ipykernel {ipykernel.__version__})",
+      "language": "python"}))
+  return KernelSpecManager(kernel_dirs=[str(root)])
+
+
+def _outputs(nb):
+  return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+def _text(output) -> str:
+  if output.output_type == "stream":
+    return output.text
+  return "".join(output.get("data", {}).get("text/plain", ""))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def test_notebook_runs(name, quickstart_workdir, kernel_specs, tmp_path):
+  nb = _read(name)
+  _parameters_cell(nb).source = ("# @title Parameters (set by tests/test_colabs.py)\n"
+                                 f'SIZE = "test"\nWORKDIR = {str(quickstart_workdir)!r}\n')
+  km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_specs)
+  client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S,
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  try:
+    client.execute()
+  finally:
+    nbformat.write(nb, str(quickstart_workdir.parent / f"executed_{name}"))
+
+  outputs = _outputs(nb)
+  errors = [o for o in outputs if o.output_type == "error"]
+  assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"
+  if NOTEBOOKS[name]:
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: no image output"
+  text = "".join(_text(o) for o in outputs)
+  assert "not Colab: nothing installed" in text, name  # the setup cell did nothing here
+  if name == "tpu_scaling.ipynb":
+    assert "'step': 2" in text, "the two sharded training steps did not finish"
+    import jax  # noqa: PLC0415
+    if jax.device_count() == 8:  # conftest's fake devices: every mesh axis is used
+      assert "{'data': 2, 'fsdp': 2, 'model': 2}" in text
+  # Nothing was written into the kernel's working directory by accident (all under WORKDIR).
+  assert not os.listdir(tmp_path), os.listdir(tmp_path)
+
+
+TABLES = ("## Patch encoder", "## Zero-shot diagnosis", "## Slide - caption retrieval",
+          "## Text-prompted localization", "## Biomarker", "## Captioning",
+          "## Visual question answering", "### Sample captions", "## Example slides")
+
+
+@pytest.mark.slow
+def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
+  """REPORT.md holds every table with numbers and the example heatmaps; a re-run after an
+  interruption redoes only the unfinished stages. (Last in this file: it re-runs stages of the
+  shared workdir, and leaves it complete again.)"""
+  workdir = quickstart_workdir
+  report = (workdir / "REPORT.md").read_text()
+  for heading in TABLES:
+    assert heading in report, heading
+  # Numbers beside baselines, e.g. "| balanced accuracy (chance) | 0.250 | 0.250 |".
+  assert re.search(r"\| balanced accuracy \(chance\) \| [01]\.\d{3} \| 0\.250 \|", report)
+  assert re.search(r"\| \*\*lesions \(mean\)\*\* \| [01]\.\d{3} \|", report)
+  examples = quickstart.Quickstart(str(workdir), size="test").example_slides()
+  images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
+  assert examples and len(images) == len(examples) * len(quickstart.EXAMPLE_QUERIES)
+  assert all((workdir / image).exists() for image in images)
+  timings = json.load(open(workdir / "timings.json"))
+  assert set(timings["seconds"]) == {"cohort", "tiles", "patch_clip", "features", "align",
+                                     "instruct", "heatmaps", "report"}
+
+  os.remove(workdir / "instruct" / "results.json")
+  stamp = os.path.getmtime(workdir / "align" / "results.json")
+  capsys.readouterr()
+  quickstart.main(["--workdir", str(workdir), "--size", "test"])
+  captured = capsys.readouterr()
+  assert captured.out.strip().splitlines()[-1] == str(workdir / "REPORT.md")
+  for stage in ("cohort", "tiles", "patch_clip", "features", "align", "heatmaps"):
+    assert re.search(rf"stage \d/8 {stage}: already complete, skipped", captured.err), stage
+  assert "stage 6/8 instruct ..." in captured.err
+  assert os.path.getmtime(workdir / "align" / "results.json") == stamp
+  assert (workdir / "instruct" / "results.json").exists()
