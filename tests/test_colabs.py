@@ -7,7 +7,8 @@ own cells. Kernels run this interpreter (``sys.executable -m ipykernel_launcher`
 process's environment (tests/conftest.py: 8 fake CPU devices, the shared compilation cache), with
 a temporary directory as their working directory. Executed notebooks are written next to the
 workdir (for a look after a failure), never into the repository. The committed notebooks carry
-no outputs (``test_notebooks_are_clean``). The same workdir is the quickstart's own end-to-end
+the outputs of a run at their default parameters, so opening one shows its figures
+(``test_committed_notebooks``). The same workdir is the quickstart's own end-to-end
 test (``test_quickstart_reports_and_resumes``), so the pipeline runs once for both.
 """
 
@@ -29,13 +30,14 @@ from jupyter_client.manager import AsyncKernelManager
 from pathflip_jax import quickstart
 
 COLABS = pathlib.Path(__file__).resolve().parent.parent / "colabs"
-# notebook -> whether it promises figures (at least one image/png output)
+# notebook -> whether it promises figures (at least one image output)
 NOTEBOOKS = {
     "quickstart.ipynb": True,
     "zero_shot_and_heatmaps.ipynb": True,
     "instruct.ipynb": True,
     "tpu_scaling.ipynb": False,
 }
+IMAGE_TYPES = ("image/png", "image/jpeg")
 KERNEL_NAME = "pathflip-jax-tests"
 CELL_TIMEOUT_S = 600
 
@@ -50,22 +52,29 @@ def _parameters_cell(nb):
   return cells[0]
 
 
-def test_notebooks_are_clean():
-  """Committed without outputs, valid nbformat v4, a title on every code cell, and a parameters
-  cell that sets SIZE and WORKDIR."""
+def test_committed_notebooks():
+  """Valid nbformat v4, a title on every code cell, a parameters cell that sets SIZE and
+  WORKDIR, a Colab-only setup cell; saved with the outputs of a run at the default parameters
+  (the demo), without errors, showing the figures each promises in small images."""
   assert sorted(p.name for p in COLABS.glob("*.ipynb")) == sorted(NOTEBOOKS)
-  for name in NOTEBOOKS:
+  for name, figures in NOTEBOOKS.items():
     nb = _read(name)
     nbformat.validate(nb)
     assert nb.metadata.kernelspec.name == "python3", name
     for cell in nb.cells:
-      if cell.cell_type != "code":
-        continue
-      assert cell.source.startswith("# @title "), (name, cell.source[:60])
-      assert not cell.outputs and cell.execution_count is None, f"{name}: outputs committed"
+      if cell.cell_type == "code":
+        assert cell.source.startswith("# @title "), (name, cell.source[:60])
     params = _parameters_cell(nb).source
-    assert "SIZE = " in params and "WORKDIR = " in params, name
+    assert 'SIZE = "demo"' in params and "WORKDIR = " in params, name
     assert '"google.colab" in sys.modules' in nb.cells[1].source, f"{name}: no Colab-only setup"
+    outputs = _outputs(nb)
+    assert outputs, f"{name}: saved without outputs"
+    assert not [o for o in outputs if o.output_type == "error"], f"{name}: saved with an error"
+    images = [data for o in outputs for mime, data in o.get("data", {}).items()
+              if mime in IMAGE_TYPES]
+    assert bool(images) == figures, name
+    # base64 of a picture scaled for display, not the full-size heatmap files.
+    assert all(len(image) < 120_000 for image in images), name
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +124,8 @@ def test_notebook_runs(name, quickstart_workdir, kernel_specs, tmp_path):
   errors = [o for o in outputs if o.output_type == "error"]
   assert not errors, f"{name}: {errors[0].ename}: {errors[0].evalue}"
   if NOTEBOOKS[name]:
-    assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: no image output"
+    assert any(set(IMAGE_TYPES) & set(o.get("data", {})) for o in outputs), \
+        f"{name}: no image output"
   text = "".join(_text(o) for o in outputs)
   assert "not Colab: nothing installed" in text, name  # the setup cell did nothing here
   if name == "tpu_scaling.ipynb":
