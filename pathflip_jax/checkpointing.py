@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
 import grain
@@ -162,16 +161,23 @@ def named_leaves(tree: Any) -> dict[str, Any]:
 
 
 def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
-  """Every parameter of another run's checkpoint as {path: array} (no target needed)."""
+  """Every parameter of another run's checkpoint as {path: array} (no target needed).
+
+  Arrays are read onto one local device whatever mesh saved them: a checkpoint of a multi-host
+  run (devices of other processes) loads in a single process too.
+  """
   manager = _manager(path)
   step = manager.latest_step() if step is None else step
-  with warnings.catch_warnings():
-    # Without a target Orbax takes each array's layout from the checkpoint and says so; the
-    # arrays are pulled to host memory right below, so the layout does not matter here.
-    warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-  params = restored.state["params"]
-  return {k: np.asarray(v) for k, v in named_leaves(params).items()}
+  state_dir = os.path.join(str(manager.directory), str(step), "state")
+  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  restored = ocp.PyTreeCheckpointer().restore(
+      state_dir, args=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  return {k: np.asarray(v) for k, v in named_leaves(restored["params"]).items()}
 
 
 def model_from_checkpoint(model_factory: Callable[[], nnx.Module], path: str,

@@ -15,9 +15,15 @@ from typing import Any, Mapping
 
 
 class MetricWriter:
+  """Writes from one process only (``enabled``; the trainer enables process 0 of a multi-host
+  run, whose metrics are global means that every process holds)."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._tensorboard = None
+    if not enabled:
+      return
     if os.path.exists(self.path):
       self._truncate_after(resume_step)
     self._tensorboard = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
@@ -36,6 +42,8 @@ class MetricWriter:
       f.writelines(kept)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     row = {"step": int(step), "time": round(time.time(), 3)}
     for key, value in metrics.items():
       value = float(value)

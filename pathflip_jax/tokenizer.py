@@ -64,12 +64,15 @@ def train(corpus: Iterable[str], model_prefix: str, *, vocab_size: int = 1000,
   parent = os.path.dirname(os.path.abspath(model_prefix))
   os.makedirs(parent, exist_ok=True)
   path = model_prefix + ".model"
-  with open(path, "wb") as f:
-    f.write(data)
   sp = spm.SentencePieceProcessor(model_proto=data)
-  with open(model_prefix + ".vocab", "w", encoding="utf-8") as f:
-    for i in range(sp.get_piece_size()):
-      f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n")
+  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+  # Written under a unique name, then renamed: the processes of a multi-host run each train the
+  # same (byte-identical) model into one workdir, and no reader sees a half-written file.
+  for target, content in ((path, data), (model_prefix + ".vocab", vocab.encode("utf-8"))):
+    tmp = f"{target}.{os.getpid()}.partial"
+    with open(tmp, "wb") as f:
+      f.write(content)
+    os.replace(tmp, target)
   return path
 
 

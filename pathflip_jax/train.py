@@ -223,7 +223,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   final evaluation metrics (also in ``W/results.json``)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  save_config(config, workdir)
+  # A multi-host run (jax.distributed initialised) shares one workdir: one process writes the
+  # run's files, every process writes its part of each checkpoint (Orbax, grain).
+  primary = jax.process_index() == 0
+  if primary:
+    save_config(config, workdir)
   total_steps = int(config.total_steps)
   accum = int(config.optim.get("grad_accum_steps", 1))
   micro_steps = total_steps * accum
@@ -264,7 +268,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,), out_shardings=(shardings, None))
 
   evaluators = evaluators_lib.build(config.get("evals"), task, mesh)
-  writer = metric_writer.MetricWriter(workdir, resume_step=start)
+  if evaluators and jax.process_count() > 1:
+    # Evaluators feed every process the whole split; on several hosts evaluate the checkpoint
+    # afterwards on one (python -m pathflip_jax.evaluate).
+    print(f"[train] {jax.process_count()} processes: evaluators skipped; run "
+          "python -m pathflip_jax.evaluate on one host afterwards", file=sys.stderr)
+    evaluators = []
+  writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=primary)
   progress = Progress(micro_steps, start, config.progress_seconds)
   window: list[dict[str, float]] = []
   eval_metrics: dict[str, float] = {}
@@ -306,8 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if close is not None:
       close()
   results = {"step": micro_steps, "origin": origin, **eval_metrics}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, sort_keys=True)
+  if primary:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
   return results
 
 
@@ -316,7 +327,19 @@ def main(argv=None) -> None:
   parser.add_argument("--config", required=True,
                       help="configs/<name>.py[:key=value,...] (ml_collections config file)")
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--jax_distributed", action="store_true",
+                      help="multi-host: jax.distributed.initialize() first; on Cloud TPU pods "
+                           "and SLURM its settings are detected, elsewhere give the three below")
+  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
   args = parser.parse_args(argv)
+  if args.jax_distributed:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+    print(f"[train] process {jax.process_index()} of {jax.process_count()}: "
+          f"{jax.local_device_count()} local of {jax.device_count()} devices",
+          file=sys.stderr, flush=True)
   from pathflip_jax import compilation_cache  # pylint: disable=import-outside-toplevel
   compilation_cache.enable()
   config = config_args.load_config(args.config)

@@ -208,3 +208,37 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
   ref, resumed = _params(tmp_path / "ref"), _params(run)
   for name in ref:
     np.testing.assert_array_equal(resumed[name], ref[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_process_run_shares_one_workdir(tmp_path):
+  """Multi-host JAX on one machine: two processes (2 CPU devices each, gloo collectives) train
+  the toy stage into one workdir through jax.distributed; one of them writes the run's files,
+  both their parts of each checkpoint, and the checkpoint restores in a single process."""
+  import socket  # noqa: PLC0415
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  workdir = tmp_path / "w"
+  command = [sys.executable, "-m", "pathflip_jax.train", "--config",
+             "tests/toy_config.py:total_steps=8,batch_size=8", "--workdir", str(workdir),
+             "--jax_distributed", "--coordinator_address", f"127.0.0.1:{port}",
+             "--num_processes", "2", "--process_id"]
+  processes = [subprocess.Popen(command + [str(i)], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for i, (p, (_, err)) in enumerate(zip(processes, outputs)):
+    assert p.returncode == 0, err[-3000:]
+    assert f"process {i} of 2: 2 local of 4 devices" in err
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  steps = [r["step"] for r in rows if "train/loss" in r]
+  assert steps == sorted(set(steps)) and steps[-1] == 8          # one writer, no duplicates
+  assert json.load(open(workdir / "results.json"))["step"] == 8
+  # Each process saved its own data-iterator position.
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
+      os.listdir(workdir / "checkpoints" / "8" / "data"))
+  params = _params(workdir)
+  assert params and all(np.isfinite(v).all() for v in params.values())
