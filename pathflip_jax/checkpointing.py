@@ -181,15 +181,16 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
 
 
 def model_from_checkpoint(model_factory: Callable[[], nnx.Module], path: str,
-                          step: int | None = None) -> nnx.Module:
+                          step: int | None = None, prefix: str = "") -> nnx.Module:
   """The model ``model_factory`` builds, with every parameter from the checkpoint of the run in
-  ``path`` (latest step, or ``step``); a parameter missing there or of another shape is an
-  error that names it (the config does not match the run)."""
+  ``path`` (latest step, or ``step``; ``prefix``: where the model sits in the run's parameter
+  tree, e.g. "vision/"); a parameter missing there or of another shape is an error that names
+  it (the config does not match the run)."""
   params = load_params(path, step)
   graphdef, state = nnx.split(nnx.eval_shape(model_factory))
 
   def take(leaf_path, leaf):
-    name = param_name(leaf_path)
+    name = prefix + param_name(leaf_path)
     if name not in params:
       raise KeyError(f"{path}: the checkpoint has no parameter {name!r}")
     if tuple(params[name].shape) != tuple(leaf.shape):

@@ -20,7 +20,6 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -254,18 +253,7 @@ def load_image_encoder(workdir: str, step: int | None = None
     raise ValueError(f"{path}: stage is {config.get('stage')!r}; only a patch_clip run has a "
                      "patch encoder to export")
   clip_config = model_config(config, vocab_size=1, pad_id=0)   # the text side is not rebuilt
-  params = checkpointing.load_params(workdir, step)
-  abstract = nnx.eval_shape(lambda: vit.VisionTransformer(clip_config.vision, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-
-  def take(path, leaf):
-    name = "vision/" + checkpointing.param_name(path)
-    if name not in params:
-      raise KeyError(f"{workdir}: checkpoint has no parameter {name!r}")
-    if tuple(params[name].shape) != tuple(leaf.shape):
-      raise ValueError(f"{workdir}: parameter {name!r} is {params[name].shape}, the encoder "
-                       f"config needs {leaf.shape}")
-    return jnp.asarray(params[name], leaf.dtype)
-
-  state = jax.tree_util.tree_map_with_path(take, state)
-  return nnx.merge(graphdef, state), clip_config, f"patch_clip:{os.path.basename(workdir)}"
+  model = checkpointing.model_from_checkpoint(
+      lambda: vit.VisionTransformer(clip_config.vision, rngs=nnx.Rngs(0)), workdir, step,
+      prefix="vision/")
+  return model, clip_config, f"patch_clip:{os.path.basename(workdir)}"
