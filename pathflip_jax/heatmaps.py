@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
-from pathflip_jax.data import qupath
+from pathflip_jax.data import qupath, tissue
 
 METHODS = ("attention", "contribution")
 
@@ -170,6 +171,38 @@ def geojson(coords_n2: np.ndarray, patch_size_level0: float, scores_n: np.ndarra
   return qupath.feature_collection(features)
 
 
+def contour_geojson(coords_n2: np.ndarray, patch_size_level0: float, scores_n: np.ndarray,
+                    query: str, threshold: float = 0.5,
+                    color: tuple[int, int, int] = (230, 80, 30), smooth: int = 4) -> dict:
+  """QuPath annotations: the outlines (with holes) of the connected areas whose patches score at
+  least ``threshold`` (min-max normalised over the slide), in level-0 pixels. Each patch becomes
+  ``smooth`` x ``smooth`` mask pixels so outlines follow the patch edges without staircases of
+  single pixels. Measurements: the threshold, the area's patch count and mean normalised score."""
+  coords_n2 = np.asarray(coords_n2, np.float64).reshape(-1, 2)
+  norm = normalise(scores_n)
+  if not len(coords_n2):
+    return qupath.feature_collection([])
+  origin = coords_n2.min(axis=0)
+  cells = np.round((coords_n2 - origin) / patch_size_level0).astype(int)      # (col, row)
+  shape = (cells[:, 1].max() + 1, cells[:, 0].max() + 1)
+  above = np.zeros(shape, bool)
+  above[cells[:, 1], cells[:, 0]] = norm >= threshold
+  scale = patch_size_level0 / smooth
+  labels, count = ndimage.label(above)
+  patch_label = labels[cells[:, 1], cells[:, 0]]
+  features = []
+  for k in range(1, count + 1):
+    mask = np.kron(labels == k, np.ones((smooth, smooth), bool))
+    members = patch_label == k
+    for rings in tissue.tissue_polygons(mask, scale, scale, tolerance_px=0.5):
+      features.append(qupath.polygon_feature(
+          [[(float(x), float(y)) for x, y in ring + origin] for ring in rings],
+          object_type="annotation", name=query, color=color,
+          measurements={"threshold": float(threshold), "patches": float(members.sum()),
+                        "mean_score_normalised": float(norm[members].mean())}))
+  return qupath.feature_collection(features)
+
+
 def query_colors(count: int) -> list[tuple[int, int, int]]:
   """Distinct classification colours for ``count`` queries (QuPath shows them per class)."""
   palette = [(230, 80, 30), (40, 120, 220), (40, 170, 80), (200, 60, 180), (230, 190, 30),
@@ -188,7 +221,9 @@ def safe_name(text: str, limit: int = 60) -> str:
 def write_outputs(output_dir: str, slide_id: str, queries: Sequence[str],
                   scores_tn: np.ndarray, coords_n2: np.ndarray, patch_size_level0: float,
                   thumbnail_hw3: np.ndarray, downsample: float) -> list[dict[str, str]]:
-  """PNG overlay and GeoJSON per query under ``output_dir``; returns their paths per query."""
+  """Per query under ``output_dir``: the PNG overlay, the patch detections (GeoJSON) and the
+  outlines of the areas scoring at least half the slide's range (``_contours.geojson``);
+  returns their paths per query."""
   os.makedirs(output_dir, exist_ok=True)
   written = []
   for query, scores_n, color in zip(queries, scores_tn, query_colors(len(queries))):
@@ -198,5 +233,8 @@ def write_outputs(output_dir: str, slide_id: str, queries: Sequence[str],
                    f"{slide_id}: \"{query}\"").save(png)
     path = os.path.join(output_dir, f"{stem}.geojson")
     qupath.write_geojson(path, geojson(coords_n2, patch_size_level0, scores_n, query, color))
-    written.append({"query": query, "png": png, "geojson": path})
+    contours = os.path.join(output_dir, f"{stem}_contours.geojson")
+    qupath.write_geojson(contours, contour_geojson(coords_n2, patch_size_level0, scores_n,
+                                                   query, color=color))
+    written.append({"query": query, "png": png, "geojson": path, "contours": contours})
   return written

@@ -18,6 +18,8 @@ Writes to ``O``:
   thumbnail.png                     the slide, with the tiled tissue outlined
   heatmaps/<slide>__<query>.png     heatmap over the thumbnail, query in the title, colour bar
   heatmaps/<slide>__<query>.geojson QuPath detections (one square per patch, score measurements)
+  heatmaps/<slide>__<query>_contours.geojson  QuPath annotations: outlines of the areas scoring
+                                    at least half the slide's range
 """
 
 from __future__ import annotations
@@ -298,10 +300,11 @@ def write_page(output_dir: str, summary: dict[str, Any]) -> str:
   if summary.get("heatmaps"):
     parts.append("<h2>Heatmaps</h2><div class='grid'>")
     for h in summary["heatmaps"]:
-      png, geo = (os.path.relpath(h[k], output_dir) for k in ("png", "geojson"))
+      png, geo, outline = (os.path.relpath(h[k], output_dir)
+                           for k in ("png", "geojson", "contours"))
       parts.append(f"<figure><img src='{e(png)}' alt='{e(h['query'])}'><figcaption>"
-                   f"{e(h['query'])} &middot; <a href='{e(geo)}'>QuPath GeoJSON</a>"
-                   "</figcaption></figure>")
+                   f"{e(h['query'])} &middot; QuPath GeoJSON: <a href='{e(geo)}'>patches</a>, "
+                   f"<a href='{e(outline)}'>outlines</a></figcaption></figure>")
     parts.append("</div>")
   path = os.path.join(output_dir, "index.html")
   with open(path, "w", encoding="utf-8") as f:

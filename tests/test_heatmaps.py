@@ -254,3 +254,25 @@ def test_froc_score_counts_each_lesion_once():
   # FPs per slide after each: 0, 0.5, 0.5, 0.5, 0.5; sensitivity 0.5, 0.5, 1, 1, 1.
   assert localization.froc_score(detections, 2, 2) == pytest.approx((0.5 + 5 * 1.0) / 6)
   assert localization.froc_score([(0.9, "a", 0)] * 40, 1, 1) == 0.0
+
+
+def test_contour_geojson_outlines_connected_high_areas():
+  # A 3 x 3 patch grid at (1000, 2000): a 2 x 2 hot block top left, one hot patch bottom right.
+  coords = np.array([(1000 + 256 * c, 2000 + 256 * r) for r in range(3) for c in range(3)])
+  scores = np.array([0.9, 0.8, 0.0,
+                     1.0, 0.95, 0.1,
+                     0.0, 0.2, 0.7])
+  features = heatmaps.contour_geojson(coords, 256, scores, "tumour")["features"]
+  assert len(features) == 2
+  by_size = sorted(features, key=lambda f: -f["properties"]["measurements"]["patches"])
+  assert [f["properties"]["measurements"]["patches"] for f in by_size] == [4.0, 1.0]
+  assert all(f["properties"]["objectType"] == "annotation" for f in features)
+  assert by_size[0]["properties"]["classification"]["name"] == "tumour"
+  ring = np.array(by_size[0]["geometry"]["coordinates"][0])
+  # The outline follows the block's edges to within a quarter patch (the mask resolution).
+  np.testing.assert_allclose(ring.min(0), [1000, 2000], atol=64)
+  np.testing.assert_allclose(ring.max(0), [1000 + 512, 2000 + 512], atol=64)
+  small = np.array(by_size[1]["geometry"]["coordinates"][0])
+  assert small.min(0)[0] > 1000 + 2 * 256 - 64 and small.max(0)[1] < 2000 + 3 * 256 + 64
+  assert by_size[0]["properties"]["measurements"]["mean_score_normalised"] == pytest.approx(
+      (0.9 + 0.8 + 1.0 + 0.95) / 4)

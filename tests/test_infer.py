@@ -66,6 +66,12 @@ def _check_outputs(summary, output_dir, slide_path, queries):
       assert ring.min() >= 0 and ring[:, 0].max() <= width and ring[:, 1].max() <= height
       assert feature["properties"]["classification"]["name"] == entry["query"]
       assert np.isfinite(feature["properties"]["measurements"]["score"])
+    outlines = json.load(open(entry["contours"]))
+    assert outlines["type"] == "FeatureCollection" and outlines["features"]
+    for feature in outlines["features"]:
+      ring = np.array(feature["geometry"]["coordinates"][0])
+      assert feature["properties"]["objectType"] == "annotation"
+      assert ring.min() >= -1 and ring[:, 0].max() <= width + 1 and ring[:, 1].max() <= height + 1
   on_disk = json.load(open(output_dir / "summary.json"))
   assert on_disk["slide_id"] == summary["slide_id"]
   page = (output_dir / "index.html").read_text()
