@@ -235,6 +235,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Mesh.
   mesh = sharding.make_mesh(**dict(config.mesh))
   input_pipeline.check_batch_divides_mesh(config.batch_size, mesh)
+  if (jax.default_backend() == "cpu" and mesh.size > 1
+      and str(config.get("dtype", "float32")) == "bfloat16"):
+    # Measured with jax 0.10.2: the process aborts in the compiler with no Python error.
+    raise ValueError(f"config.dtype='bfloat16' on a mesh of {mesh.size} CPU devices aborts "
+                     "XLA:CPU's compiler ('Invalid binary instruction opcode copy'); use "
+                     "config.dtype='float32' on CPU (bfloat16 is for GPU/TPU, or one CPU device)")
 
   # Data.
   task = tasks.build(config, workdir)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathflip_jax import checkpointing, losses, metric_writer, optim, sharding, train
+from pathflip_jax import checkpointing, config_args, losses, metric_writer, optim, sharding, train
 from pathflip_jax.models import patch_clip, text_encoder, vit
 from tests import toy_task
 
@@ -242,3 +242,15 @@ def test_two_process_run_shares_one_workdir(tmp_path):
       os.listdir(workdir / "checkpoints" / "8" / "data"))
   params = _params(workdir)
   assert params and all(np.isfinite(v).all() for v in params.values())
+
+
+def test_bfloat16_on_several_cpu_devices_is_a_clear_error():
+  """XLA:CPU aborts the whole process compiling a bfloat16 step sharded over several devices;
+  the trainer says so before compiling anything."""
+  config = config_args.load_config("configs/pathflip_demo.py:size=test")
+  with config.unlocked():
+    config.dtype = "bfloat16"
+  if jax.default_backend() != "cpu" or jax.device_count() < 2:
+    pytest.skip("needs several CPU devices (tests/conftest.py provides 8)")
+  with pytest.raises(ValueError, match="config.dtype='bfloat16' on a mesh of 8 CPU devices"):
+    train.train_and_evaluate(config, "/tmp/unused_workdir_for_error")
