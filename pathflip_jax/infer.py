@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 from pathflip_jax import checkpointing, config_args, heatmaps, sharding, tasks
 from pathflip_jax.data import instructions as ins
 from pathflip_jax.data import slide_examples, slides, tiling, tissue
+from pathflip_jax.evaluators import common
 
 THUMBNAIL_SIDE = 1024
 
@@ -163,14 +164,12 @@ def tile_and_embed(slide: slides.Slide, slide_id: str, params: tiling.TilingPara
 
 
 def _zero_shot_prompts(align_config) -> tuple[list[str], np.ndarray, str]:
-  class_names = list(align_config.class_names)
+  """The prompt texts, their class and the score of the align run's slide_zero_shot evaluator
+  (class names and the slide score when it has none)."""
   evaluator = next((e for e in (align_config.get("evals") or {}).values()
-                    if e.get("type") == "slide_zero_shot"), None)
-  prompts = dict((evaluator.get("prompts") if evaluator else None) or {})
-  per_class = [list(prompts.get(name) or [name]) for name in class_names]
-  texts = [p for ps in per_class for p in ps]
-  owner = np.array([c for c, ps in enumerate(per_class) for _ in ps])
-  return texts, owner, (evaluator.get("score", "slide") if evaluator else "slide")
+                    if e.get("type") == "slide_zero_shot"), ml_collections.ConfigDict())
+  texts, owner = common.class_prompts(evaluator, list(align_config.class_names))
+  return texts, owner, evaluator.get("score", "slide")
 
 
 @jax.jit
@@ -187,12 +186,8 @@ def zero_shot(class_names: Sequence[str], slide_e: np.ndarray, prompts_te: np.nd
               region_t: np.ndarray, owner: np.ndarray, score: str, temperature: float
               ) -> dict[str, Any]:
   """Class scores as the slide_zero_shot evaluator computes them, and softmax(score / tau)."""
-  per_class_slide, per_class_region = [], []
-  for c in range(len(class_names)):
-    mean = prompts_te[owner == c].mean(0)
-    per_class_slide.append(float(slide_e @ (mean / np.linalg.norm(mean))))
-    per_class_region.append(float(region_t[owner == c].mean()))
-  slide_s, region_s = np.array(per_class_slide), np.array(per_class_region)
+  slide_s = common.class_embeddings(prompts_te, owner, len(class_names)) @ slide_e
+  region_s = np.array([region_t[owner == c].mean() for c in range(len(class_names))])
   chosen = {"slide": slide_s, "region": region_s, "both": slide_s + region_s}[score]
   logits = chosen / temperature
   probs = np.exp(logits - logits.max())

@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from data_prep import extract_features
-from pathflip_jax import checkpointing, config_args, infer, train
+from pathflip_jax import config_args, infer
 from pathflip_jax.data import slides
-from pathflip_jax.tasks import align, instruct
+from tests import runs as runs_lib
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +25,11 @@ def runs(demo_cohort, demo_tiles, tmp_path_factory):
   config = config_args.load_config(
       f"configs/pathflip_demo.py:size=test,features_dir={root / 'features'},workers=0")
   align_dir = str(root / "align")
-  task = align.AlignTask(config, align_dir)
-  train.save_config(config, align_dir)
-  ckpt = checkpointing.Checkpointer(align_dir)
-  ckpt.save(1, {"params": nnx.state(task.create_model(nnx.Rngs(0)), nnx.Param)})
-  ckpt.close()
+  runs_lib.save_untrained_run(config, align_dir)
   config = config_args.load_config(
       f"configs/pathflip_instruct_demo.py:size=test,align_workdir={align_dir},"
       f"questions={demo_cohort / 'questions.csv'},eval_split=")
-  instruct_dir = str(root / "instruct")
-  task = instruct.InstructTask(config, instruct_dir)
-  train.save_config(config, instruct_dir)
-  ckpt = checkpointing.Checkpointer(instruct_dir)
-  ckpt.save(1, {"params": nnx.state(task.create_model(nnx.Rngs(0)), nnx.Param)})
-  ckpt.close()
+  runs_lib.save_untrained_run(config, str(root / "instruct"))
   return root
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from pathflip_jax import config_args, tokenizer as tokenizer_lib, train
 from pathflip_jax.data import instructions as ins
 from pathflip_jax.models import decoder, instruct
-from tests import test_align
+from tests import runs, test_align
 
 FIELDS = list(ins.COLUMNS)
 
@@ -196,9 +196,6 @@ def test_visual_tokens_are_spliced_in_order():
 @pytest.fixture(scope="module")
 def align_run(tmp_path_factory):
   """A tiny finished align run and a questions CSV for its slides."""
-  from pathflip_jax import checkpointing
-  from pathflip_jax.tasks import align
-
   root = tmp_path_factory.mktemp("instruct")
   rows = test_align.write_features(root / "features")
   config = config_args.load_config(
@@ -206,12 +203,7 @@ def align_run(tmp_path_factory):
       "batch_size=8,log_steps=2,workers=0")
   # What stage instruct reads of an align run: config.json, tokenizer, checkpoint (an untrained
   # model will do; the align stage's own training is tested in test_align.py).
-  workdir = str(root / "align")
-  task = align.AlignTask(config, workdir)
-  train.save_config(config, workdir)
-  ckpt = checkpointing.Checkpointer(workdir)
-  ckpt.save(2, {"params": nnx.state(task.create_model(nnx.Rngs(0)), nnx.Param)})
-  ckpt.close()
+  runs.save_untrained_run(config, str(root / "align"), step=2)
   questions = []
   for i, row in enumerate(rows):
     options = list(test_align.CLASSES)

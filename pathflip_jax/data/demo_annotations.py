@@ -42,6 +42,16 @@ class _SlideTruth:
   regions: np.ndarray      # [h, w] region ids (0 = none)
   scale: float             # level-0 pixels per mask pixel
 
+  def window(self, x: float, y: float, size_level0: float) -> tuple[tuple[slice, slice], int]:
+    """The mask pixels under a patch (level-0 top-left x, y and side), clipped to the mask, and
+    the footprint in mask pixels including any part outside the slide (which counts as glass)."""
+    h, w = self.label.shape
+    x0, y0 = int(np.floor(x / self.scale)), int(np.floor(y / self.scale))
+    x1 = max(x0 + 1, int(np.ceil((x + size_level0) / self.scale)))
+    y1 = max(y0 + 1, int(np.ceil((y + size_level0) / self.scale)))
+    return ((slice(max(y0, 0), min(y1, h)), slice(max(x0, 0), min(x1, w))),
+            (x1 - x0) * (y1 - y0))
+
 
 class CohortAnnotations:
   """Reads a demo cohort's masks and captions; labels patches by their level-0 footprint."""
@@ -89,16 +99,11 @@ class CohortAnnotations:
     (columns in ``CLASS_LABELS`` order; glass and pixels outside the slide count in no column).
     The ground truth of the localization evaluator."""
     truth = self._slide(slide_id)
-    h, w = truth.label.shape
     coords_n2 = np.asarray(coords_n2, np.float64).reshape(-1, 2)
     out = np.zeros((len(coords_n2), len(CLASS_LABELS)), np.float32)
     for row, (x, y) in enumerate(coords_n2):
-      x0, y0 = int(np.floor(x / truth.scale)), int(np.floor(y / truth.scale))
-      x1 = max(x0 + 1, int(np.ceil((x + size_level0) / truth.scale)))
-      y1 = max(y0 + 1, int(np.ceil((y + size_level0) / truth.scale)))
-      footprint = (x1 - x0) * (y1 - y0)
-      label = truth.label[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)].ravel()
-      counts = np.bincount(label, minlength=max(CLASS_LABELS) + 1)
+      window, footprint = truth.window(x, y, size_level0)
+      counts = np.bincount(truth.label[window].ravel(), minlength=max(CLASS_LABELS) + 1)
       out[row] = counts[list(CLASS_LABELS)] / footprint
     return out
 
@@ -107,32 +112,24 @@ class CohortAnnotations:
     """Per patch: the id of the ``tissue``-type region (lesion) covering most of the patch's
     ``tissue`` pixels (0: none), and the share of the footprint that region covers."""
     truth = self._slide(slide_id)
-    h, w = truth.label.shape
     coords_n2 = np.asarray(coords_n2, np.float64).reshape(-1, 2)
     ids = np.zeros(len(coords_n2), np.int64)
     shares = np.zeros(len(coords_n2), np.float32)
     for row, (x, y) in enumerate(coords_n2):
-      x0, y0 = int(np.floor(x / truth.scale)), int(np.floor(y / truth.scale))
-      x1 = max(x0 + 1, int(np.ceil((x + size_level0) / truth.scale)))
-      y1 = max(y0 + 1, int(np.ceil((y + size_level0) / truth.scale)))
-      window = (slice(max(y0, 0), min(y1, h)), slice(max(x0, 0), min(x1, w)))
+      window, footprint = truth.window(x, y, size_level0)
       regions = truth.regions[window][truth.label[window] == tissue]
       if regions.size:
         counts = np.bincount(regions)
         ids[row] = int(counts.argmax())
-        shares[row] = counts.max() / ((x1 - x0) * (y1 - y0))
+        shares[row] = counts.max() / footprint
     return ids, shares
 
   def label_patch(self, slide_id: str, x: int, y: int, size_level0: int) -> PatchLabel:
     """Majority tissue type under the patch and the sentence of the region holding most of it."""
     truth = self._slide(slide_id)
-    h, w = truth.label.shape
-    x0, y0 = int(np.floor(x / truth.scale)), int(np.floor(y / truth.scale))
-    x1 = max(x0 + 1, int(np.ceil((x + size_level0) / truth.scale)))
-    y1 = max(y0 + 1, int(np.ceil((y + size_level0) / truth.scale)))
-    label = truth.label[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)].ravel()
-    regions = truth.regions[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)].ravel()
-    footprint = max((x1 - x0) * (y1 - y0), 1)      # pixels outside the slide count as glass
+    window, footprint = truth.window(x, y, size_level0)
+    label = truth.label[window].ravel()
+    regions = truth.regions[window].ravel()
     counts = np.bincount(label, minlength=len(TISSUE_NAMES) + 1)[1:] if label.size else []
     tissue_pixels = int(np.sum(counts))
     if not tissue_pixels:

@@ -87,11 +87,8 @@ class Evaluator:
                        f"cohort: {sorted(column)}")
     self.columns = [column[q] for q in self.queries]
     self.lesions = [q for q in (config.get("lesions", None) or LESIONS) if q in self.queries]
-    prompts = dict(config.get("prompts", None) or {})
-    per_query = [list(prompts.get(q) or [q]) for q in self.queries]
-    self.prompt_query = np.array([i for i, p in enumerate(per_query) for _ in p])
-    self.tokens = task.tokenizer.encode_batch([p for ps in per_query for p in ps],
-                                              task.example_config.subcaption_len)
+    texts, self.prompt_query = common.class_prompts(config, self.queries)
+    self.tokens = task.tokenizer.encode_batch(texts, task.example_config.subcaption_len)
     self.positive_fraction = float(config.get("positive_fraction", 0.5))
     self.froc = bool(config.get("froc", False))
     label_of = {demo_annotations.TISSUE_NAMES[c]: c for c in demo_annotations.CLASS_LABELS}

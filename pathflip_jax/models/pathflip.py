@@ -161,18 +161,26 @@ class PathFlip(nnx.Module):
     queries_bqw = self.qformer.encode_patches(patches_bnw, valid_bn)
     return self.vision_proj(queries_bqw.astype(jnp.float32).mean(axis=1).astype(self.dtype))
 
-  def region_tokens(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """The region Q-Former: each region's patches -> one token per region [b, m, e]."""
-    index_bmp = batch["region_index"]
+  @staticmethod
+  def region_patches(patches_bnw: jax.Array, index_bmp: jax.Array) -> jax.Array:
+    """Each region's rows of the projected patches, flattened for the Q-Former: [b*m, p, w]."""
     b, m, p = index_bmp.shape
     gathered = jnp.take_along_axis(patches_bnw, index_bmp.reshape(b, m * p, 1), axis=1)
-    regions = self._pooled(gathered.reshape(b * m, p, -1),
+    return gathered.reshape(b * m, p, -1)
+
+  def region_tokens(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The region Q-Former: each region's patches -> one token per region [b, m, e]."""
+    b, m, p = batch["region_index"].shape
+    regions = self._pooled(self.region_patches(patches_bnw, batch["region_index"]),
                            batch["region_patch_valid"].reshape(b * m, p))
     return regions.reshape(b, m, -1)
 
-  def encode_slides(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Slide embedding [b, e] (unit norm) and contextualised region embeddings [b, m, e]."""
-    patches_bnw = self.qformer.project_features(batch["features"])
+  def encode_slides(self, batch: Mapping[str, jax.Array],
+                    patches_bnw: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Slide embedding [b, e] (unit norm) and contextualised region embeddings [b, m, e]
+    (``patches_bnw``: the projected patch features, when the caller has them already)."""
+    if patches_bnw is None:
+      patches_bnw = self.qformer.project_features(batch["features"])
     slide_be = self._pooled(patches_bnw, batch["patch_valid"])
     regions_bme = self.region_tokens(patches_bnw, batch)
     positions = region_positions(batch["region_pos"], self.config.position_frequencies)
@@ -249,7 +257,8 @@ class PathFlip(nnx.Module):
     (``method`` "attention": the text-conditioned attention weights, averaged over heads;
     "contribution": :meth:`region_contributions`) times the region Q-Former's attention over
     that region's patches (relative to the region's mean). Patches of no kept region score 0."""
-    encoded = self.encode_slides(batch)
+    patches_bnw = self.qformer.project_features(batch["features"])
+    encoded = self.encode_slides(batch, patches_bnw)
     regions_bme, valid_bm = encoded["regions"], encoded["region_valid"]
     if method == "attention":
       region_btm = self.region_text_attention(text_bte, regions_bme, valid_bm)
@@ -260,11 +269,10 @@ class PathFlip(nnx.Module):
     region_btm = jnp.where(valid_bm[:, None], region_btm, 0.0)
     index_bmp = batch["region_index"]
     b, m, p = index_bmp.shape
-    patches_bnw = self.qformer.project_features(batch["features"])
-    gathered = jnp.take_along_axis(patches_bnw, index_bmp.reshape(b, m * p, 1), axis=1)
     patch_valid_bmp = batch["region_patch_valid"]
     within_bmp = self.qformer.patch_attention(
-        gathered.reshape(b * m, p, -1), patch_valid_bmp.reshape(b * m, p)).reshape(b, m, p)
+        self.region_patches(patches_bnw, index_bmp),
+        patch_valid_bmp.reshape(b * m, p)).reshape(b, m, p)
     # Scaled to mean 1 over each region's patches: a patch scores its region's score, raised or
     # lowered by where the region Q-Former looks, and a region of 1 patch is not 4x brighter
     # than one of 4.
