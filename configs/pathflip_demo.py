@@ -27,12 +27,13 @@ heatmaps against the cohort's label maps) and ``heatmap_method`` (``contribution
 linear and few-shot probes on the frozen slide embeddings and, for the biomarker, zero-shot
 AUROC from prompts).
 
-Model: the paper's, narrowed. A 4-layer Q-Former (width 128, 8 queries, cross-attention into the
-patches in layers 0 and 2) reads each slide's patch features (all of them: slide token; each
-region of 2 x 2 patches = 512 x 512 µm: region tokens); a 2-layer slide-context Transformer over
-[slide; regions] with 2-D region positions; 8-head text-conditioned region attention; 128-d joint
-space. Losses as the paper: slide InfoNCE (tau 0.1, label smoothing 0.1) + region sigmoid loss
-(8 subcaptions per slide; one negative subcaption from every other slide of the batch).
+Model: the paper's, narrowed. A 2-layer Q-Former (width 128, 8 queries, cross-attention into the
+patches in layer 0) reads each slide's patch features (all of them: slide token; each region of
+2 x 2 patches, 512 px at 0.5 µm/px = 256 µm a side: region tokens); a 2-layer slide-context
+Transformer over [slide; regions] with 2-D region positions; 8-head text-conditioned region
+attention; 128-d joint space. Losses as the paper: slide InfoNCE (tau 0.1, label smoothing 0.1)
++ region sigmoid loss (8 subcaptions per slide; one negative subcaption from every other slide of
+the batch).
 
 Measured (default 48-slide cohort, seed 0, features from configs/patch_clip_demo.py; 2 CPU cores):
 8 min 15 s wall, 1.45 steps/s. Test split, 13 slides: zero-shot diagnosis balanced accuracy 0.75
@@ -114,7 +115,8 @@ def get_config(arg: str | None = None):
   args = config_args.parse_arg(
       arg, features_dir="runs/demo/features", manifest="", captions="", tokenizer="",
       text_init="",
-      total_steps=600, batch_size=8, lr=1e-3, workers=1, size="demo", seed=0, log_steps=200, eval_split="test",
+      total_steps=600, batch_size=8, lr=1e-3, workers=1, size="demo", seed=0, log_steps=200,
+      eval_split="test",
       slide_loss=True, region_loss=True, region_attention=True, cohort_dir="",
       heatmap_method="contribution", probe_label="")
   config = config_args.ml_collections.ConfigDict()
@@ -178,7 +180,8 @@ def get_config(arg: str | None = None):
         type="slide_linear_probe", split=args.eval_split, label_key=args.probe_label,
         shots=(1, 2, 4, 8), draws=10,
         prompts=BIOMARKER_PROMPTS if args.probe_label == "biomarker" else {})
-  if args.cohort_dir and args.eval_split:  # the demo cohort's label maps: text-prompted localization is measurable
+  # The demo cohort's label maps make text-prompted localization measurable.
+  if args.cohort_dir and args.eval_split:
     config.evals.localization = dict(
         type="localization", split=args.eval_split, cohort_dir=args.cohort_dir,
         method=args.heatmap_method, queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,

@@ -271,18 +271,12 @@ def _read_json(path: str) -> list[tuple[str, dict]]:
                                f"{type(item).__name__}")
         out.append((f"{path}: item {i}", {str(k): _cell(v) for k, v in item.items()}))
       return out
-  out = []
-  for number, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      item = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise BenchmarkError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    if not isinstance(item, dict):
-      raise BenchmarkError(f"{path}:{number}: expected a JSON object")
-    out.append((f"{path}:{number}", {str(k): _cell(v) for k, v in item.items()}))
-  return out
+  try:
+    lines = manifest_lib.json_lines(path, text)
+  except manifest_lib.ManifestError as e:
+    raise BenchmarkError(str(e)) from None
+  return [(f"{path}:{number}", {str(k): _cell(v) for k, v in item.items()})
+          for number, item in lines]
 
 
 def read_table(path: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:

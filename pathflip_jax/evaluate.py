@@ -22,7 +22,8 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from pathflip_jax import checkpointing, config_args, evaluators as evaluators_lib, sharding, tasks
+from pathflip_jax import (checkpointing, config_args, evaluators as evaluators_lib, report,
+                          sharding, tasks)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
@@ -78,11 +79,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 def markdown_table(results: dict[str, dict[str, float]], title: str = "") -> str:
   """One table: evaluator | metric | value."""
   lines = [f"# Evaluation: {title}", ""] if title else []
-  lines += ["| evaluator | metric | value |", "|---|---|---|"]
-  for name, values in results.items():
-    for key, value in values.items():
-      lines.append(f"| {name} | {key} | {value:.4f} |")
-  return "\n".join(lines) + "\n"
+  rows = [(name, key, float(value)) for name, values in results.items()
+          for key, value in values.items()]
+  return "\n".join(lines + report.markdown_table(["evaluator", "metric", "value"], rows, 4))
 
 
 def main(argv=None) -> None:

@@ -19,17 +19,19 @@ def _load(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, digits: int) -> str:
   if value is None:
     return "–"
   if isinstance(value, float):
-    return f"{value:.3f}"
+    return f"{value:.{digits}f}"
   return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3
+                   ) -> list[str]:
+  """Lines of a Markdown table (floats to ``digits`` places, None as a dash), then a blank."""
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+  lines += ["| " + " | ".join(_fmt(v, digits) for v in row) + " |" for row in rows]
   return lines + [""]
 
 
@@ -58,14 +60,14 @@ def render(workdir: str, examples: Sequence[dict[str, Any]]) -> str:
 
   if patch:
     lines += ["## Patch encoder (val patches)", ""]
-    lines += _table(["metric", "value", "baseline"], _rows(patch, [
+    lines += markdown_table(["metric", "value", "baseline"], _rows(patch, [
         ("zero-shot tissue type, balanced accuracy", "zero_shot/balanced_accuracy",
          "zero_shot/chance_balanced_accuracy"),
         ("linear probe accuracy (baseline: same probe on colour means)",
          "linear_probe/accuracy", "linear_probe/colour_mean_accuracy")]))
 
   lines += ["## Zero-shot diagnosis", ""]
-  lines += _table(["metric", "value", "baseline"], _rows(align, [
+  lines += markdown_table(["metric", "value", "baseline"], _rows(align, [
       ("balanced accuracy (chance)", "zero_shot/balanced_accuracy",
        "zero_shot/chance_balanced_accuracy"),
       ("accuracy (majority class)", "zero_shot/accuracy", "zero_shot/majority_class_accuracy"),
@@ -73,7 +75,7 @@ def render(workdir: str, examples: Sequence[dict[str, Any]]) -> str:
       ("weighted F1", "zero_shot/weighted_f1", None)]))
 
   lines += ["## Slide - caption retrieval", ""]
-  lines += _table(["metric", "value", "chance"], _rows(align, [
+  lines += markdown_table(["metric", "value", "chance"], _rows(align, [
       (f"{direction.replace('_', ' ')} R@{k}", f"retrieval/{direction}_r@{k}",
        f"retrieval/chance_r@{k}")
       for direction in ("slide_to_text", "text_to_slide") for k in (1, 5, 10)]))
@@ -82,7 +84,7 @@ def render(workdir: str, examples: Sequence[dict[str, Any]]) -> str:
   if loc:
     lines += ["## Text-prompted localization (patch level, per slide)", ""]
     queries = sorted({k.split("/", 1)[1] for k in loc if k.startswith("auroc/")})
-    lines += _table(["query", "AUROC", "best Dice", "FROC", "slides"],
+    lines += markdown_table(["query", "AUROC", "best Dice", "FROC", "slides"],
                     [(q.replace("_", " "), loc.get(f"auroc/{q}"), loc.get(f"dice/{q}"),
                       loc.get(f"froc/{q}"), int(loc.get(f"num_slides/{q}", 0)))
                      for q in queries]
@@ -93,7 +95,7 @@ def render(workdir: str, examples: Sequence[dict[str, Any]]) -> str:
   probe = {k.split("/", 1)[1]: v for k, v in align.items() if k.startswith("probe/")}
   if probe:
     lines += ["## Biomarker (linear probe on frozen slide embeddings)", ""]
-    lines += _table(["metric", "value", "baseline"], _rows(probe, [
+    lines += markdown_table(["metric", "value", "baseline"], _rows(probe, [
         ("AUC (baseline: probe on mean patch features)", "auc", "mean_patch_feature/auc"),
         ("balanced accuracy (baseline: mean patch features)", "balanced_accuracy",
          "mean_patch_feature/balanced_accuracy"),
@@ -103,14 +105,14 @@ def render(workdir: str, examples: Sequence[dict[str, Any]]) -> str:
 
   if instruct:
     lines += ["## Captioning", ""]
-    lines += _table(["metric", "value", "baseline: a random training caption"], _rows(
+    lines += markdown_table(["metric", "value", "baseline: a random training caption"], _rows(
         instruct, [(name, f"captioning/{key}", f"captioning/random_train_caption/{key}")
                    for name, key in (("BLEU-1", "bleu_1"), ("BLEU-4", "bleu_4"),
                                      ("ROUGE-L", "rouge_l"), ("CIDEr-D", "cider_d"))]))
     lines += ["## Visual question answering", ""]
     categories = sorted({k.rsplit("/", 1)[1] for k in instruct
                          if k.startswith("vqa/mc/accuracy/")})
-    lines += _table(["metric", "value", "baseline"], _rows(instruct, [
+    lines += markdown_table(["metric", "value", "baseline"], _rows(instruct, [
         ("multiple choice, generated answer (best single letter)", "vqa/mc/accuracy",
          "vqa/mc/best_single_letter_accuracy"),
         ("multiple choice, most likely option (best single letter)", "vqa/mc/ranked_accuracy",

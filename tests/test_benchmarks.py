@@ -339,3 +339,18 @@ def test_main_exit_status(tmp_path, capsys):
   with pytest.raises(SystemExit):   # argparse: one --split or one per input
     benchmarks.main(["bcnb_vqa", "--input", str(BCNB), "--output", str(out), "--split", "train",
                      "test"])
+
+
+def test_manifest_with_byte_order_mark(tmp_path):
+  """Spreadsheet tools save a byte-order mark: the first column must still be 'slide_id'."""
+  jsonl = tmp_path / "m.jsonl"
+  jsonl.write_text('\ufeff{"slide_id": "A", "path": "a.svs"}\n\n{"slide_id": "B", '
+                   '"path": "b.svs"}\n', encoding="utf-8")
+  assert [r["slide_id"] for r in manifest.read_manifest(str(jsonl))] == ["A", "B"]
+  table = tmp_path / "m.csv"
+  table.write_text("\ufeffslide_id,path\nA,a.svs\n", encoding="utf-8")
+  assert manifest.read_manifest(str(table))[0]["slide_id"] == "A"
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"slide_id": "A", "path": "a.svs"}\n[1, 2]\n')
+  with pytest.raises(manifest.ManifestError, match=rf"{bad}:2: expected a JSON object"):
+    manifest.read_rows(str(bad))

@@ -68,25 +68,29 @@ def read_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
     raise ManifestError(f"{path}: manifest not found")
   ext = os.path.splitext(path)[1].lower()
   if ext in (".jsonl", ".json", ".ndjson"):
-    return _read_jsonl(path)
+    return json_lines(path)
   if ext in (".csv", ".tsv"):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
       reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
       return [(i, dict(r)) for i, r in enumerate(reader, start=2)]
   raise ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
 
 
-def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+def json_lines(path: str, text: str | None = None) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, object) of every non-blank line of a JSON-lines file (``text``: its contents,
+  when the caller has read them). A byte-order mark, as spreadsheet tools write, is ignored."""
+  if text is None:
+    with open(path, encoding="utf-8-sig") as f:
+      text = f.read()
   rows = []
-  with open(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ManifestError(f"{path}:{line_number}: expected a JSON object")
-      rows.append((line_number, row))
+  for line_number, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ManifestError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise ManifestError(f"{path}:{line_number}: expected a JSON object")
+    rows.append((line_number, row))
   return rows
