@@ -5,7 +5,7 @@ After configs/pathflip_demo.py (``runs/demo/align``; its docstring has the steps
   python -m pathflip_jax.train --config configs/pathflip_instruct_demo.py --workdir W
 
 The align run is loaded and frozen; it encodes each slide once into a slide token and up to 64
-region tokens. A small Gemma-style decoder (4 layers, width 256, multi-query attention, local
+region tokens. A small Gemma-style decoder (4 layers, width 128, multi-query attention, local
 and global layers; a 1000-piece tokenizer trained on the training split's prompts and answers)
 and the linear projector are trained from scratch on the training split's captions ("Describe
 the slide.") and questions (the cohort's questions.csv), the loss on answer tokens only, the
@@ -22,7 +22,13 @@ and ``answer_tokens`` (longest generated caption / answer in evaluation), ``regi
 examples, region positions and location words together) and ``visual_noise`` (Gaussian noise on
 training visual tokens, in units of each token's RMS).
 
-Measured: see the note of issue 7 (filled in when the demo run is measured).
+Measured (default 48-slide cohort, seed 0, after the seed-0 align run; 2 CPU cores; 49 s with
+evaluations on a fast 2-core machine). Test split, 13 slides, 59 multiple-choice questions:
+accuracy of the generated answer 0.63, of the most likely option 0.66 (best single letter 0.25);
+per category presence 0.91, absence 0.67, size 0.62, diagnosis 0.85, location 0.15 (chance
+0.25). Captions BLEU-1 0.56, BLEU-4 0.39, CIDEr-D 0.41 (a random training caption: 0.55, 0.36,
+0.27). On cohorts made with --seed 1 and --seed 2 the multiple-choice accuracy is 0.51 and 0.80:
+13 slides per cohort make single numbers coarse.
 """
 
 from pathflip_jax import config_args
