@@ -16,6 +16,8 @@ takes an abstract target (shapes, dtypes and the *current* mesh's shardings), so
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import time
@@ -104,7 +106,8 @@ def _manager(path: str) -> ocp.CheckpointManager:
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+  with _quiet_read_only():
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
   if manager.latest_step() is None:
     raise FileNotFoundError(f"{path}: no complete checkpoint in it")
   return manager
@@ -160,6 +163,30 @@ def named_leaves(tree: Any) -> dict[str, Any]:
   return {param_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+class _DropReadOnlyNotices(logging.Filter):
+  """Orbax warns on every read-only load of another run: that a read-only manager will not
+  create its directory, that the directory is read-only, and that a step's
+  ``_CHECKPOINT_METADATA`` is missing when one item directory (``<step>/state``) is read on its
+  own (the file is at the step level, where the manager wrote it). All three are expected
+  here; three warnings per loaded run only bury the messages that matter."""
+
+  NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only=",
+             "Metadata file does not exist: ")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.NOTICES)
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+  logger, quiet = logging.getLogger("absl"), _DropReadOnlyNotices()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
   """Every parameter of another run's checkpoint as {path: array} (no target needed).
 
@@ -169,14 +196,16 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
   manager = _manager(path)
   step = manager.latest_step() if step is None else step
   state_dir = os.path.join(str(manager.directory), str(step), "state")
-  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  restored = ocp.PyTreeCheckpointer().restore(
-      state_dir, args=ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  with _quiet_read_only():
+    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          tree)
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
   return {k: np.asarray(v) for k, v in named_leaves(restored["params"]).items()}
 
 

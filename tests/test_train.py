@@ -1,6 +1,7 @@
 """The trainer: sharded steps, checkpoints and resume, the NaN guard, partial init."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -254,3 +255,15 @@ def test_bfloat16_on_several_cpu_devices_is_a_clear_error():
     pytest.skip("needs several CPU devices (tests/conftest.py provides 8)")
   with pytest.raises(ValueError, match="config.dtype='bfloat16' on a mesh of 8 CPU devices"):
     train.train_and_evaluate(config, "/tmp/unused_workdir_for_error")
+
+
+def test_loading_another_run_is_quiet(tmp_path, caplog):
+  """Orbax's expected read-only notices (three per loaded run) are dropped; other warnings
+  of the same logger still show."""
+  train.train_and_evaluate(toy_task.get_config(), str(tmp_path / "run"))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert _params(tmp_path / "run")
+    logging.getLogger("absl").warning("a warning that matters")
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == ["a warning that matters"], messages
