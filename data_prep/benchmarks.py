@@ -194,6 +194,16 @@ class Report:
   def skip(self, where: str, reason: str, detail: str = "") -> None:
     self.skipped.append({"where": where, "reason": reason, "detail": detail})
 
+  def skip_empty(self, where: str, row: dict[str, Any],
+                 required: Sequence[tuple[str, str]]) -> bool:
+    """Skips a row (and says True) whose first empty cell among ``required`` (column, reason)
+    decides the reason."""
+    for column, reason in required:
+      if not row.get(column):
+        self.skip(where, reason, f"column {column!r} is empty")
+        return True
+    return False
+
   def reasons(self) -> dict[str, int]:
     counts: dict[str, int] = {}
     for s in self.skipped:
@@ -471,13 +481,10 @@ def slidebench_captions(csv_path: str, split: str = DEFAULT_SPLIT,
   out = []
   for where, row in rows:
     report.read += 1
-    if not row.get(slide_col):
-      report.skip(where, "empty_slide", f"column {slide_col!r} is empty")
+    if report.skip_empty(where, row, [(slide_col, "empty_slide"),
+                                      (caption_col, "empty_caption")]):
       continue
-    caption = row.get(caption_col, "")
-    if not caption:
-      report.skip(where, "empty_caption", f"column {caption_col!r} is empty")
-      continue
+    caption = row[caption_col]
     entry = _manifest_row(benchmark_slide_id(row[slide_col]), where, slides, ".svs", report)
     if entry is None:
       continue
@@ -658,15 +665,11 @@ def cptac_labels(path: str, split: str | None = None, fold: int | None = None,
       report.skip(where, "no_label", f"columns {[c for c, _ in label_cols]} are empty")
       continue
     case = row.get(case_col, "") if case_col else ""
+    if report.skip_empty(where, row, [(slide_col or case_col, "empty_slide")]):
+      continue
     if slide_col is not None:
-      if not row.get(slide_col):
-        report.skip(where, "empty_slide", f"column {slide_col!r} is empty")
-        continue
       slide_ids = [benchmark_slide_id(row[slide_col])]
     else:
-      if not case:
-        report.skip(where, "empty_slide", f"column {case_col!r} is empty")
-        continue
       slide_ids = slides.case_stems(case)
       if not slide_ids:
         report.skip(where, "no_slide_for_case", f"no file named {case}-* or {case}.* under "
@@ -749,13 +752,10 @@ def _vqa(path: str, *, split: str, slides: SlideFiles, report: Report, skip_inva
   out = []
   for where, row in rows:
     report.read += 1
-    if not row.get(slide_col):
-      report.skip(where, "empty_slide", f"column {slide_col!r} is empty")
+    if report.skip_empty(where, row, [(slide_col, "empty_slide"),
+                                      (question_col, "empty_question")]):
       continue
-    question = row.get(question_col, "")
-    if not question:
-      report.skip(where, "empty_question", f"column {question_col!r} is empty")
-      continue
+    question = row[question_col]
     try:
       options: dict[str, str] = {}
       empty = None
