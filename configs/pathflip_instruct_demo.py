@@ -28,7 +28,9 @@ accuracy of the generated answer 0.63, of the most likely option 0.66 (best sing
 per category presence 0.91, absence 0.67, size 0.62, diagnosis 0.85, location 0.15 (chance
 0.25). Captions BLEU-1 0.56, BLEU-4 0.39, CIDEr-D 0.41 (a random training caption: 0.55, 0.36,
 0.27). On cohorts made with --seed 1 and --seed 2 the multiple-choice accuracy is 0.51 and 0.80:
-13 slides per cohort make single numbers coarse.
+13 slides per cohort make single numbers coarse. The ceiling of these questions (an oracle that
+knows each tiled patch's exact tissue composition, ``python -m data_prep.demo_vqa_oracle``) is
+0.90 on the seed-0 test split (location 0.69, size 0.85, the other categories 1.00).
 """
 
 from pathflip_jax import config_args

@@ -31,6 +31,7 @@ ENTRY_POINTS = (
     ("data_prep.benchmarks", "public benchmark files -> manifests and questions"),
     ("pathflip_jax.train", "every training stage (patch_clip, align, instruct)"),
     ("pathflip_jax.evaluate", "every evaluator of a config on a checkpoint"),
+    ("data_prep.demo_vqa_oracle", "the demo questions' ceiling: answers from exact patch tissue"),
     ("pathflip_jax.infer", "one slide file -> zero-shot, caption, answers, heatmaps"),
 )
 

@@ -14,7 +14,8 @@ on; the training stages also resume from their last checkpoint):
                                                    biomarker probe on the test split)
   6 instruct   configs/pathflip_instruct_demo.py   W/instruct (captioning, VQA on the test split)
   7 heatmaps   pathflip_jax.infer on test slides   W/examples/<slide>/ (heatmaps, caption, page)
-  8 report     W/REPORT.md: every metric beside its chance baseline, sample captions, heatmaps
+  8 report     W/REPORT.md: every metric beside its chance baseline, sample captions, heatmaps;
+                                                   the VQA ceiling (data_prep.demo_vqa_oracle)
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
@@ -192,8 +193,17 @@ class Quickstart:
                   queries=EXAMPLE_QUERIES, questions=EXAMPLE_QUESTIONS)
 
   def _report(self) -> None:
+    from data_prep import demo_vqa_oracle  # pylint: disable=import-outside-toplevel
     from pathflip_jax import report  # pylint: disable=import-outside-toplevel
-    text = report.render(self.workdir, self.example_slides())
+    predictions = os.path.join(self.paths["instruct"], "eval", "vqa_test.jsonl")
+    oracle = None
+    if os.path.exists(predictions):
+      oracle = demo_vqa_oracle.evaluate(self.paths["cohort"], self.paths["patches"], "test",
+                                        predictions)
+      with open(os.path.join(self.paths["instruct"], "eval", "vqa_oracle_test.json"), "w",
+                encoding="utf-8") as f:
+        json.dump(oracle, f, indent=1, sort_keys=True)
+    text = report.render(self.workdir, self.example_slides(), oracle)
     path = os.path.join(self.workdir, "REPORT.md")
     with open(path, "w", encoding="utf-8") as f:
       f.write(text)

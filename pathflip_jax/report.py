@@ -46,7 +46,10 @@ def _rows(results: dict[str, Any], items: Sequence[tuple[str, str, str | float |
   return out
 
 
-def render(workdir: str, examples: Sequence[dict[str, Any]]) -> str:
+def render(workdir: str, examples: Sequence[dict[str, Any]],
+           vqa_oracle: dict[str, dict[str, Any]] | None = None) -> str:
+  """REPORT.md's text for a quickstart workdir (``vqa_oracle``: data_prep.demo_vqa_oracle's
+  result on the test split, with the model's accuracy per category)."""
   align = _load(os.path.join(workdir, "align", "results.json"))
   instruct = _load(os.path.join(workdir, "instruct", "results.json"))
   patch = _load(os.path.join(workdir, "patch_clip", "results.json"))
@@ -120,6 +123,15 @@ def render(workdir: str, examples: Sequence[dict[str, Any]]) -> str:
         + [(f"multiple choice: {c} (chance)", f"vqa/mc/accuracy/{c}", 0.25) for c in categories]
         + [("open: exact match", "vqa/open/exact_match", None),
            ("open: token F1", "vqa/open/f1", None)]))
+    if vqa_oracle:
+      lines += ["How much of each multiple-choice category the tiled patches can answer: an oracle "
+                "that knows every patch's exact tissue composition and nothing else "
+                "(data_prep/demo_vqa_oracle.py), beside the model and always one letter.", ""]
+      order = sorted(k for k in vqa_oracle if k != "all") + ["all"]
+      lines += markdown_table(
+          ["multiple choice", "questions", "model", "best single letter", "oracle (ceiling)"],
+          [(k, vqa_oracle[k]["questions"], vqa_oracle[k].get("model"),
+            vqa_oracle[k]["best_single_letter"], vqa_oracle[k]["oracle"]) for k in order])
     captions = os.path.join(workdir, "instruct", "eval", "captioning_test.jsonl")
     if os.path.exists(captions):
       lines += ["### Sample captions (test slides)", ""]

@@ -154,6 +154,9 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   # Numbers beside baselines, e.g. "| balanced accuracy (chance) | 0.250 | 0.250 |".
   assert re.search(r"\| balanced accuracy \(chance\) \| [01]\.\d{3} \| 0\.250 \|", report)
   assert re.search(r"\| \*\*lesions \(mean\)\*\* \| [01]\.\d{3} \|", report)
+  # The VQA ceiling: model, single letter and oracle over all multiple-choice questions.
+  assert re.search(r"\| all \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \|", report)
+  assert (workdir / "instruct" / "eval" / "vqa_oracle_test.json").exists()
   examples = quickstart.Quickstart(str(workdir), size="test").example_slides()
   images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
   assert examples and len(images) == len(examples) * len(quickstart.EXAMPLE_QUERIES)
