@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from data_prep import make_demo_cohort
 from pathflip_jax import report
-from pathflip_jax.data import demo_annotations, instructions, patch_shards
+from pathflip_jax.data import demo_annotations, instructions, manifest, patch_shards
 
 TISSUES = [demo_annotations.TISSUE_NAMES[c] for c in demo_annotations.CLASS_LABELS]
 
@@ -134,7 +134,7 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test",
   questions = [q for q in questions if q.slide_id in slides]
   model = {}
   if predictions:
-    for row in (json.loads(line) for line in open(predictions, encoding="utf-8") if line.strip()):
+    for _, row in manifest.json_lines(predictions):
       if row.get("type") == instructions.MULTIPLE_CHOICE:
         model[(row["slide_id"], row["question"])] = row.get("parsed") == row["answer"]
   rows: dict[str, dict[str, list]] = {}
@@ -157,16 +157,6 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test",
   return result
 
 
-def table(result: dict[str, Any]) -> str:
-  with_model = any("model" in r for r in result.values())
-  header = ["category", "questions", "oracle", "best single letter"] + (
-      ["model"] if with_model else [])
-  order = sorted(k for k in result if k != "all") + ["all"]
-  rows = [[k, result[k]["questions"], result[k]["oracle"], result[k]["best_single_letter"]]
-          + ([result[k].get("model", "–")] if with_model else []) for k in order]
-  return "\n".join(report.markdown_table(header, rows, digits=3))
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--output", default="", help="write the result as JSON here")
   args = parser.parse_args(argv)
   result = evaluate(args.cohort_dir, args.patches, args.split, args.predictions)
-  print(table(result))
+  print("\n".join(report.vqa_ceiling_table(result)))
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1, sort_keys=True)

@@ -46,6 +46,17 @@ def _rows(results: dict[str, Any], items: Sequence[tuple[str, str, str | float |
   return out
 
 
+def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
+  """Lines of the table of data_prep.demo_vqa_oracle's result: per multiple-choice category
+  (then "all") the questions, the model (a dash without predictions), the best single letter
+  and the oracle."""
+  order = sorted(k for k in result if k != "all") + ["all"]
+  return markdown_table(
+      ["category", "questions", "model", "best single letter", "oracle"],
+      [(k, result[k]["questions"], result[k].get("model"), result[k]["best_single_letter"],
+        result[k]["oracle"]) for k in order])
+
+
 def render(workdir: str, examples: Sequence[dict[str, Any]],
            vqa_oracle: dict[str, dict[str, Any]] | None = None) -> str:
   """REPORT.md's text for a quickstart workdir (``vqa_oracle``: data_prep.demo_vqa_oracle's
@@ -127,11 +138,7 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
       lines += ["How much of each multiple-choice category the tiled patches can answer: an oracle "
                 "that knows every patch's exact tissue composition and nothing else "
                 "(data_prep/demo_vqa_oracle.py), beside the model and always one letter.", ""]
-      order = sorted(k for k in vqa_oracle if k != "all") + ["all"]
-      lines += markdown_table(
-          ["multiple choice", "questions", "model", "best single letter", "oracle (ceiling)"],
-          [(k, vqa_oracle[k]["questions"], vqa_oracle[k].get("model"),
-            vqa_oracle[k]["best_single_letter"], vqa_oracle[k]["oracle"]) for k in order])
+      lines += vqa_ceiling_table(vqa_oracle)
     captions = os.path.join(workdir, "instruct", "eval", "captioning_test.jsonl")
     if os.path.exists(captions):
       lines += ["### Sample captions (test slides)", ""]
