@@ -22,13 +22,14 @@ and ``answer_tokens`` (longest generated caption / answer in evaluation), ``regi
 examples, region positions and location words together) and ``visual_noise`` (Gaussian noise on
 training visual tokens, in units of each token's RMS).
 
-Measured (default 48-slide cohort, seed 0, after the seed-0 align run; 2 CPU cores; 49 s with
-evaluations on a fast 2-core machine). Test split, 13 slides, 59 multiple-choice questions:
-accuracy of the generated answer 0.63, of the most likely option 0.66 (best single letter 0.25);
-per category presence 0.91, absence 0.67, size 0.62, diagnosis 0.85, location 0.15 (chance
-0.25). Captions BLEU-1 0.56, BLEU-4 0.39, CIDEr-D 0.41 (a random training caption: 0.55, 0.36,
-0.27). On cohorts made with --seed 1 and --seed 2 the multiple-choice accuracy is 0.51 and 0.80:
-13 slides per cohort make single numbers coarse. The ceiling of these questions (an oracle that
+Measured (default 48-slide cohort, seed 0, after the seed-0 align run; 2 CPU cores; 49-54 s
+with evaluations on a fast 2-core machine). Test split, 13 slides, 59 multiple-choice questions:
+accuracy of the generated answer 0.64, of the most likely option 0.68 (best single letter 0.25);
+per category presence 0.91, absence 0.67, size 0.54, diagnosis 0.85, location 0.31 (chance
+0.25). Captions BLEU-1 0.57, BLEU-4 0.40, CIDEr-D 0.59 (a random training caption: 0.55, 0.36,
+0.27). ``python -m pathflip_jax.quickstart --seed 1`` and ``--seed 2`` (other cohorts, every
+stage) give multiple-choice accuracy 0.57 and 0.72: 13 slides per cohort make single numbers
+coarse. The ceiling of these questions (an oracle that
 knows each tiled patch's exact tissue composition, ``python -m data_prep.demo_vqa_oracle``) is
 0.90 on the seed-0 test split (location 0.69, size 0.85, the other categories 1.00).
 """

@@ -4,6 +4,7 @@ on a demo cohort (an oracle and an inverted heatmap)."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -80,6 +81,21 @@ def test_region_contributions_split_the_text_region_score():
   bias_term = (unit_text @ o_bias) / np.linalg.norm(np.asarray(z), axis=-1)
   np.testing.assert_allclose(np.asarray(contribution).sum(-1) + bias_term, score,
                              rtol=1e-4, atol=1e-5)
+
+
+def test_region_attention_layer_norms_the_text_query():
+  # Unit-norm texts straight into the query projection gave attention logits ~sqrt(e) times too
+  # small to move from uniform in a demo run; the query side is layer-normed like the keys, so
+  # the weights ignore the text's scale and offset but not its direction.
+  model = _model()
+  regions = jax.random.normal(jax.random.key(1), (1, 5, 16))
+  valid = jnp.array([[True, True, True, True, False]])
+  text = jax.random.normal(jax.random.key(2), (1, 2, 16))
+  weights = model.region_text_attention(text, regions, valid)
+  np.testing.assert_allclose(model.region_text_attention(7.0 * text + 0.5, regions, valid),
+                             weights, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(weights[0, 0] - weights[0, 1]).max()) > 1e-4
+  assert float(weights[0, :, 4].max()) == 0.0
 
 
 def test_ablation_heatmap_ignores_the_text():

@@ -91,23 +91,35 @@ class ContextBlock(nnx.Module):
 
 
 class RegionAttention(nnx.Module):
-  """Text-conditioned region attention: texts [b, t, e] query the regions [b, m, e]."""
+  """Text-conditioned region attention: texts [b, t, e] query the regions [b, m, e].
+
+  Both sides are layer-normed. The texts arrive as unit vectors (entries ~ 1/sqrt(e)): without
+  the query norm the attention logits start ~sqrt(e) times smaller than the keys' side allows
+  (std ~0.005 in the demo config), so the weights stay almost uniform, whatever the text, for a whole demo
+  run; normed, each entry is ~1 as in any pre-norm Transformer."""
 
   def __init__(self, config: PathFlipConfig, *, rngs: nnx.Rngs, dtype: Dtype,
                param_dtype: Dtype):
     e = config.embed_dim
+    self.text_norm = vit.LayerNorm(e, eps=1e-6, dtype=dtype, param_dtype=param_dtype)
     self.region_norm = vit.LayerNorm(e, eps=1e-6, dtype=dtype, param_dtype=param_dtype)
     self.attention = qformer_lib.Attention(e, config.region_heads, rngs=rngs, dtype=dtype,
                                            param_dtype=param_dtype)
 
   def __call__(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
                ) -> jax.Array:
-    return self.attention(text_bte, self.region_norm(regions_bme), valid_bm)
+    return self.attention(self.text_norm(text_bte), self.region_norm(regions_bme), valid_bm)
+
+  def head_weights(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
+                   ) -> jax.Array:
+    """Attention of each text over the regions, per head: [b, h, t, m]."""
+    return self.attention.weights(self.text_norm(text_bte), self.region_norm(regions_bme),
+                                  valid_bm)
 
   def weights(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
               ) -> jax.Array:
     """Attention of each text over the regions, averaged over heads: [b, t, m]."""
-    return self.attention.weights(text_bte, self.region_norm(regions_bme), valid_bm).mean(1)
+    return self.head_weights(text_bte, regions_bme, valid_bm).mean(1)
 
 
 def mean_regions(text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
@@ -239,7 +251,7 @@ class PathFlip(nnx.Module):
       return self.region_text_attention(text_bte, regions_bme, valid_bm)
     attention = self.region_attention.attention
     keys_bme = self.region_attention.region_norm(regions_bme)
-    weights_bhtm = attention.weights(text_bte, keys_bme, valid_bm)
+    weights_bhtm = self.region_attention.head_weights(text_bte, regions_bme, valid_bm)
     v_bmhc = attention.project(keys_bme, "v").astype(jnp.float32)
     o_hce = attention.o_kernel[...].astype(jnp.float32)
     text_be = unit(text_bte)
