@@ -22,7 +22,9 @@ test suite), ``seed``, ``log_steps``, ``eval_split`` (``test``), and the ablatio
 ``slide_loss``, ``region_loss`` and ``region_attention`` (False: mean-pooled regions);
 ``cohort_dir`` (the demo cohort: adds the ``localization`` evaluator, which scores text-prompted
 heatmaps against the cohort's label maps) and ``heatmap_method`` (``contribution``, or
-``attention``: the region attention weights alone; see ``PathFlip.patch_heatmap``), and
+``attention``: the region attention weights alone; see ``PathFlip.patch_heatmap``),
+``reference`` (the patch_clip workdir whose ViT extracted the features: the localization
+evaluator also reports, as ``reference/...``, that model's own patch-level text alignment), and
 ``probe_label`` (a slide column, e.g. ``biomarker``: adds the ``slide_linear_probe`` evaluator,
 linear and few-shot probes on the frozen slide embeddings and, for the biomarker, zero-shot
 AUROC from prompts).
@@ -51,7 +53,8 @@ Localization (``cohort_dir=runs/demo/cohort``; or afterwards ``python -m pathfli
 ``heatmap_method=contribution``, 0.67 with seed=1; 0.41 with ``attention`` (the weights alone
 lean away from the queried tissue); the ``region_loss=False`` ablation 0.43. Method and prompts
 were chosen on the val split. Lesion FROC (mean sensitivity at 1/4-8 false positives per
-slide): 0.36, against 0.15 without the region loss.
+slide): 0.36, against 0.15 without the region loss. For scale, ``reference=runs/demo/patch_clip``
+(the patch encoder's own text alignment, trained with patch-level supervision): 0.79, FROC 0.67.
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
@@ -122,7 +125,7 @@ def get_config(arg: str | None = None):
       total_steps=600, batch_size=8, lr=3e-4, workers=1, size="demo", seed=0, log_steps=200,
       eval_split="test",
       slide_loss=True, region_loss=True, region_attention=True, cohort_dir="",
-      heatmap_method="contribution", probe_label="")
+      heatmap_method="contribution", probe_label="", reference="")
   config = config_args.ml_collections.ConfigDict()
   config.stage = "align"
   config.seed = args.seed
@@ -189,7 +192,7 @@ def get_config(arg: str | None = None):
     config.evals.localization = dict(
         type="localization", split=args.eval_split, cohort_dir=args.cohort_dir,
         method=args.heatmap_method, queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,
-        positive_fraction=0.5, froc=True)
+        positive_fraction=0.5, froc=True, reference=args.reference)
   config.resume = ""
   config.model_init = ""
   config.model_init_include = (".*",)

@@ -155,7 +155,8 @@ class Quickstart:
 
   def align_config_args(self) -> str:
     return _args(f"features_dir={self.paths['features']}", f"cohort_dir={self.paths['cohort']}",
-                 "probe_label=biomarker", f"seed={self.seed}", self.align_args)
+                 f"reference={self.paths['patch_clip']}", "probe_label=biomarker",
+                 f"seed={self.seed}", self.align_args)
 
   def _align(self) -> None:
     self._train("pathflip_demo", self.align_config_args(), self.paths["align"])

@@ -103,8 +103,13 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
                       loc.get(f"froc/{q}"), int(loc.get(f"num_slides/{q}", 0)))
                      for q in queries]
                     + [("**lesions (mean)**", loc.get("mean_lesion_auroc"),
-                        loc.get("mean_lesion_dice"), loc.get("mean_lesion_froc"), None),
-                       ("chance", 0.5, None, None, None)])
+                        loc.get("mean_lesion_dice"), loc.get("mean_lesion_froc"), None)]
+                    + ([("lesions (mean): the patch encoder's own text alignment, trained with "
+                         "patch-level supervision", loc["reference/mean_lesion_auroc"],
+                         loc.get("reference/mean_lesion_dice"),
+                         loc.get("reference/mean_lesion_froc"), None)]
+                       if "reference/mean_lesion_auroc" in loc else [])
+                    + [("chance", 0.5, None, None, None)])
 
   probe = {k.split("/", 1)[1]: v for k, v in align.items() if k.startswith("probe/")}
   if probe:

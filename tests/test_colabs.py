@@ -27,7 +27,11 @@ import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from pathflip_jax import quickstart
+import configs
+import numpy as np
+from pathflip_jax import config_args, quickstart
+from pathflip_jax.evaluators import localization
+from pathflip_jax.tasks import align, patch_clip as patch_clip_task
 
 COLABS = pathlib.Path(__file__).resolve().parent.parent / "colabs"
 # notebook -> whether it promises figures (at least one image output)
@@ -137,6 +141,30 @@ def test_notebook_runs(name, quickstart_workdir, kernel_specs, tmp_path):
   assert not os.listdir(tmp_path), os.listdir(tmp_path)
 
 
+def test_localization_reference_is_the_patch_encoders_own_cosine(quickstart_workdir):
+  """The localization evaluator's reference scores each patch by the cosine of the patch_clip
+  run's projected feature with the query's mean prompt embedding from that run's text tower."""
+  workdir = quickstart_workdir
+  results = json.load(open(workdir / "align" / "results.json"))
+  assert 0.0 <= results["localization/reference/mean_lesion_auroc"] <= 1.0
+  spec = pathlib.Path(configs.__file__).parent / "pathflip_demo.py"
+  args = quickstart.Quickstart(str(workdir), size="test").align_config_args()
+  config = config_args.load_config(f"{spec}:{args},workers=0")
+  assert config.evals.localization.reference == str(workdir / "patch_clip")
+  task = align.AlignTask(config, str(workdir / "align"))
+  evaluator = localization.Evaluator(config.evals.localization, task, None)
+  slide_id, _, _, scores = next(evaluator.reference_heatmaps())
+  element = task.source(evaluator.split)[0]
+  assert slide_id == element["text"].slide_id
+  model, tokenizer, text_len = patch_clip_task.load_patch_clip(str(workdir / "patch_clip"))
+  query = evaluator.queries[0]
+  prompts = config.evals.localization.prompts[query]
+  text = np.asarray(model.encode_texts(tokenizer.encode_batch(prompts, text_len))).mean(0)
+  patches = np.asarray(model.image_proj(np.asarray(element["features"], np.float32)))
+  expected = (patches @ text) / (np.linalg.norm(patches, axis=1) * np.linalg.norm(text))
+  np.testing.assert_allclose(scores[0], expected, rtol=1e-4, atol=1e-5)
+
+
 TABLES = ("## Patch encoder", "## Zero-shot diagnosis", "## Slide - caption retrieval",
           "## Text-prompted localization", "## Biomarker", "## Captioning",
           "## Visual question answering", "### Sample captions", "## Example slides")
@@ -154,6 +182,8 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   # Numbers beside baselines, e.g. "| balanced accuracy (chance) | 0.250 | 0.250 |".
   assert re.search(r"\| balanced accuracy \(chance\) \| [01]\.\d{3} \| 0\.250 \|", report)
   assert re.search(r"\| \*\*lesions \(mean\)\*\* \| [01]\.\d{3} \|", report)
+  assert re.search(r"\| lesions \(mean\): the patch encoder's own text alignment, trained with "
+                   r"patch-level supervision \| [01]\.\d{3} \|", report)
   # The VQA ceiling: model, single letter and oracle over all multiple-choice questions.
   assert re.search(r"\| all \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \|", report)
   assert (workdir / "instruct" / "eval" / "vqa_oracle_test.json").exists()

@@ -17,9 +17,15 @@ maps: a patch is positive when at least ``positive_fraction`` of its footprint i
                   (later hits of the same lesion are ignored), or is a false positive when no
                   lesion covers it at all. Lesions no tiled patch reaches are not counted.
 
+  reference/...   with ``reference`` set: the same metrics for a reference with *patch-level*
+                  supervision, the patch_clip run whose image tower extracted the features (the
+                  role CONCH plays): each patch scored by the cosine of its projected feature
+                  with the query's mean prompt embedding from that run's own text tower
+
 Config: ``split`` ("test"), ``every``, ``cohort_dir`` (the demo cohort: masks/ and
 manifest.jsonl), ``queries`` (tissue names), ``lesions``, ``prompts``, ``method`` ("attention" or
-"contribution", see ``PathFlip.patch_heatmap``), ``positive_fraction`` (0.5), ``froc`` (False).
+"contribution", see ``PathFlip.patch_heatmap``), ``positive_fraction`` (0.5), ``froc`` (False),
+``reference`` ("": none; a patch_clip workdir).
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ class Evaluator:
     label_of = {demo_annotations.TISSUE_NAMES[c]: c for c in demo_annotations.CLASS_LABELS}
     self.labels = [label_of[q] for q in self.queries]
     self.scorer = heatmaps.HeatmapScorer(config.get("method", "attention"))
+    self.reference = config.get("reference", "")
+    self._reference_queries: np.ndarray | None = None
+    self._reference_model = None
 
   def slide_heatmaps(self, model: nnx.Module):
     """Per slide of the split: (slide_id, coords [n, 2], patch size, scores [queries, n])."""
@@ -107,14 +116,47 @@ class Evaluator:
       yield (element["text"].slide_id, np.asarray(element["coords"]),
              float(element["patch_size_level0"]), scores)
 
+  def reference_heatmaps(self):
+    """Like :meth:`slide_heatmaps`, from the ``reference`` patch_clip run's own text alignment."""
+    from pathflip_jax.tasks import patch_clip as patch_clip_task  # pylint: disable=import-outside-toplevel
+    if self._reference_model is None:
+      self._reference_model = patch_clip_task.load_patch_clip(self.reference)
+    model, tokenizer, text_len = self._reference_model
+    if self._reference_queries is None:
+      texts, prompt_query = common.class_prompts(self.config, self.queries)
+      prompt_emb = np.asarray(model.encode_texts(tokenizer.encode_batch(texts, text_len)))
+      self._reference_queries = common.class_embeddings(prompt_emb, prompt_query,
+                                                        len(self.queries))
+    feature_dim = model.image_proj.kernel.shape[0]
+    source = self.task.source(self.split)
+    for i in range(len(source)):
+      element = source[i]
+      features = np.asarray(element["features"], np.float32)
+      if features.shape[1] != feature_dim:
+        raise ValueError(f"config.evals.*.reference={self.reference}: its image projection takes "
+                         f"{feature_dim}-d features, slide {element['text'].slide_id} has "
+                         f"{features.shape[1]}-d ones (not this run's patch encoder)")
+      patches = np.asarray(model.image_proj(features), np.float32)
+      patches = patches / np.maximum(np.linalg.norm(patches, axis=1, keepdims=True), 1e-12)
+      yield (element["text"].slide_id, np.asarray(element["coords"]),
+             float(element["patch_size_level0"]), self._reference_queries @ patches.T)
+
   def run(self, model: nnx.Module) -> dict[str, float]:
+    result = self.score(self.slide_heatmaps(model))
+    if self.reference:
+      result.update({f"reference/{k}": v for k, v in self.score(self.reference_heatmaps()).items()
+                     if k != "chance_auroc"})
+    return result
+
+  def score(self, slide_heatmaps) -> dict[str, float]:
+    """The metrics of (slide_id, coords, patch size, scores [queries, n]) per slide."""
     aurocs = {q: [] for q in self.queries}
     dices = {q: [] for q in self.queries}       # per slide: Dice at each threshold
     detections: dict[str, list[tuple[float, str, int]]] = {q: [] for q in self.queries}
     lesions = {q: set() for q in self.queries}
     slides_seen = 0
     skipped = 0
-    for slide_id, coords, size, scores in self.slide_heatmaps(model):
+    for slide_id, coords, size, scores in slide_heatmaps:
       if slide_id not in self.annotations.slides:
         skipped += 1
         continue

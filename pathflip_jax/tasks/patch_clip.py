@@ -235,6 +235,32 @@ class PatchClipTask:
     return self._images[split]
 
 
+def _run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir "
+                            "(python -m pathflip_jax.train --workdir ...)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get("stage") != "patch_clip":
+    raise ValueError(f"{path}: stage is {config.get('stage')!r}; only a patch_clip run has "
+                     f"{what}")
+  return config
+
+
+def load_patch_clip(workdir: str, step: int | None = None
+                    ) -> tuple[patch_clip.PatchClip, tokenizer_lib.Tokenizer, int]:
+  """The whole trained model of a patch_clip run, both towers: (model, tokenizer, text length)."""
+  from pathflip_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  config = _run_config(workdir, "a patch-text model")
+  tokenizer = tokenizer_lib.Tokenizer(config.tokenizer or os.path.join(workdir,
+                                                                       "tokenizer.model"))
+  clip_config = model_config(config, tokenizer.num_embeddings, tokenizer.pad_id)
+  model = checkpointing.model_from_checkpoint(
+      lambda: patch_clip.PatchClip(clip_config, rngs=nnx.Rngs(0)), workdir, step)
+  return model, tokenizer, int(config.text_len)
+
+
 def load_image_encoder(workdir: str, step: int | None = None
                        ) -> tuple[vit.VisionTransformer, patch_clip.PatchClipConfig, str]:
   """The trained ViT of a patch_clip run (its latest checkpoint): (model, config, name).
@@ -243,15 +269,7 @@ def load_image_encoder(workdir: str, step: int | None = None
   joint space); normalise inputs with ``config.mean``/``config.std``.
   """
   from pathflip_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir "
-                            "(python -m pathflip_jax.train --workdir ...)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("stage") != "patch_clip":
-    raise ValueError(f"{path}: stage is {config.get('stage')!r}; only a patch_clip run has a "
-                     "patch encoder to export")
+  config = _run_config(workdir, "a patch encoder to export")
   clip_config = model_config(config, vocab_size=1, pad_id=0)   # the text side is not rebuilt
   model = checkpointing.model_from_checkpoint(
       lambda: vit.VisionTransformer(clip_config.vision, rngs=nnx.Rngs(0)), workdir, step,
