@@ -17,6 +17,7 @@ takes an abstract target (shapes, dtypes and the *current* mesh's shardings), so
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any, Callable, Sequence
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -207,6 +209,22 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
         state_dir, args=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
   return {k: np.asarray(v) for k, v in named_leaves(restored["params"]).items()}
+
+
+def run_config(workdir: str, stage: str, name: str = "") -> ml_collections.ConfigDict:
+  """The config a training run saved (``workdir/config.json``), checked to be of ``stage``.
+
+  ``name`` is how the user gave the workdir (e.g. "config.align_workdir=W"), for the errors."""
+  name = name or workdir
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {name} is not a training workdir "
+                            "(python -m pathflip_jax.train --workdir ...)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get("stage") != stage:
+    raise ValueError(f"{path}: stage is {config.get('stage')!r}; {name} must be a {stage!r} run")
+  return config
 
 
 def model_from_checkpoint(model_factory: Callable[[], nnx.Module], path: str,

@@ -163,6 +163,8 @@ def test_localization_reference_is_the_patch_encoders_own_cosine(quickstart_work
   patches = np.asarray(model.image_proj(np.asarray(element["features"], np.float32)))
   expected = (patches @ text) / (np.linalg.norm(patches, axis=1) * np.linalg.norm(text))
   np.testing.assert_allclose(scores[0], expected, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="stage is 'align'.* must be a 'patch_clip' run"):
+    patch_clip_task.load_patch_clip(str(workdir / "align"))
 
 
 TABLES = ("## Patch encoder", "## Zero-shot diagnosis", "## Slide - caption retrieval",

@@ -53,15 +53,8 @@ SPLITS = align.SPLITS
 def load_align_run(workdir: str, features_dir: str = "") -> tuple[align.AlignTask,
                                                                    pathflip.PathFlip]:
   """The task (data, tokenizer, splits) and trained model of an "align" run's workdir."""
+  config = checkpointing.run_config(workdir, "align", f"config.align_workdir={workdir}")
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: config.align_workdir={workdir} is not a "
-                            "training workdir (python -m pathflip_jax.train --workdir ...)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("stage") != "align":
-    raise ValueError(f"{path}: stage is {config.get('stage')!r}; config.align_workdir must be "
-                     "an align run")
   if features_dir:
     config.features_dir = features_dir
   if not os.path.isdir(config.features_dir):

@@ -13,7 +13,6 @@ Config keys read here (see ``configs/patch_clip_demo.py``): ``cohort_dir``, ``pa
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
@@ -235,24 +234,11 @@ class PatchClipTask:
     return self._images[split]
 
 
-def _run_config(workdir: str, what: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir "
-                            "(python -m pathflip_jax.train --workdir ...)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get("stage") != "patch_clip":
-    raise ValueError(f"{path}: stage is {config.get('stage')!r}; only a patch_clip run has "
-                     f"{what}")
-  return config
-
-
 def load_patch_clip(workdir: str, step: int | None = None
                     ) -> tuple[patch_clip.PatchClip, tokenizer_lib.Tokenizer, int]:
   """The whole trained model of a patch_clip run, both towers: (model, tokenizer, text length)."""
   from pathflip_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  config = _run_config(workdir, "a patch-text model")
+  config = checkpointing.run_config(workdir, "patch_clip")
   tokenizer = tokenizer_lib.Tokenizer(config.tokenizer or os.path.join(workdir,
                                                                        "tokenizer.model"))
   clip_config = model_config(config, tokenizer.num_embeddings, tokenizer.pad_id)
@@ -269,7 +255,7 @@ def load_image_encoder(workdir: str, step: int | None = None
   joint space); normalise inputs with ``config.mean``/``config.std``.
   """
   from pathflip_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  config = _run_config(workdir, "a patch encoder to export")
+  config = checkpointing.run_config(workdir, "patch_clip")
   clip_config = model_config(config, vocab_size=1, pad_id=0)   # the text side is not rebuilt
   model = checkpointing.model_from_checkpoint(
       lambda: vit.VisionTransformer(clip_config.vision, rngs=nnx.Rngs(0)), workdir, step,
