@@ -42,6 +42,7 @@ from jax.sharding import Mesh
 from pathflip_jax import heatmaps
 from pathflip_jax.data import demo_annotations
 from pathflip_jax.evaluators import common, metrics
+from pathflip_jax.tasks import patch_clip as patch_clip_task
 
 LESIONS = ("tumour", "necrosis", "benign glands")
 THRESHOLDS = np.linspace(0.05, 1.0, 20)   # on per-slide min-max normalised scores
@@ -101,8 +102,8 @@ class Evaluator:
     self.labels = [label_of[q] for q in self.queries]
     self.scorer = heatmaps.HeatmapScorer(config.get("method", "attention"))
     self.reference = config.get("reference", "")
-    self._reference_queries: np.ndarray | None = None
-    self._reference_model = None
+    # The reference does not train: its metrics are computed once, at the first run.
+    self._reference_metrics: dict[str, float] | None = None
 
   def slide_heatmaps(self, model: nnx.Module):
     """Per slide of the split: (slide_id, coords [n, 2], patch size, scores [queries, n])."""
@@ -118,15 +119,10 @@ class Evaluator:
 
   def reference_heatmaps(self):
     """Like :meth:`slide_heatmaps`, from the ``reference`` patch_clip run's own text alignment."""
-    from pathflip_jax.tasks import patch_clip as patch_clip_task  # pylint: disable=import-outside-toplevel
-    if self._reference_model is None:
-      self._reference_model = patch_clip_task.load_patch_clip(self.reference)
-    model, tokenizer, text_len = self._reference_model
-    if self._reference_queries is None:
-      texts, prompt_query = common.class_prompts(self.config, self.queries)
-      prompt_emb = np.asarray(model.encode_texts(tokenizer.encode_batch(texts, text_len)))
-      self._reference_queries = common.class_embeddings(prompt_emb, prompt_query,
-                                                        len(self.queries))
+    model, tokenizer, text_len = patch_clip_task.load_patch_clip(self.reference)
+    texts, prompt_query = common.class_prompts(self.config, self.queries)
+    prompt_emb = np.asarray(model.encode_texts(tokenizer.encode_batch(texts, text_len)))
+    query_emb = common.class_embeddings(prompt_emb, prompt_query, len(self.queries))
     feature_dim = model.image_proj.kernel.shape[0]
     source = self.task.source(self.split)
     for i in range(len(source)):
@@ -139,13 +135,16 @@ class Evaluator:
       patches = np.asarray(model.image_proj(features), np.float32)
       patches = patches / np.maximum(np.linalg.norm(patches, axis=1, keepdims=True), 1e-12)
       yield (element["text"].slide_id, np.asarray(element["coords"]),
-             float(element["patch_size_level0"]), self._reference_queries @ patches.T)
+             float(element["patch_size_level0"]), query_emb @ patches.T)
 
   def run(self, model: nnx.Module) -> dict[str, float]:
     result = self.score(self.slide_heatmaps(model))
     if self.reference:
-      result.update({f"reference/{k}": v for k, v in self.score(self.reference_heatmaps()).items()
-                     if k != "chance_auroc"})
+      if self._reference_metrics is None:
+        self._reference_metrics = {f"reference/{k}": v
+                                   for k, v in self.score(self.reference_heatmaps()).items()
+                                   if k != "chance_auroc"}
+      result.update(self._reference_metrics)
     return result
 
   def score(self, slide_heatmaps) -> dict[str, float]:

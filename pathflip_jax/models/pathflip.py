@@ -95,8 +95,8 @@ class RegionAttention(nnx.Module):
 
   Both sides are layer-normed. The texts arrive as unit vectors (entries ~ 1/sqrt(e)): without
   the query norm the attention logits start ~sqrt(e) times smaller than the keys' side allows
-  (std ~0.005 in the demo config), so the weights stay almost uniform, whatever the text, for a whole demo
-  run; normed, each entry is ~1 as in any pre-norm Transformer."""
+  (std ~0.005 in the demo config), so the weights stay almost uniform, whatever the text, for a
+  whole demo run; normed, each entry is ~1 as in any pre-norm Transformer."""
 
   def __init__(self, config: PathFlipConfig, *, rngs: nnx.Rngs, dtype: Dtype,
                param_dtype: Dtype):
