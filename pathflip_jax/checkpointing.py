@@ -211,19 +211,24 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in named_leaves(restored["params"]).items()}
 
 
-def run_config(workdir: str, stage: str, name: str = "") -> ml_collections.ConfigDict:
-  """The config a training run saved (``workdir/config.json``), checked to be of ``stage``.
+def run_config(workdir: str, stage: str | Sequence[str], name: str = ""
+               ) -> ml_collections.ConfigDict:
+  """The config a training run saved (``workdir/config.json``), checked to be of ``stage`` (or
+  of one of several stages).
 
   ``name`` is how the user gave the workdir (e.g. "config.align_workdir=W"), for the errors."""
   name = name or workdir
+  stages = (stage,) if isinstance(stage, str) else tuple(stage)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {name} is not a training workdir "
                             "(python -m pathflip_jax.train --workdir ...)")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  if config.get("stage") != stage:
-    raise ValueError(f"{path}: stage is {config.get('stage')!r}; {name} must be a {stage!r} run")
+  if config.get("stage") not in stages:
+    wanted = (f"a {stages[0]!r} run" if len(stages) == 1 else
+              "a run of stage " + " or ".join(repr(s) for s in stages))
+    raise ValueError(f"{path}: stage is {config.get('stage')!r}; {name} must be {wanted}")
   return config
 
 

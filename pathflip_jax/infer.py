@@ -56,23 +56,19 @@ def _log(message: str) -> None:
   print(f"[infer] {message}", file=sys.stderr, flush=True)
 
 
-def _read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise InferError(f"{path} not found: --workdir {workdir} is not a training workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+def _run_config(workdir: str, stage: str | tuple[str, ...]) -> ml_collections.ConfigDict:
+  try:
+    return checkpointing.run_config(workdir, stage, f"--workdir {workdir}")
+  except (FileNotFoundError, ValueError) as e:
+    raise InferError(str(e)) from e
 
 
 def resolve_runs(workdir: str) -> tuple[str, str | None]:
   """(align workdir, instruct workdir or None) of ``workdir``."""
-  config = _read_run_config(workdir)
-  if config.get("stage") == "instruct":
+  config = _run_config(workdir, ("align", "instruct"))
+  if config.stage == "instruct":
     return config.align_workdir, workdir
-  if config.get("stage") == "align":
-    return workdir, None
-  raise InferError(f"{workdir}/config.json: stage {config.get('stage')!r}; --workdir must be an "
-                   "align or instruct run")
+  return workdir, None
 
 
 # ------------------------------------------------------------------------- tiling + features
@@ -217,7 +213,7 @@ def ask(instruct_dir: str, visual: dict[str, np.ndarray], questions: Sequence[st
         ) -> dict[str, Any]:
   """The instruct run's caption of the slide and answers to ``questions`` (greedy; at most as
   many tokens as the run's captioning and VQA evaluators generate)."""
-  config = _read_run_config(instruct_dir)
+  config = _run_config(instruct_dir, "instruct")
   evals = config.get("evals") or {}
   caption_tokens = next((e.max_new_tokens for e in evals.values()
                          if e.get("type") == "captioning"), 256)

@@ -110,3 +110,10 @@ def test_infer_errors_name_the_input(runs, tmp_path):
   with pytest.raises(SystemExit, match="is not a training workdir"):
     infer.main(["--workdir", str(tmp_path), "--slide", str(broken),
                 "--output_dir", str(tmp_path / "o")])
+  other_stage = tmp_path / "patch_clip_run"
+  other_stage.mkdir()
+  (other_stage / "config.json").write_text(json.dumps({"stage": "patch_clip"}))
+  with pytest.raises(SystemExit, match="stage is 'patch_clip'; --workdir .* must be a run of "
+                                       "stage 'align' or 'instruct'"):
+    infer.main(["--workdir", str(other_stage), "--slide", str(broken),
+                "--output_dir", str(tmp_path / "o")])

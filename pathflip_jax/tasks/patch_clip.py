@@ -165,10 +165,8 @@ class PatchClipTask:
 
   @staticmethod
   def _tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
-    if config.tokenizer:
-      return tokenizer_lib.Tokenizer(config.tokenizer)
-    path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(path):
+    path = tokenizer_path(config, workdir)
+    if not config.tokenizer and not os.path.exists(path):
       tokenizer_lib.train(cohort_corpus(config.cohort_dir), os.path.join(workdir, "tokenizer"),
                           vocab_size=config.vocab_size, model_type=config.tokenizer_type)
     return tokenizer_lib.Tokenizer(path)
@@ -234,13 +232,18 @@ class PatchClipTask:
     return self._images[split]
 
 
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The SentencePiece model a patch_clip run uses: ``config.tokenizer``, else the one it trains
+  into its workdir."""
+  return config.tokenizer or os.path.join(workdir, "tokenizer.model")
+
+
 def load_patch_clip(workdir: str, step: int | None = None
                     ) -> tuple[patch_clip.PatchClip, tokenizer_lib.Tokenizer, int]:
   """The whole trained model of a patch_clip run, both towers: (model, tokenizer, text length)."""
   from pathflip_jax import checkpointing  # pylint: disable=import-outside-toplevel
   config = checkpointing.run_config(workdir, "patch_clip")
-  tokenizer = tokenizer_lib.Tokenizer(config.tokenizer or os.path.join(workdir,
-                                                                       "tokenizer.model"))
+  tokenizer = tokenizer_lib.Tokenizer(tokenizer_path(config, workdir))
   clip_config = model_config(config, tokenizer.num_embeddings, tokenizer.pad_id)
   model = checkpointing.model_from_checkpoint(
       lambda: patch_clip.PatchClip(clip_config, rngs=nnx.Rngs(0)), workdir, step)
