@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pathflip_jax import losses, tokenizer as tokenizer_lib
+from pathflip_jax import checkpointing, losses, tokenizer as tokenizer_lib
 from pathflip_jax.data import demo_annotations, patch_shards, tiling
 from pathflip_jax.models import patch_clip, text_encoder, vit
 
@@ -241,7 +241,6 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 def load_patch_clip(workdir: str, step: int | None = None
                     ) -> tuple[patch_clip.PatchClip, tokenizer_lib.Tokenizer, int]:
   """The whole trained model of a patch_clip run, both towers: (model, tokenizer, text length)."""
-  from pathflip_jax import checkpointing  # pylint: disable=import-outside-toplevel
   config = checkpointing.run_config(workdir, "patch_clip")
   tokenizer = tokenizer_lib.Tokenizer(tokenizer_path(config, workdir))
   clip_config = model_config(config, tokenizer.num_embeddings, tokenizer.pad_id)
@@ -257,7 +256,6 @@ def load_image_encoder(workdir: str, step: int | None = None
   ``model`` outputs the pooled features the linear probe scored (before the projection into the
   joint space); normalise inputs with ``config.mean``/``config.std``.
   """
-  from pathflip_jax import checkpointing  # pylint: disable=import-outside-toplevel
   config = checkpointing.run_config(workdir, "patch_clip")
   clip_config = model_config(config, vocab_size=1, pad_id=0)   # the text side is not rebuilt
   model = checkpointing.model_from_checkpoint(
