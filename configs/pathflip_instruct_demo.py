@@ -18,7 +18,8 @@ Args (``--config configs/pathflip_instruct_demo.py:key=value,...``): ``align_wor
 ``answer_format`` (``text``: "fat"; ``letter_text``: "B. fat"; ``letter``), ``lora_rank`` (0: the whole
 decoder trains; > 0: LoRA adapters and the projector only), ``workers``, ``caption_tokens``
 and ``answer_tokens`` (longest generated caption / answer in evaluation), ``region_dropout``
-(fraction of region tokens dropped per training example), ``flip`` (1: mirror training
+(fraction of region tokens dropped per training example), ``slide_dropout`` (chance that a
+training example shows the regions without the slide token), ``flip`` (1: mirror training
 examples, region positions and location words together) and ``visual_noise`` (Gaussian noise on
 training visual tokens, in units of each token's RMS).
 
@@ -42,7 +43,8 @@ def get_config(arg: str | None = None):
       arg, align_workdir="runs/demo/align", features_dir="", questions="runs/demo/cohort/questions.csv",
       total_steps=600, batch_size=8, lr=1e-3, size="demo", seed=0, eval_split="test",
       answer_format="text", lora_rank=0, workers=0, log_steps=200, caption_tokens=256,
-      answer_tokens=24, region_dropout=0.1, flip=False, visual_noise=0.0)
+      answer_tokens=24, region_dropout=0.1, slide_dropout=0.0, flip=False,
+      visual_noise=0.0)
   config = config_args.ml_collections.ConfigDict()
   config.stage = "instruct"
   config.seed = args.seed
@@ -59,7 +61,8 @@ def get_config(arg: str | None = None):
                          option_format="\n{letter}. {text}", choice_instruction="",
                          answer_format=args.answer_format)
   config.data = dict(max_len=256, max_visual=65, shuffle_options=True,
-                     region_dropout=args.region_dropout, flip=bool(args.flip),
+                     region_dropout=args.region_dropout, slide_dropout=args.slide_dropout,
+                     flip=bool(args.flip),
                      visual_noise=args.visual_noise)
   config.position_frequencies = 4
   if args.size == "demo":

@@ -164,6 +164,29 @@ def test_visual_noise_is_relative_to_each_token_and_training_only(tokenizer):
   np.testing.assert_array_equal(ex["visual"][:3], tokens)
 
 
+def test_slide_dropout_hides_only_the_slide_token_and_only_in_training(tokenizer):
+  config = ins.SequenceConfig(max_len=100, max_visual=5, slide_dropout=0.5,
+                              shuffle_options=False)
+  item = ins.Instruction(slide=0, kind=ins.OPEN, question="Where is the fat?", answer_text="fat")
+  tokens = np.arange(12, dtype=np.float32).reshape(3, 4)
+  pos = np.array([[1.0, 0.5, 0.5], [0.0, 0.2, 0.9], [0.0, 0.7, 0.1]], np.float32)
+  visual = {"tokens": tokens, "positions": pos}
+  rng = np.random.default_rng(0)
+  shown = []
+  for _ in range(200):
+    ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, rng)
+    v = int(ex["visual_valid"].sum())
+    assert (ex["tokens"] == tokenizer.image_id).sum() == v      # one slot per shown token
+    np.testing.assert_array_equal(ex["visual"][:v], tokens[3 - v:])
+    np.testing.assert_array_equal(ex["visual_pos"][:v, 0], [1.0] * (v == 3) + [0.0, 0.0])
+    shown.append(v)
+  assert set(shown) == {2, 3} and 0.4 < np.mean(np.array(shown) == 2) < 0.6
+  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, None)
+  assert ex["visual_valid"].sum() == 3
+  with pytest.raises(ValueError, match="data.slide_dropout"):
+    ins.SequenceConfig(slide_dropout=1.0)
+
+
 
 def test_visual_tokens_are_spliced_in_order():
   config = decoder.get_config("tiny", vocab_size=20)

@@ -183,6 +183,10 @@ class SequenceConfig:
   max_visual: int = 65            # visual tokens per slide (slide token + regions)
   shuffle_options: bool = True
   region_dropout: float = 0.0     # fraction of region tokens dropped per epoch in training
+  # Chance that a training example shows no slide token, only the regions: the one token that
+  # names a training slide is then no key to look its answers up by, and the decoder has to
+  # read the regions (evaluation always shows it).
+  slide_dropout: float = 0.0
   # Gaussian noise on each training example's visual tokens, in units of the token's RMS: the
   # exact token values of a few training slides are then no key to memorise answers by.
   visual_noise: float = 0.0
@@ -191,6 +195,12 @@ class SequenceConfig:
   flip: bool = False
   flip_horizontal_words: tuple[tuple[str, str], ...] = (("left", "right"),)
   flip_vertical_words: tuple[tuple[str, str], ...] = (("upper", "lower"), ("top", "bottom"))
+
+  def __post_init__(self):
+    for name in ("region_dropout", "slide_dropout"):
+      value = getattr(self, name)
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f"data.{name} must be in [0, 1), got {value}")
 
 
 def swap_words(text: str, pairs: Sequence[Sequence[str]]) -> str:
@@ -238,6 +248,10 @@ def training_example(item: Instruction, visual: dict[str, np.ndarray], template:
     if keep.sum() < 2:
       keep[1 + rng.integers(len(tokens_ve) - 1)] = True
     tokens_ve, pos_v3 = tokens_ve[keep], pos_v3[keep]
+  if rng is not None and config.slide_dropout and rng.random() < config.slide_dropout:
+    regions = pos_v3[:, 0] == 0
+    if regions.any():
+      tokens_ve, pos_v3 = tokens_ve[regions], pos_v3[regions]
   if rng is not None and config.visual_noise:
     rms = np.sqrt(np.mean(np.square(tokens_ve), axis=-1, keepdims=True))
     tokens_ve = (tokens_ve + config.visual_noise * rms * rng.standard_normal(tokens_ve.shape)
