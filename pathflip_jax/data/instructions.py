@@ -203,6 +203,11 @@ class SequenceConfig:
         raise ValueError(f"data.{name} must be in [0, 1), got {value}")
 
 
+def region_rows(pos_v3: np.ndarray) -> np.ndarray:
+  """Which visual tokens are regions [V] (bool): column 0 of the positions is is_slide."""
+  return pos_v3[:, 0] == 0
+
+
 def swap_words(text: str, pairs: Sequence[Sequence[str]]) -> str:
   """Each word of a pair replaced by the other (whole words, first-letter case kept)."""
   mapping = {}
@@ -226,7 +231,7 @@ def flip_example(prompt: str, answer: str, pos_v3: np.ndarray, config: SequenceC
   pairs = list(config.flip_horizontal_words if horizontal else ()) + list(
       config.flip_vertical_words if vertical else ())
   pos_v3 = pos_v3.copy()
-  regions = pos_v3[:, 0] == 0
+  regions = region_rows(pos_v3)
   for axis, flipped in ((1, horizontal), (2, vertical)):
     if flipped:
       pos_v3[regions, axis] = 1.0 - pos_v3[regions, axis]
@@ -249,7 +254,7 @@ def training_example(item: Instruction, visual: dict[str, np.ndarray], template:
       keep[1 + rng.integers(len(tokens_ve) - 1)] = True
     tokens_ve, pos_v3 = tokens_ve[keep], pos_v3[keep]
   if rng is not None and config.slide_dropout and rng.random() < config.slide_dropout:
-    regions = pos_v3[:, 0] == 0
+    regions = region_rows(pos_v3)
     if regions.any():
       tokens_ve, pos_v3 = tokens_ve[regions], pos_v3[regions]
   if rng is not None and config.visual_noise:
