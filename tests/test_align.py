@@ -87,7 +87,7 @@ def test_text_init_starts_the_text_branch_from_a_patch_clip_run(features_dir, tm
   # A patch_clip model with random parameters: filled in from NumPy rather than initialised (an
   # eager random init compiles every op, ~20 s on a slow CPU; only the values matter here).
   clip = nnx.eval_shape(lambda: patch_clip.PatchClip(patch_clip.PatchClipConfig(
-      vision=vit.get_config("vit_tiny_test", image_size=16, patch_size=8, width=16, depth=1,
+      vision=vit.get_config("vit_tiny_test", image_size=16, patch_size=8, width=12, depth=1,
                             num_heads=2, pool="mean", class_token=False),
       text=text_encoder.TextConfig(vocab_size=scratch.tokenizer.num_embeddings, max_len=16,
                                    width=32, depth=1, num_heads=2),
@@ -99,7 +99,8 @@ def test_text_init_starts_the_text_branch_from_a_patch_clip_run(features_dir, tm
   ckpt.save(1, {"params": nnx.state(clip, nnx.Param)})
   ckpt.close()
 
-  task = align.AlignTask(_config(features_dir, f",text_init={run}"), str(tmp_path / "align"))
+  task = align.AlignTask(_config(features_dir, f",text_init={run},feature_shortcut=True"),
+                         str(tmp_path / "align"))
   assert task.tokenizer.num_embeddings == scratch.tokenizer.num_embeddings
   assert not os.path.exists(tmp_path / "align" / "tokenizer.model")   # the run's, not trained
   params = nnx.state(task.create_model(nnx.Rngs(0)), nnx.Param)
@@ -111,6 +112,10 @@ def test_text_init_starts_the_text_branch_from_a_patch_clip_run(features_dir, tm
                                 np.asarray(clip.text_proj.kernel[...]))
   np.testing.assert_array_equal(np.asarray(loaded["qformer"]["query_tokens"][...]),
                                 np.asarray(params["qformer"]["query_tokens"][...]))
+  # The feature shortcut starts as the tower's image projection (the features' 12-d ViT).
+  assert "model.feature_shortcut from its image projection" in origin
+  np.testing.assert_array_equal(np.asarray(loaded["feature_shortcut"]["kernel"][...]),
+                                np.asarray(clip.image_proj.kernel[...]))
   assert scratch.initial_params(params) is None                  # unset: from scratch
 
   # A finished text_init run loads (instruct stage, evaluation) with the text_init run's
@@ -126,6 +131,38 @@ def test_text_init_starts_the_text_branch_from_a_patch_clip_run(features_dir, tm
   assert not os.path.exists(tmp_path / "align" / "tokenizer.model")
   np.testing.assert_array_equal(np.asarray(model.text_proj.kernel[...]),
                                 np.asarray(params["text_proj"]["kernel"][...]))
+
+
+def test_feature_shortcut_needs_the_feature_encoders_image_projection(features_dir, tmp_path):
+  """A text_init run whose image projection does not map these features is a clear error."""
+  from pathflip_jax import checkpointing
+
+  task = align.AlignTask(_config(features_dir, ",feature_shortcut=True"), str(tmp_path / "a"))
+  run = tmp_path / "patch_clip"
+  ckpt = checkpointing.Checkpointer(str(run))
+  ckpt.save(1, {"params": {"image_proj": {"kernel": np.zeros((16, 32), np.float32),
+                                          "bias": np.zeros((32,), np.float32)}}})
+  ckpt.close()
+  with pytest.raises(ValueError, match=r"config.text_init=.*image_proj/kernel.*\(16, 32\).*"
+                                       r"\(12, 32\).*model.feature_shortcut=False"):
+    task._shortcut_params(checkpointing.load_params(str(run)), str(run))
+
+
+@pytest.mark.slow
+def test_feature_shortcut_trains_sharded(features_dir, tmp_path):
+  """The opt-in shortcut (no text_init here: it starts at random) trains on 8 devices, its
+  tokens move away from the shortcut alone, and the value/output projections from identity."""
+  from pathflip_jax import checkpointing
+
+  config = _config(features_dir, ",feature_shortcut=True,total_steps=2,log_steps=2,"
+                                 "eval_split=")
+  train.train_and_evaluate(config, str(tmp_path))
+  params = checkpointing.load_params(str(tmp_path))
+  assert np.abs(params["vision_proj/kernel"]).max() > 0          # started at zero
+  v_kernel = params["region_attention/attention/v_kernel"]
+  identity = np.eye(v_kernel.shape[0]).reshape(v_kernel.shape)
+  assert 0 < np.abs(v_kernel - identity).max() < 0.1             # started at the identity
+  assert params["feature_shortcut/kernel"].shape == (12, 32)
 
 
 @pytest.mark.slow

@@ -191,6 +191,44 @@ def test_region_attention_ablation_uses_mean_of_regions():
   np.testing.assert_allclose(z[1, 0], regions_bme[1, 0], rtol=1e-6)
 
 
+def test_feature_shortcut_starts_tokens_as_projected_mean_features():
+  """feature_shortcut: at initialisation a region token is the shortcut of its patches' mean
+  feature (the Q-Former's projection and the positions' start at zero), and with
+  identity_region_values the text-conditioned embedding is each head's attention-weighted mean
+  of the layer-normed regions; training still reaches the Q-Former."""
+  model = pathflip.PathFlip(_tiny_config(feature_shortcut=True, identity_region_values=True),
+                            rngs=nnx.Rngs(0))
+  config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=24, num_subcaptions=2,
+                                        caption_len=8, subcaption_len=8, buckets=(32,))
+  batch = _inputs(slide_examples.build_example(_element(n=30), config, _Tokens(), None))
+  features = np.asarray(batch["features"][0], np.float32)
+  kept = np.asarray(batch["region_valid"][0])
+  index = np.asarray(batch["region_index"][0])[kept]
+  member = np.asarray(batch["region_patch_valid"][0])[kept]
+  mean_me = np.stack([features[i[v]].mean(0) for i, v in zip(index, member)])
+  shortcut = model.feature_shortcut
+  expected_me = mean_me @ np.asarray(shortcut.kernel[...]) + np.asarray(shortcut.bias[...])
+  patches = model.qformer.project_features(batch["features"])
+  np.testing.assert_allclose(model.region_tokens(patches, batch)[0][kept], expected_me,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(model.position_proj.kernel[...]), 0.0)
+
+  regions_bme = jax.random.normal(jax.random.key(0), (1, 5, 16))
+  valid_bm = jnp.array([[1, 1, 0, 1, 1]], bool)
+  text_bte = jax.random.normal(jax.random.key(1), (1, 3, 16))
+  z_bte = model.text_conditioned_regions(text_bte, regions_bme, valid_bm)
+  weights_bhtm = model.region_attention.head_weights(text_bte, regions_bme, valid_bm)
+  normed_bmhc = model.region_attention.region_norm(regions_bme).reshape(1, 5, 2, 8)
+  expected_bte = jnp.einsum("bhtm,bmhc->bthc", weights_bhtm, normed_bmhc).reshape(1, 3, 16)
+  np.testing.assert_allclose(z_bte, expected_bte, rtol=1e-5, atol=1e-6)
+
+  def slide_norm(model):
+    return jnp.sum(model.encode_slides(batch)["slide"] * jnp.arange(16.0))
+  grads = nnx.grad(slide_norm)(model)
+  assert float(jnp.abs(grads.vision_proj.kernel[...]).max()) > 0
+  assert float(jnp.abs(grads.position_proj.kernel[...]).max()) > 0
+
+
 def test_patch_attention_is_a_distribution_over_valid_patches():
   model = pathflip.PathFlip(_tiny_config(), rngs=nnx.Rngs(0))
   features = jax.random.normal(jax.random.key(0), (2, 11, 12))

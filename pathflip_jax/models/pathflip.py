@@ -40,6 +40,16 @@ class PathFlipConfig:
     position_frequencies: sinusoid frequencies per axis of the 2-D region positions.
     region_init_scale, region_init_bias: initial logit scale (log space) and bias of the
       region-level sigmoid loss.
+    feature_shortcut: not in the paper. Adds a linear map of the mean of a token's patch
+      features to the slide token and to each region token, beside the Q-Former, whose own
+      projection (and the region positions') then starts at zero: at initialisation the tokens
+      are the shortcut alone. With ``text_init`` the shortcut starts as the patch encoder's image
+      projection, so slide and region tokens start as that encoder's own joint image-text
+      embeddings (what CONCH features bring the paper's model) and the Q-Former learns what to
+      add to them.
+    identity_region_values: not in the paper. The text-conditioned attention's value and
+      output projections start as the identity, so the text-conditioned region embedding
+      starts as each head's attention-weighted mean of the (layer-normed) region embeddings.
   """
 
   qformer: qformer_lib.QFormerConfig
@@ -52,6 +62,8 @@ class PathFlipConfig:
   position_frequencies: int = 16
   region_init_scale: float = math.log(1 / 0.07)
   region_init_bias: float = 0.0
+  feature_shortcut: bool = False
+  identity_region_values: bool = False
 
   def __post_init__(self):
     for name, heads in (("context_heads", self.context_heads),
@@ -105,6 +117,17 @@ class RegionAttention(nnx.Module):
     self.region_norm = vit.LayerNorm(e, eps=1e-6, dtype=dtype, param_dtype=param_dtype)
     self.attention = qformer_lib.Attention(e, config.region_heads, rngs=rngs, dtype=dtype,
                                            param_dtype=param_dtype)
+    if config.identity_region_values:
+      heads, head_dim = config.region_heads, e // config.region_heads
+
+      def identity(key, shape, dtype):
+        del key
+        return jnp.eye(e, dtype=dtype).reshape(shape)
+
+      self.attention.v_kernel = vit._param(None, identity, (e, heads, head_dim),
+                                           ("embed", "heads", "kv"), param_dtype)
+      self.attention.o_kernel = vit._param(None, identity, (heads, head_dim, e),
+                                           ("heads", "kv", "embed"), param_dtype)
 
   def __call__(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
                ) -> jax.Array:
@@ -153,9 +176,13 @@ class PathFlip(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     w, e = config.qformer.width, config.embed_dim
     self.qformer = qformer_lib.QFormer(config.qformer, **kw)
-    self.vision_proj = vit.Dense(w, e, ("embed", None), **kw)
+    shortcut = config.feature_shortcut
+    self.vision_proj = vit.Dense(w, e, ("embed", None), zero_init=shortcut, **kw)
     self.text_proj = vit.Dense(w, e, ("embed", None), **kw)
-    self.position_proj = vit.Dense(4 * config.position_frequencies, e, (None, None), **kw)
+    self.position_proj = vit.Dense(4 * config.position_frequencies, e, (None, None),
+                                   zero_init=shortcut, **kw)
+    self.feature_shortcut = (vit.Dense(config.qformer.feature_dim, e, (None, "embed"), **kw)
+                             if shortcut else None)
     self.context = nnx.List([ContextBlock(config, **kw) for _ in range(config.context_depth)])
     self.context_norm = vit.LayerNorm(e, eps=1e-6, dtype=dtype, param_dtype=param_dtype)
     self.region_attention = (RegionAttention(config, **kw) if config.region_attention
@@ -169,9 +196,18 @@ class PathFlip(nnx.Module):
     return unit(self.text_proj(self.qformer.encode_text(tokens_bt)))
 
   # ----------------------------------------------------------------------------- slides
-  def _pooled(self, patches_bnw: jax.Array, valid_bn: jax.Array) -> jax.Array:
+  def _pooled(self, patches_bnw: jax.Array, valid_bn: jax.Array,
+              features_bnf: jax.Array | None) -> jax.Array:
+    """One token per row: the Q-Former's mean query output, projected (plus the shortcut of
+    the mean of ``features_bnf``, the unprojected features, when configured)."""
     queries_bqw = self.qformer.encode_patches(patches_bnw, valid_bn)
-    return self.vision_proj(queries_bqw.astype(jnp.float32).mean(axis=1).astype(self.dtype))
+    token_be = self.vision_proj(queries_bqw.astype(jnp.float32).mean(axis=1).astype(self.dtype))
+    if self.feature_shortcut is None:
+      return token_be
+    valid_bn1 = valid_bn.astype(jnp.float32)[..., None]
+    mean_bf = ((features_bnf.astype(jnp.float32) * valid_bn1).sum(1)
+               / jnp.maximum(valid_bn1.sum(1), 1.0))
+    return token_be + self.feature_shortcut(mean_bf.astype(self.dtype))
 
   @staticmethod
   def region_patches(patches_bnw: jax.Array, index_bmp: jax.Array) -> jax.Array:
@@ -183,8 +219,11 @@ class PathFlip(nnx.Module):
   def region_tokens(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
     """The region Q-Former: each region's patches -> one token per region [b, m, e]."""
     b, m, p = batch["region_index"].shape
-    regions = self._pooled(self.region_patches(patches_bnw, batch["region_index"]),
-                           batch["region_patch_valid"].reshape(b * m, p))
+    index_bmp = batch["region_index"]
+    features = (None if self.feature_shortcut is None
+                else self.region_patches(batch["features"], index_bmp))
+    regions = self._pooled(self.region_patches(patches_bnw, index_bmp),
+                           batch["region_patch_valid"].reshape(b * m, p), features)
     return regions.reshape(b, m, -1)
 
   def encode_slides(self, batch: Mapping[str, jax.Array],
@@ -193,7 +232,7 @@ class PathFlip(nnx.Module):
     (``patches_bnw``: the projected patch features, when the caller has them already)."""
     if patches_bnw is None:
       patches_bnw = self.qformer.project_features(batch["features"])
-    slide_be = self._pooled(patches_bnw, batch["patch_valid"])
+    slide_be = self._pooled(patches_bnw, batch["patch_valid"], batch["features"])
     regions_bme = self.region_tokens(patches_bnw, batch)
     positions = region_positions(batch["region_pos"], self.config.position_frequencies)
     regions_bme = regions_bme + self.position_proj(positions)

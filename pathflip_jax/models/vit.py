@@ -191,9 +191,10 @@ class Dense(nnx.Module):
   """``x @ kernel + bias`` over the last axis; kernel [in, out] (torch Linear weight transposed)."""
 
   def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *,
-               rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
+               rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype, zero_init: bool = False):
     self.dtype = dtype
-    self.kernel = _param(rngs.params(), _weight_init, (d_in, d_out), axes, param_dtype)
+    self.kernel = (_param(None, _zeros, (d_in, d_out), axes, param_dtype) if zero_init else
+                   _param(rngs.params(), _weight_init, (d_in, d_out), axes, param_dtype))
     self.bias = _param(None, _zeros, (d_out,), (axes[1],), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -199,20 +199,48 @@ class AlignTask:
   def initial_params(self, params: Any) -> tuple[Any, str] | None:
     """``config.text_init`` (a patch_clip workdir): the Q-Former's text branch, token and
     position embeddings and text projection start from that run's text tower (the paper starts
-    from BERT); None when unset (the trainer then starts from scratch)."""
+    from BERT), and ``model.feature_shortcut`` from its image projection; None when unset (the
+    trainer then starts from scratch)."""
     path = self.config.get("text_init")
     if not path:
+      if self.model_config.feature_shortcut:
+        print("[align] model.feature_shortcut starts at random: config.text_init (the patch_clip "
+              "run that extracted the features) is not set", file=sys.stderr)
       return None
     tower = checkpointing.load_params(path)
     loaded, kept = text_tower.qformer_text_params(
         tower, checkpointing.named_leaves(params), self.model_config.qformer.num_heads,
         source=f"config.text_init={path}")
+    if self.model_config.feature_shortcut:
+      loaded.update(self._shortcut_params(tower, path))
     params, taken = checkpointing.partial_init(
         params, loaded, [f"^{re.escape(name)}$" for name in loaded],
         source=f"config.text_init={path}")
     return params, (f"text branch initialised from config.text_init={path} ({len(taken)} "
-                    f"parameters); from scratch: the query side"
-                    + (", " + ", ".join(kept) if kept else ""))
+                    f"parameters"
+                    + ("; model.feature_shortcut from its image projection"
+                       if self.model_config.feature_shortcut else "")
+                    + "); from scratch: the query side" + (", " + ", ".join(kept) if kept else ""))
+
+  def _shortcut_params(self, tower: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """The patch encoder's image projection as the feature shortcut: it maps that encoder's
+    ViT features into the joint space its text tower shares, so only features from the same
+    run make sense (a warning says so when the features name another run)."""
+    want = (self.feature_dim, self.model_config.embed_dim)
+    kernel = tower.get("image_proj/kernel")
+    if kernel is None or tuple(kernel.shape) != want:
+      got = "none" if kernel is None else f"shape {tuple(kernel.shape)}"
+      raise ValueError(
+          f"config.text_init={path}: model.feature_shortcut starts from that run's image "
+          f"projection (image_proj/kernel), which has {got}; the {self.config.features_dir} "
+          f"features need {want} (feature_dim x model.embed_dim). Extract the features with that "
+          f"run's ViT, or set model.feature_shortcut=False")
+    source = (self.shards.identity.get("encoder_config") or {}).get("checkpoint")
+    if source and os.path.realpath(source) != os.path.realpath(path):
+      print(f"[align] warning: the features in {self.config.features_dir} come from the patch "
+            f"encoder in {source}, but model.feature_shortcut starts from the image projection "
+            f"of config.text_init={path}", file=sys.stderr)
+    return {"feature_shortcut/kernel": kernel, "feature_shortcut/bias": tower["image_proj/bias"]}
 
   def source(self, split: str) -> slide_examples.SlideSource:
     s = self.splits[split]
