@@ -145,12 +145,16 @@ class RegionAttention(nnx.Module):
     return self.head_weights(text_bte, regions_bme, valid_bm).mean(1)
 
 
+def uniform_weights(valid_bk: jax.Array) -> jax.Array:
+  """Equal float32 weights over each row's valid entries [b, k], summing to 1 (0 if none)."""
+  weights_bk = valid_bk.astype(jnp.float32)
+  return weights_bk / jnp.maximum(weights_bk.sum(-1, keepdims=True), 1.0)
+
+
 def mean_regions(text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
                  ) -> jax.Array:
   """The ablation's stand-in for region attention: the mean of the valid regions, per text."""
-  weights_bm = valid_bm.astype(jnp.float32)
-  weights_bm = weights_bm / jnp.maximum(weights_bm.sum(-1, keepdims=True), 1.0)
-  mean_be = jnp.einsum("bm,bme->be", weights_bm, regions_bme.astype(jnp.float32))
+  mean_be = jnp.einsum("bm,bme->be", uniform_weights(valid_bm), regions_bme.astype(jnp.float32))
   return jnp.broadcast_to(mean_be[:, None], text_bte.shape).astype(regions_bme.dtype)
 
 
@@ -204,9 +208,8 @@ class PathFlip(nnx.Module):
     token_be = self.vision_proj(queries_bqw.astype(jnp.float32).mean(axis=1).astype(self.dtype))
     if self.feature_shortcut is None:
       return token_be
-    valid_bn1 = valid_bn.astype(jnp.float32)[..., None]
-    mean_bf = ((features_bnf.astype(jnp.float32) * valid_bn1).sum(1)
-               / jnp.maximum(valid_bn1.sum(1), 1.0))
+    mean_bf = jnp.einsum("bn,bnf->bf", uniform_weights(valid_bn),
+                         features_bnf.astype(jnp.float32))
     return token_be + self.feature_shortcut(mean_bf.astype(self.dtype))
 
   @staticmethod
@@ -273,9 +276,8 @@ class PathFlip(nnx.Module):
                             valid_bm: jax.Array) -> jax.Array:
     """How much each text attends to each region [b, t, m] (uniform for the ablation)."""
     if self.region_attention is None:
-      weights = valid_bm.astype(jnp.float32)
-      weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1.0)
-      return jnp.broadcast_to(weights[:, None], text_bte.shape[:2] + valid_bm.shape[1:])
+      return jnp.broadcast_to(uniform_weights(valid_bm)[:, None],
+                              text_bte.shape[:2] + valid_bm.shape[1:])
     return self.region_attention.weights(text_bte, regions_bme, valid_bm)
 
   def region_contributions(self, text_bte: jax.Array, regions_bme: jax.Array,
