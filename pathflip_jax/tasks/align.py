@@ -202,8 +202,9 @@ class AlignTask:
     from BERT), and ``model.feature_shortcut`` from its image projection; None when unset (the
     trainer then starts from scratch)."""
     path = self.config.get("text_init")
+    shortcut = self.model_config.feature_shortcut
     if not path:
-      if self.model_config.feature_shortcut:
+      if shortcut:
         print("[align] model.feature_shortcut starts at random: config.text_init (the patch_clip "
               "run that extracted the features) is not set", file=sys.stderr)
       return None
@@ -211,15 +212,14 @@ class AlignTask:
     loaded, kept = text_tower.qformer_text_params(
         tower, checkpointing.named_leaves(params), self.model_config.qformer.num_heads,
         source=f"config.text_init={path}")
-    if self.model_config.feature_shortcut:
+    if shortcut:
       loaded.update(self._shortcut_params(tower, path))
     params, taken = checkpointing.partial_init(
         params, loaded, [f"^{re.escape(name)}$" for name in loaded],
         source=f"config.text_init={path}")
     return params, (f"text branch initialised from config.text_init={path} ({len(taken)} "
                     f"parameters"
-                    + ("; model.feature_shortcut from its image projection"
-                       if self.model_config.feature_shortcut else "")
+                    + ("; model.feature_shortcut from its image projection" if shortcut else "")
                     + "); from scratch: the query side" + (", " + ", ".join(kept) if kept else ""))
 
   def _shortcut_params(self, tower: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
