@@ -32,7 +32,9 @@ per category presence 0.91, absence 0.67, size 0.54, diagnosis 0.85, location 0.
 stage) give multiple-choice accuracy 0.57 and 0.72: 13 slides per cohort make single numbers
 coarse. The ceiling of these questions (an oracle that
 knows each tiled patch's exact tissue composition, ``python -m data_prep.demo_vqa_oracle``) is
-0.90 on the seed-0 test split (location 0.69, size 0.85, the other categories 1.00).
+0.90 on the seed-0 test split (location 0.69, size 0.85, the other categories 1.00); a patch
+probe on the same rules (``--features``: a logistic regression trained on every training patch's
+tissue label) scores 0.61 there, 0.73 on the 960-step patch encoder's features.
 """
 
 from pathflip_jax import config_args

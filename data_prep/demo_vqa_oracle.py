@@ -2,7 +2,7 @@ r"""How far the demo cohort's multiple-choice questions can be answered from the
 
   python -m data_prep.demo_vqa_oracle --cohort_dir runs/demo/cohort \
       --patches runs/demo/patches [--split test] [--predictions W2/eval/vqa_test.jsonl] \
-      [--output oracle.json]
+      [--features runs/demo/features] [--output oracle.json]
 
 The oracle knows the exact tissue composition of every tiled patch (from the cohort's label
 maps) and nothing else, and answers each question the way the generator words it:
@@ -22,6 +22,14 @@ whole tissue's bounding box, while a slide shows ~30-40 patches of 128 µm: a le
 patches that straddles a third of the box has no single right answer on the patch grid.
 ``--predictions`` (the vqa evaluator's per-question output) adds the model's accuracy on the
 same questions.
+
+``--features`` (an extract_features output of the cohort) adds a realistic pipeline beside the
+ceiling: a patch probe, a logistic regression on the frozen patch features trained on the
+training slides' patch labels (each patch's main tissue, from the label maps; L2 by
+cross-validation grouped by slide, as the patch_linear_probe evaluator), whose predicted tissue per
+patch goes through the same rules. It has far more supervision than the instruct stage (a label
+for every training patch against a few questions per slide), so it tells whether the features
+or the weak supervision limit the model.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from scipy import ndimage
 
 from data_prep import make_demo_cohort
 from pathflip_jax import report
-from pathflip_jax.data import demo_annotations, instructions, manifest, patch_shards
+from pathflip_jax.data import demo_annotations, feature_shards, instructions, manifest, patch_shards
+from pathflip_jax.evaluators import linear_probe
 
 TISSUES = [demo_annotations.TISSUE_NAMES[c] for c in demo_annotations.CLASS_LABELS]
 
@@ -121,17 +130,58 @@ def read_slides(cohort_dir: str, patches_dir: str, slide_ids: set[str]
   return out
 
 
+def probe_slides(cohort_dir: str, features_dir: str, train_ids: set[str],
+                 slide_ids: set[str]) -> dict[str, SlidePatches]:
+  """``slide_ids``' patches with the tissue a patch probe predicts (one-hot fractions); the probe
+  is a logistic regression on the frozen features of ``train_ids``' patches, labelled with each
+  patch's main tissue (patches under half covered by any tissue type are left out of training)."""
+  annotations = demo_annotations.CohortAnnotations(cohort_dir)
+  shards = feature_shards.FeatureShards(features_dir)
+  train_x, train_y, groups, slides = [], [], [], {}
+  for slide_id in sorted(train_ids | slide_ids):
+    if slide_id not in shards.slide_ids:
+      continue
+    record = shards.get(slide_id)
+    coords = np.asarray(record["coords"], np.float64)
+    size = float(record["patch_size_level0"])
+    features = np.asarray(record["features"], np.float64)
+    if slide_id in train_ids:
+      fractions = annotations.tissue_fractions(slide_id, coords, size)
+      labelled = fractions.max(axis=1) >= 0.5
+      train_x.append(features[labelled])
+      train_y.append(fractions[labelled].argmax(axis=1))
+      groups += [slide_id] * int(labelled.sum())
+    if slide_id in slide_ids:
+      # Grid cells from the patch origins: the oracle's rules use cell offsets only.
+      cells = np.floor(coords / size).astype(np.int64)
+      slides[slide_id] = (cells, features, size * float(record["mpp"]) / 1000.0)
+  if not train_x:
+    raise ValueError(f"{features_dir}: no features of the cohort's training slides to fit the "
+                     "patch probe on")
+  logits_fn, _ = linear_probe.fit_probe(np.concatenate(train_x), np.concatenate(train_y),
+                                        np.array(groups), len(TISSUES))
+  eye = np.eye(len(TISSUES))
+  return {slide_id: SlidePatches(cells, eye[logits_fn(features).argmax(axis=1)], patch_mm)
+          for slide_id, (cells, features, patch_mm) in slides.items()}
+
+
 def evaluate(cohort_dir: str, patches_dir: str, split: str = "test",
-             predictions: str = "") -> dict[str, Any]:
+             predictions: str = "", features_dir: str = "") -> dict[str, Any]:
   """Per category: questions, oracle accuracy, best single letter (and the model's accuracy
-  from a vqa evaluator output); "all" over every multiple-choice question of ``split``."""
-  questions = [q for q in instructions.read_questions(os.path.join(cohort_dir, "questions.csv"))
+  from a vqa evaluator output, the patch probe's from ``features_dir``); "all" over every
+  multiple-choice question of ``split``."""
+  every = instructions.read_questions(os.path.join(cohort_dir, "questions.csv"))
+  questions = [q for q in every
                if q.type == instructions.MULTIPLE_CHOICE and (not split or q.split == split)]
   if not questions:
     raise ValueError(f"{cohort_dir}/questions.csv: no multiple-choice questions of split "
                      f"{split!r}")
   slides = read_slides(cohort_dir, patches_dir, {q.slide_id for q in questions})
   questions = [q for q in questions if q.slide_id in slides]
+  probed = {}
+  if features_dir:
+    train_ids = {q.slide_id for q in every if q.split == "train"}
+    probed = probe_slides(cohort_dir, features_dir, train_ids, set(slides))
   model = {}
   if predictions:
     for _, row in manifest.json_lines(predictions):
@@ -141,9 +191,11 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test",
   for q in questions:
     right = oracle_answer(q, slides[q.slide_id]) == q.correct_text
     for key in (q.category, "all"):
-      entry = rows.setdefault(key, {"oracle": [], "letters": [], "model": []})
+      entry = rows.setdefault(key, {"oracle": [], "letters": [], "model": [], "probe": []})
       entry["oracle"].append(right)
       entry["letters"].append(q.answer)
+      if q.slide_id in probed:
+        entry["probe"].append(oracle_answer(q, probed[q.slide_id]) == q.correct_text)
       if (q.slide_id, q.question) in model:
         entry["model"].append(model[(q.slide_id, q.question)])
   result = {}
@@ -154,6 +206,8 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test",
                    / len(letters)}
     if entry["model"]:
       result[key]["model"] = float(np.mean(entry["model"]))
+    if entry["probe"]:
+      result[key]["patch_probe"] = float(np.mean(entry["probe"]))
   return result
 
 
@@ -165,9 +219,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--split", default="test", help='questions of this split ("": all)')
   parser.add_argument("--predictions", default="",
                       help="the vqa evaluator's per-question output (eval/vqa_<split>.jsonl)")
+  parser.add_argument("--features", default="",
+                      help="extract_features output of the cohort: adds the patch probe")
   parser.add_argument("--output", default="", help="write the result as JSON here")
   args = parser.parse_args(argv)
-  result = evaluate(args.cohort_dir, args.patches, args.split, args.predictions)
+  result = evaluate(args.cohort_dir, args.patches, args.split, args.predictions, args.features)
   print("\n".join(report.vqa_ceiling_table(result)))
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:

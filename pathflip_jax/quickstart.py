@@ -200,7 +200,7 @@ class Quickstart:
     oracle = None
     if os.path.exists(predictions):
       oracle = demo_vqa_oracle.evaluate(self.paths["cohort"], self.paths["patches"], "test",
-                                        predictions)
+                                        predictions, features_dir=self.paths["features"])
       with open(os.path.join(self.paths["instruct"], "eval", "vqa_oracle_test.json"), "w",
                 encoding="utf-8") as f:
         json.dump(oracle, f, indent=1, sort_keys=True)

@@ -48,13 +48,16 @@ def _rows(results: dict[str, Any], items: Sequence[tuple[str, str, str | float |
 
 def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
   """Lines of the table of data_prep.demo_vqa_oracle's result: per multiple-choice category
-  (then "all") the questions, the model (a dash without predictions), the best single letter
-  and the oracle."""
+  (then "all") the questions, the model (a dash without predictions), the best single letter,
+  the patch probe (when it ran) and the oracle."""
   order = sorted(k for k in result if k != "all") + ["all"]
+  probe = "patch_probe" in result["all"]
+  header = ["category", "questions", "model", "best single letter"]
+  header += ["patch probe"] * probe + ["oracle"]
   return markdown_table(
-      ["category", "questions", "model", "best single letter", "oracle"],
-      [(k, result[k]["questions"], result[k].get("model"), result[k]["best_single_letter"],
-        result[k]["oracle"]) for k in order])
+      header, [(k, result[k]["questions"], result[k].get("model"), result[k]["best_single_letter"])
+               + (result[k].get("patch_probe"),) * probe + (result[k]["oracle"],)
+               for k in order])
 
 
 def render(workdir: str, examples: Sequence[dict[str, Any]],
@@ -142,7 +145,11 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
     if vqa_oracle:
       lines += ["How much of each multiple-choice category the tiled patches can answer: an oracle "
                 "that knows every patch's exact tissue composition and nothing else "
-                "(data_prep/demo_vqa_oracle.py), beside the model and always one letter.", ""]
+                "(data_prep/demo_vqa_oracle.py), beside the model and always one letter. The "
+                "patch probe is a realistic pipeline on the same rules: a logistic regression "
+                "on the frozen patch features, trained on every training patch's tissue label "
+                "(far more supervision than the model's questions), naming each patch's main "
+                "tissue.", ""]
       lines += vqa_ceiling_table(vqa_oracle)
     captions = os.path.join(workdir, "instruct", "eval", "captioning_test.jsonl")
     if os.path.exists(captions):

@@ -186,8 +186,11 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   assert re.search(r"\| \*\*lesions \(mean\)\*\* \| [01]\.\d{3} \|", report)
   assert re.search(r"\| lesions \(mean\): the patch encoder's own text alignment, trained with "
                    r"patch-level supervision \| [01]\.\d{3} \|", report)
-  # The VQA ceiling: model, single letter and oracle over all multiple-choice questions.
-  assert re.search(r"\| all \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \|", report)
+  # The VQA ceiling: model, single letter, patch probe and oracle over all multiple-choice
+  # questions.
+  assert re.search(r"\| all \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \|",
+                   report)
+  assert "| patch probe |" in report
   assert (workdir / "instruct" / "eval" / "vqa_oracle_test.json").exists()
   examples = quickstart.Quickstart(str(workdir), size="test").example_slides()
   images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)

@@ -1,5 +1,5 @@
 """The VQA ceiling of the demo cohort: the oracle's answers on a hand-made patch grid, and its
-table on a generated cohort (with a model's predictions merged in)."""
+table on a generated cohort (with a model's predictions and a patch probe merged in)."""
 
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_prep import demo_vqa_oracle as oracle
-from pathflip_jax.data import instructions
+from pathflip_jax.data import demo_annotations, feature_shards, instructions, patch_shards
 
 TUMOUR, NECROSIS, STROMA, LYMPHOCYTES = (oracle.TISSUES.index(t) for t in
                                          ("tumour", "necrosis", "stroma", "lymphocytes"))
@@ -99,3 +99,45 @@ def test_ceiling_table_on_a_demo_cohort(demo_cohort, demo_tiles, tmp_path, capsy
   assert "| all | " in table and "| oracle |" in table
   with pytest.raises(ValueError, match="no multiple-choice questions of split 'holdout'"):
     oracle.evaluate(str(demo_cohort), str(patches), "holdout")
+
+
+def _write_features(directory, cohort, patches_dir, featurise) -> str:
+  """A feature directory over the cohort's tiles: ``featurise(true fractions [n, 6])``."""
+  annotations = demo_annotations.CohortAnnotations(str(cohort))
+  patches = patch_shards.PatchShards(str(patches_dir))
+  writer = feature_shards.FeatureWriter(str(directory), {"encoder": "test", "feature_dim": 6})
+  rows = []
+  for slide_id in sorted(annotations.slides):
+    start, stop = patches.slide_range(slide_id)
+    records = [patches[i] for i in range(start, stop)]
+    coords = np.array([[r["x"], r["y"]] for r in records], np.int64)
+    size = records[0]["patch_size_level0"]
+    features = featurise(annotations.tissue_fractions(slide_id, coords, size))
+    writer.add({"slide_id": slide_id, "features": features.astype(np.float16), "coords": coords,
+                "patch_size_level0": size, "mpp": 0.5, "encoder": "test", "weights_hash": "",
+                "source": "test"}, {"slide_id": slide_id})
+    rows.append({"slide_id": slide_id})
+  writer.close(rows)
+  return str(directory)
+
+
+@pytest.mark.slow
+def test_patch_probe_follows_what_the_features_show(demo_cohort, demo_tiles, tmp_path, capsys):
+  patches, _ = demo_tiles
+  rng = np.random.default_rng(0)
+  truth = _write_features(tmp_path / "truth", demo_cohort, patches, lambda f: f)
+  noise = _write_features(tmp_path / "noise", demo_cohort, patches,
+                          lambda f: rng.normal(size=f.shape))
+  seeing = oracle.main(["--cohort_dir", str(demo_cohort), "--patches", str(patches), "--split",
+                        "", "--features", truth])
+  assert "| patch probe |" in capsys.readouterr().out
+  blind = oracle.evaluate(str(demo_cohort), str(patches), "", features_dir=noise)
+  # Features that are the tissue fractions: the probe names each patch's main tissue, so it
+  # answers nearly as the oracle does (it loses only the minor tissue of mixed patches).
+  assert seeing["all"]["patch_probe"] >= seeing["all"]["oracle"] - 0.25
+  assert seeing["diagnosis"]["patch_probe"] == 1.0
+  assert blind["all"]["patch_probe"] < seeing["all"]["patch_probe"] - 0.2
+  assert "patch_probe" not in oracle.evaluate(str(demo_cohort), str(patches), "")["all"]
+  no_train = _write_features(tmp_path / "test_only", demo_cohort, patches, lambda f: f)
+  with pytest.raises(ValueError, match="no features of the cohort's training slides"):
+    oracle.probe_slides(str(demo_cohort), no_train, set(), {"P000-S1"})
