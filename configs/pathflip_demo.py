@@ -58,7 +58,7 @@ were chosen on the val split. Lesion FROC (mean sensitivity at 1/4-8 false posit
 slide): 0.36, against 0.15 without the region loss. For scale, ``reference=runs/demo/patch_clip``
 (the patch encoder's own text alignment, trained with patch-level supervision): 0.79, FROC 0.67.
 With features of a 960-step patch encoder and ``text_init=<that run>,feature_shortcut=True,
-lr=1e-4``: 0.82, but 0.85 without the region loss and 0.89 at initialisation, and zero-shot
+lr=1e-4``: 0.855, but 0.857 without the region loss and 0.89 at initialisation, and zero-shot
 diagnosis 0.75 (README, "Starting from the patch encoder's joint space").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to

@@ -134,7 +134,7 @@ def probe_slides(cohort_dir: str, features_dir: str, train_ids: set[str],
                  slide_ids: set[str]) -> dict[str, SlidePatches]:
   """``slide_ids``' patches with the tissue a patch probe predicts (one-hot fractions); the probe
   is a logistic regression on the frozen features of ``train_ids``' patches, labelled with each
-  patch's main tissue (patches under half covered by any tissue type are left out of training)."""
+  patch's main tissue (patches that no tissue type covers by half are left out of training)."""
   annotations = demo_annotations.CohortAnnotations(cohort_dir)
   shards = feature_shards.FeatureShards(features_dir)
   train_x, train_y, groups, slides = [], [], [], {}

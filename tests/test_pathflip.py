@@ -239,6 +239,43 @@ def test_patch_attention_is_a_distribution_over_valid_patches():
   assert float(weights[1, 6:].max()) == 0.0
 
 
+def test_region_patch_weights_mix_in_the_shortcut_mean():
+  """The heatmap's within-region weights: the region Q-Former's attention for the paper's model;
+  with feature_shortcut the plain mean enters by the shortcut's share of the token (all of it at
+  initialisation, where the Q-Former's projection is zero)."""
+  config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=24, num_subcaptions=2,
+                                        caption_len=8, subcaption_len=8, buckets=(32,))
+  batch = _inputs(slide_examples.build_example(_element(n=30), config, _Tokens(), None))
+  valid = np.asarray(batch["region_patch_valid"])
+  kept = np.asarray(batch["region_valid"])
+  b, m, p = valid.shape
+  uniform = valid / np.maximum(valid.sum(-1, keepdims=True), 1)
+
+  def weights(model):
+    patches = model.qformer.project_features(batch["features"])
+    attention = model.qformer.patch_attention(model.region_patches(patches, batch["region_index"]),
+                                              batch["region_patch_valid"].reshape(b * m, p))
+    return model.region_patch_weights(patches, batch), attention.reshape(b, m, p)
+
+  paper = pathflip.PathFlip(_tiny_config(), rngs=nnx.Rngs(0))
+  mixed, attention = nnx.jit(weights)(paper)
+  np.testing.assert_array_equal(mixed, attention)
+  assert not np.allclose(attention[kept], uniform[kept])
+
+  shortcut = pathflip.PathFlip(_tiny_config(feature_shortcut=True), rngs=nnx.Rngs(0))
+  mixed, _ = nnx.jit(weights)(shortcut)
+  np.testing.assert_allclose(mixed[kept], uniform[kept], rtol=1e-6)
+  # A trained Q-Former projection takes its share: the weights lie between the two poolings.
+  shortcut.vision_proj.kernel[...] = jax.random.normal(jax.random.key(2),
+                                                       shortcut.vision_proj.kernel.shape)
+  mixed, attention = nnx.jit(weights)(shortcut)
+  np.testing.assert_allclose(mixed.sum(-1)[kept], 1.0, rtol=1e-5)
+  low, high = np.minimum(attention, uniform), np.maximum(attention, uniform)
+  assert np.all(mixed[kept] >= low[kept] - 1e-6) and np.all(mixed[kept] <= high[kept] + 1e-6)
+  assert not np.allclose(mixed[kept], uniform[kept]) and not np.allclose(mixed[kept],
+                                                                         attention[kept])
+
+
 def test_paper_config_has_a_bert_base_sized_qformer():
   config = config_args.load_config("configs/pathflip_paper.py:features_dir=F")
   model_config = align.model_config(config, vocab_size=30522, pad_id=0, feature_dim=512)

@@ -46,7 +46,8 @@ class PathFlipConfig:
       are the shortcut alone. With ``text_init`` the shortcut starts as the patch encoder's image
       projection, so slide and region tokens start as that encoder's own joint image-text
       embeddings (what CONCH features bring the paper's model) and the Q-Former learns what to
-      add to them.
+      add to them. Heatmaps weigh a region's patches by both poolings
+      (:meth:`PathFlip.region_patch_weights`).
     identity_region_values: not in the paper. The text-conditioned attention's value and
       output projections start as the identity, so the text-conditioned region embedding
       starts as each head's attention-weighted mean of the (layer-normed) region embeddings.
@@ -200,17 +201,45 @@ class PathFlip(nnx.Module):
     return unit(self.text_proj(self.qformer.encode_text(tokens_bt)))
 
   # ----------------------------------------------------------------------------- slides
-  def _pooled(self, patches_bnw: jax.Array, valid_bn: jax.Array,
-              features_bnf: jax.Array | None) -> jax.Array:
-    """One token per row: the Q-Former's mean query output, projected (plus the shortcut of
-    the mean of ``features_bnf``, the unprojected features, when configured)."""
+  def _pooled_parts(self, patches_bnw: jax.Array, valid_bn: jax.Array,
+                    features_bnf: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """The two poolings a token sums, per row: the Q-Former's mean query output, projected,
+    and (``feature_shortcut`` only, else None) the shortcut of the mean of ``features_bnf``."""
     queries_bqw = self.qformer.encode_patches(patches_bnw, valid_bn)
     token_be = self.vision_proj(queries_bqw.astype(jnp.float32).mean(axis=1).astype(self.dtype))
     if self.feature_shortcut is None:
-      return token_be
+      return token_be, None
     mean_bf = jnp.einsum("bn,bnf->bf", uniform_weights(valid_bn),
                          features_bnf.astype(jnp.float32))
-    return token_be + self.feature_shortcut(mean_bf.astype(self.dtype))
+    return token_be, self.feature_shortcut(mean_bf.astype(self.dtype))
+
+  def _pooled(self, patches_bnw: jax.Array, valid_bn: jax.Array,
+              features_bnf: jax.Array | None) -> jax.Array:
+    """One token per row: the sum of :meth:`_pooled_parts`."""
+    token_be, shortcut_be = self._pooled_parts(patches_bnw, valid_bn, features_bnf)
+    return token_be if shortcut_be is None else token_be + shortcut_be
+
+  def region_patch_weights(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]
+                           ) -> jax.Array:
+    """How much each of a region's patches makes its token [b, m, p], summing to 1 over the
+    region's valid patches: the region Q-Former's attention over them. With
+    ``feature_shortcut`` the token also holds the plain mean of the patches, so the weights are
+    the two poolings' mix, each by its share of the token (|Q-Former part| against |shortcut
+    part|)."""
+    index_bmp, valid_bmp = batch["region_index"], batch["region_patch_valid"]
+    b, m, p = index_bmp.shape
+    gathered = self.region_patches(patches_bnw, index_bmp)
+    valid_kp = valid_bmp.reshape(b * m, p)
+    attention_kp = self.qformer.patch_attention(gathered, valid_kp)
+    if self.feature_shortcut is None:
+      return attention_kp.reshape(b, m, p)
+    token_ke, shortcut_ke = self._pooled_parts(
+        gathered, valid_kp, self.region_patches(batch["features"], index_bmp))
+    token_norm_k = jnp.linalg.norm(token_ke.astype(jnp.float32), axis=-1)
+    shortcut_norm_k = jnp.linalg.norm(shortcut_ke.astype(jnp.float32), axis=-1)
+    share_k1 = (token_norm_k / jnp.maximum(token_norm_k + shortcut_norm_k, 1e-12))[:, None]
+    mixed_kp = share_k1 * attention_kp + (1.0 - share_k1) * uniform_weights(valid_kp)
+    return mixed_kp.reshape(b, m, p)
 
   @staticmethod
   def region_patches(patches_bnw: jax.Array, index_bmp: jax.Array) -> jax.Array:
@@ -309,7 +338,9 @@ class PathFlip(nnx.Module):
     """Patch-level heatmap of each text [b, t, n] (DESIGN.md section 2.4): a score per region
     (``method`` "attention": the text-conditioned attention weights, averaged over heads;
     "contribution": :meth:`region_contributions`) times the region Q-Former's attention over
-    that region's patches (relative to the region's mean). Patches of no kept region score 0."""
+    that region's patches (relative to the region's mean; :meth:`region_patch_weights`, which
+    with ``feature_shortcut`` mixes in the shortcut's uniform mean). Patches of no kept region
+    score 0."""
     patches_bnw = self.qformer.project_features(batch["features"])
     encoded = self.encode_slides(batch, patches_bnw)
     regions_bme, valid_bm = encoded["regions"], encoded["region_valid"]
@@ -323,9 +354,7 @@ class PathFlip(nnx.Module):
     index_bmp = batch["region_index"]
     b, m, p = index_bmp.shape
     patch_valid_bmp = batch["region_patch_valid"]
-    within_bmp = self.qformer.patch_attention(
-        self.region_patches(patches_bnw, index_bmp),
-        patch_valid_bmp.reshape(b * m, p)).reshape(b, m, p)
+    within_bmp = self.region_patch_weights(patches_bnw, batch)
     # Scaled to mean 1 over each region's patches: a patch scores its region's score, raised or
     # lowered by where the region Q-Former looks, and a region of 1 patch is not 4x brighter
     # than one of 4.
