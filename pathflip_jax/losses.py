@@ -142,7 +142,8 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
                   region_valid_bm: jax.Array, sub_bke: jax.Array, sub_valid_bk: jax.Array,
                   picked_ce: jax.Array, picked_valid_c: jax.Array, slide_ids_b: jax.Array,
-                  scale: jax.Array, bias: jax.Array) -> dict[str, jax.Array]:
+                  scale: jax.Array, bias: jax.Array, caption_concepts_b: jax.Array,
+                  picked_concepts_c: jax.Array) -> dict[str, jax.Array]:
   """Sums (not means) of the region loss and metrics over slides ``b`` against picks ``c``."""
   b, k, e = sub_bke.shape
   c = picked_ce.shape[0]
@@ -158,6 +159,10 @@ def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
   positive_bt = jnp.concatenate([sub_valid_bk, jnp.zeros((b, c), bool)], axis=1)
   # A slide's own pick duplicates one of its positives: not a negative for itself.
   negative_bc = picked_valid_c[None, :] & (slide_ids_b[:, None] != jnp.arange(c)[None, :])
+  # A pick that names only what the slide's own caption names is no evidence against the slide.
+  named_bc = (picked_concepts_c[None, :] != 0) & (
+      (picked_concepts_c[None, :] & ~caption_concepts_b[:, None]) == 0)
+  negative_bc &= ~named_bc
   negative_bt = jnp.concatenate([jnp.zeros((b, k), bool), negative_bc], axis=1)
   positive_bt &= slide_valid_b[:, None]
   negative_bt &= slide_valid_b[:, None]
@@ -190,7 +195,9 @@ def _region_metrics(sums: dict[str, jax.Array], num_slides: int
 def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
                         region_valid_bm: jax.Array, sub_bke: jax.Array, sub_valid_bk: jax.Array,
                         negative_pick_b: jax.Array, scale: jax.Array, bias: jax.Array,
-                        mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        mesh: Mesh | None = None, caption_concepts_b: jax.Array | None = None,
+                        sub_concepts_bk: jax.Array | None = None
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Sigmoid (SigLIP) loss between subcaptions and their text-conditioned region embeddings.
 
   Shape letters: ``b`` slides (the global batch when ``mesh`` is None, a device's slides inside
@@ -219,36 +226,44 @@ def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.A
   ``region_negative_accuracy`` (kept negatives with logit < 0), ``region_positive_logit`` and
   ``region_negative_logit`` (mean logits); 0 when there is no such pair.
   """
-  def picks(sub_bke, sub_valid_bk, negative_pick_b):
+  def picks(sub_bke, sub_valid_bk, sub_concepts_bk, negative_pick_b):
     rows = jnp.arange(sub_bke.shape[0])
-    return sub_bke[rows, negative_pick_b], sub_valid_bk[rows, negative_pick_b]
+    return (sub_bke[rows, negative_pick_b], sub_valid_bk[rows, negative_pick_b],
+            sub_concepts_bk[rows, negative_pick_b])
 
-  regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b = map(
-      jnp.asarray, (regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b))
+  if caption_concepts_b is None:
+    caption_concepts_b = jnp.zeros(sub_valid_bk.shape[:1], jnp.int32)
+  if sub_concepts_bk is None:
+    sub_concepts_bk = jnp.zeros(sub_valid_bk.shape, jnp.int32)
+  (regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b, caption_concepts_b,
+   sub_concepts_bk) = map(jnp.asarray, (regions_bme, region_valid_bm, sub_bke, sub_valid_bk,
+                                        negative_pick_b, caption_concepts_b, sub_concepts_bk))
   dtype = jnp.result_type(sub_bke)
   scale = jnp.asarray(scale, dtype)
   bias = jnp.asarray(bias, dtype)
   num_slides = regions_bme.shape[0]
   if mesh is None:
-    picked_ce, picked_valid_c = picks(sub_bke, sub_valid_bk, negative_pick_b)
+    picked_ce, picked_valid_c, picked_concepts_c = picks(sub_bke, sub_valid_bk, sub_concepts_bk,
+                                                         negative_pick_b)
     sums = _region_terms(attend, attend_params, regions_bme, region_valid_bm, sub_bke,
                          sub_valid_bk, picked_ce, picked_valid_c, jnp.arange(num_slides),
-                         scale, bias)
+                         scale, bias, caption_concepts_b, picked_concepts_c)
     return _region_metrics(sums, num_slides)
 
   def local(attend_params, regions_lme, region_valid_lm, sub_lke, sub_valid_lk, pick_l,
-            scale, bias):
-    picked_le, picked_valid_l = picks(sub_lke, sub_valid_lk, pick_l)
+            caption_concepts_l, sub_concepts_lk, scale, bias):
+    picked = picks(sub_lke, sub_valid_lk, sub_concepts_lk, pick_l)
     # Only the picks travel: one subcaption per slide, not the slides' regions.
-    picked_ce = jax.lax.all_gather(picked_le, sharding.BATCH_AXES, tiled=True)
-    picked_valid_c = jax.lax.all_gather(picked_valid_l, sharding.BATCH_AXES, tiled=True)
+    picked_ce, picked_valid_c, picked_concepts_c = (
+        jax.lax.all_gather(x, sharding.BATCH_AXES, tiled=True) for x in picked)
     sums = _region_terms(attend, attend_params, regions_lme, region_valid_lm, sub_lke,
                          sub_valid_lk, picked_ce, picked_valid_c,
-                         _global_rows(regions_lme.shape[0]), scale, bias)
+                         _global_rows(regions_lme.shape[0]), scale, bias, caption_concepts_l,
+                         picked_concepts_c)
     return jax.lax.psum(sums, sharding.BATCH_AXES)
 
   batch = P(sharding.BATCH_AXES)
-  fn = _batch_map(mesh, local, (P(), batch, batch, batch, batch, batch, P(), P()))
+  fn = _batch_map(mesh, local, (P(), batch, batch, batch, batch, batch, batch, batch, P(), P()))
   sums = fn(attend_params, regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b,
-            scale, bias)
+            caption_concepts_b, sub_concepts_bk, scale, bias)
   return _region_metrics(sums, num_slides)

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from configs import pathflip_demo
 from pathflip_jax import config_args, train
 from pathflip_jax.data import feature_shards
 from pathflip_jax.tasks import align
@@ -150,12 +151,16 @@ def test_feature_shortcut_needs_the_feature_encoders_image_projection(features_d
 
 @pytest.mark.slow
 def test_feature_shortcut_trains_sharded(features_dir, tmp_path):
-  """The opt-in shortcut (no text_init here: it starts at random) trains on 8 devices, its
-  tokens move away from the shortcut alone, and the value/output projections from identity."""
+  """The opt-in shortcut (no text_init here: it starts at random; regions only, with named
+  negatives) trains on 8 devices, its tokens move away from the shortcut alone, and the
+  value/output projections from identity."""
   from pathflip_jax import checkpointing
 
-  config = _config(features_dir, ",feature_shortcut=True,total_steps=2,log_steps=2,"
-                                 "eval_split=")
+  config = _config(features_dir, ",feature_shortcut=True,slide_shortcut=False,"
+                                 "named_negatives=True,total_steps=2,log_steps=2,eval_split=")
+  lexicon = dict(align.example_config(config).negative_lexicon)
+  assert set(lexicon) == set(pathflip_demo.NEGATIVE_LEXICON) and "carcinoma" in lexicon["tumour"]
+  assert align.example_config(_config(features_dir)).negative_lexicon == ()
   train.train_and_evaluate(config, str(tmp_path))
   params = checkpointing.load_params(str(tmp_path))
   assert np.abs(params["vision_proj/kernel"]).max() > 0          # started at zero

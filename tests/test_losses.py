@@ -38,8 +38,16 @@ def projected_attend(params, text_bte, regions_bme, region_valid_bm):
   return jnp.einsum("btm,bme->bte", jax.nn.softmax(scores_btm, axis=-1), v_bme)
 
 
-def hand_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias):
-  """The region loss with explicit loops over slides and texts (dot_attend)."""
+def hand_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias,
+                     caption_concepts=None, sub_concepts=None):
+  """The region loss with explicit loops over slides and texts (dot_attend). A pick whose
+  concepts (a set bit each) are all among the slide's caption concepts is no negative for it."""
+  def named(c, b):
+    if sub_concepts is None:
+      return False
+    bits = int(sub_concepts[c][pick[c]])
+    return bits != 0 and bits & ~int(caption_concepts[b]) == 0
+
   def attend(t, b):
     ws = [math.exp(float(np.dot(t, r))) if v else 0.0 for r, v in zip(regions[b], region_valid[b])]
     return sum(w * r for w, r in zip(ws, regions[b])) / sum(ws)
@@ -54,7 +62,7 @@ def hand_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias):
       continue
     texts = [(sub[b][k], 1.0) for k in range(len(sub[b])) if sub_valid[b][k]]
     texts += [(sub[c][pick[c]], -1.0) for c in range(num_slides)
-              if c != b and sub_valid[c][pick[c]]]
+              if c != b and sub_valid[c][pick[c]] and not named(c, b)]
     for t, label in texts:
       logit = scale * cos(t, attend(t, b)) + bias
       (pos_logits if label > 0 else neg_logits).append(logit)
@@ -79,14 +87,17 @@ def small_case():
       scale=3.0, bias=-0.5)
 
 
-def dot_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias):
+def dot_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias,
+                    caption_concepts=None, sub_concepts=None):
   return losses.region_sigmoid_loss(dot_attend, None, regions, region_valid, sub, sub_valid,
-                                    pick, scale, bias)
+                                    pick, scale, bias, caption_concepts_b=caption_concepts,
+                                    sub_concepts_bk=sub_concepts)
 
 
 def run_region(case, fn=jax.jit(dot_region_loss, compiler_options=FAST)):
   return fn(case["regions"], case["region_valid"], case["sub"], case["sub_valid"],
-                          case["pick"], np.float32(case["scale"]), np.float32(case["bias"]))
+            case["pick"], np.float32(case["scale"]), np.float32(case["bias"]),
+            case.get("caption_concepts"), case.get("sub_concepts"))
 
 
 def test_region_sigmoid_loss_matches_hand_computation():
@@ -97,6 +108,25 @@ def test_region_sigmoid_loss_matches_hand_computation():
   assert set(metrics) == set(want_metrics)
   for name, want in want_metrics.items():
     np.testing.assert_allclose(metrics[name], want, rtol=1e-5, err_msg=name)
+
+
+def test_region_sigmoid_loss_keeps_no_negative_the_caption_names():
+  """Concept bits: slide 0's caption names concepts 0 and 1, so the picks of slides 2 and 3
+  (concept 1, concept 0) are no negatives for it, while slide 1's (concepts 0 and 2) still is;
+  slide 0's pick names no concept and stays a negative for every other slide."""
+  case = {**small_case(), "caption_concepts": np.array([0b011, 0b100, 0b001, 0b001], np.int32),
+          "sub_concepts": np.array([[0, 0], [0b101, 0], [0b100, 0b010], [0b001, 0]], np.int32)}
+  loss, metrics = run_region(case)
+  want_loss, want_metrics = hand_region_loss(**case)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for name, want in want_metrics.items():
+    np.testing.assert_allclose(metrics[name], want, rtol=1e-5, err_msg=name)
+  plain = {k: v for k, v in case.items() if "concepts" not in k}
+  assert float(loss) != pytest.approx(float(run_region(plain)[0]), rel=1e-3)
+  # No concept anywhere is the paper's loss.
+  zeros = {**case, "caption_concepts": np.zeros(4, np.int32),
+           "sub_concepts": np.zeros((4, 2), np.int32)}
+  np.testing.assert_allclose(run_region(zeros)[0], run_region(plain)[0], rtol=1e-6)
 
 
 def test_region_sigmoid_loss_uses_only_picked_negatives_and_masks():
@@ -157,6 +187,8 @@ def make_batch():
       sub=rng.normal(size=(B, K, E)).astype(np.float32),
       sub_valid=sub_valid,
       pick=pick.astype(np.int32),
+      caption_concepts=rng.integers(0, 8, size=B).astype(np.int32),
+      sub_concepts=rng.integers(0, 8, size=(B, K)).astype(np.int32),
       params={"wq": rng.normal(size=(E, H)).astype(np.float32),
               "wk": rng.normal(size=(E, H)).astype(np.float32),
               "wv": rng.normal(size=(E, E)).astype(np.float32)},
@@ -181,9 +213,12 @@ def all_losses(mesh, with_grads):
       return losses.contrastive_loss(image, text, scale, **kw)
     return losses.gathered_contrastive_loss(image, text, scale, mesh, **kw)
 
-  def region(params, regions, region_valid, sub, sub_valid, pick, scale, bias):
+  def region(params, regions, region_valid, sub, sub_valid, pick, scale, bias,
+             caption_concepts, sub_concepts):
     return losses.region_sigmoid_loss(projected_attend, params, regions, region_valid, sub,
-                                      sub_valid, pick, scale, bias, mesh=mesh)
+                                      sub_valid, pick, scale, bias, mesh=mesh,
+                                      caption_concepts_b=caption_concepts,
+                                      sub_concepts_bk=sub_concepts)
 
   def maybe_grad(f, argnums):
     if with_grads:
@@ -206,7 +241,8 @@ def run_all(batch, mesh=None, with_grads=True):
   c_args = (put(batch["image"]), put(batch["text"]), jnp.float32(10.0), put(batch["text_ids"]))
   r_args = (jax.tree.map(jnp.asarray, batch["params"]), put(batch["regions"]),
             put(batch["region_valid"]), put(batch["sub"]), put(batch["sub_valid"]),
-            put(batch["pick"]), jnp.float32(1 / 0.07), jnp.float32(-2.0))
+            put(batch["pick"]), jnp.float32(1 / 0.07), jnp.float32(-2.0),
+            put(batch["caption_concepts"]), put(batch["sub_concepts"]))
   return all_losses(mesh, with_grads)(c_args, r_args)
 
 

@@ -144,6 +144,12 @@ def test_build_example_samples_regions_and_pads_to_buckets():
   small = slide_examples.build_example(_element(n=20), config, _Tokens(), None)
   batch = slide_examples.collate([small, e])
   assert batch["features"].shape == (2, 128, 12) and batch["patch_valid"][0].sum() == 20
+  # Concept bits of the caption and of each subcaption for the named-negative rule.
+  assert e["caption_concepts"] == 0 and not e["subcaption_concepts"].any()
+  named = dataclasses.replace(config, negative_lexicon=(("one", ("one",)), ("three", ("three",))))
+  n = slide_examples.build_example(element, named, _Tokens(), None)
+  assert n["caption_concepts"] == 0b11
+  np.testing.assert_array_equal(n["subcaption_concepts"], [0b01, 0, 0b10, 0])
 
 
 def _inputs(example):
@@ -237,6 +243,23 @@ def test_patch_attention_is_a_distribution_over_valid_patches():
                                                         valid))(model)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
   assert float(weights[1, 6:].max()) == 0.0
+
+
+def test_slide_shortcut_false_leaves_the_slide_token_to_the_qformer():
+  """Without the context Transformer the slide embedding is the normed slide token: at
+  initialisation (the Q-Former's projection at zero) it is the shortcut's with slide_shortcut,
+  and zero without it, while the region tokens keep their shortcut."""
+  config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=24, num_subcaptions=2,
+                                        caption_len=8, subcaption_len=8, buckets=(32,))
+  batch = _inputs(slide_examples.build_example(_element(n=30), config, _Tokens(), None))
+  encoded = {}
+  for slide_shortcut in (True, False):
+    model = pathflip.PathFlip(_tiny_config(feature_shortcut=True, slide_shortcut=slide_shortcut,
+                                           context_depth=0), rngs=nnx.Rngs(0))
+    encoded[slide_shortcut] = nnx.jit(lambda m: m.encode_slides(batch))(model)
+  assert float(jnp.abs(encoded[True]["slide"]).max()) > 0.1
+  np.testing.assert_array_equal(encoded[False]["slide"], 0.0)
+  np.testing.assert_allclose(encoded[False]["regions"], encoded[True]["regions"], rtol=1e-6)
 
 
 def test_region_patch_weights_mix_in_the_shortcut_mean():

@@ -100,6 +100,22 @@ def split_sentences(text: str) -> list[str]:
   return sentences
 
 
+_NEGATION = re.compile(r"\b(?:no|not|without|negative|absent)\b", re.IGNORECASE)
+
+
+def concept_mask(text: str, lexicon: Sequence[tuple[str, Sequence[str]]]) -> int:
+  """Bit i set when ``text`` names concept i of ``lexicon`` (any of its words, whole words,
+  any case) in a sentence without a negation ("no evidence of carcinoma" names nothing)."""
+  mask = 0
+  for sentence in split_sentences(text) or [text]:
+    if _NEGATION.search(sentence):
+      continue
+    for i, (_, words) in enumerate(lexicon):
+      if any(re.search(rf"\b{re.escape(w)}\b", sentence, re.IGNORECASE) for w in words):
+        mask |= 1 << i
+  return mask
+
+
 def sample_subcaption_indices(num_sentences: int, k: int, rng: np.random.Generator,
                               max_sentences: int = 3) -> list[tuple[int, ...]]:
   """PathFLIP's rule: ``k`` tuples of sentence indices, each in report order.

@@ -48,6 +48,8 @@ class PathFlipConfig:
       embeddings (what CONCH features bring the paper's model) and the Q-Former learns what to
       add to them. Heatmaps weigh a region's patches by both poolings
       (:meth:`PathFlip.region_patch_weights`).
+    slide_shortcut: with ``feature_shortcut``, whether the slide token gets the shortcut too
+      (False: the regions only; the slide token is the Q-Former's alone, as in the paper).
     identity_region_values: not in the paper. The text-conditioned attention's value and
       output projections start as the identity, so the text-conditioned region embedding
       starts as each head's attention-weighted mean of the (layer-normed) region embeddings.
@@ -64,6 +66,7 @@ class PathFlipConfig:
   region_init_scale: float = math.log(1 / 0.07)
   region_init_bias: float = 0.0
   feature_shortcut: bool = False
+  slide_shortcut: bool = True
   identity_region_values: bool = False
 
   def __post_init__(self):
@@ -207,7 +210,7 @@ class PathFlip(nnx.Module):
     and (``feature_shortcut`` only, else None) the shortcut of the mean of ``features_bnf``."""
     queries_bqw = self.qformer.encode_patches(patches_bnw, valid_bn)
     token_be = self.vision_proj(queries_bqw.astype(jnp.float32).mean(axis=1).astype(self.dtype))
-    if self.feature_shortcut is None:
+    if self.feature_shortcut is None or features_bnf is None:
       return token_be, None
     mean_bf = jnp.einsum("bn,bnf->bf", uniform_weights(valid_bn),
                          features_bnf.astype(jnp.float32))
@@ -264,7 +267,8 @@ class PathFlip(nnx.Module):
     (``patches_bnw``: the projected patch features, when the caller has them already)."""
     if patches_bnw is None:
       patches_bnw = self.qformer.project_features(batch["features"])
-    slide_be = self._pooled(patches_bnw, batch["patch_valid"], batch["features"])
+    slide_be = self._pooled(patches_bnw, batch["patch_valid"],
+                            batch["features"] if self.config.slide_shortcut else None)
     regions_bme = self.region_tokens(patches_bnw, batch)
     positions = region_positions(batch["region_pos"], self.config.position_frequencies)
     regions_bme = regions_bme + self.position_proj(positions)

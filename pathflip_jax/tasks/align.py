@@ -61,6 +61,9 @@ def example_config(config: ml_collections.ConfigDict) -> slide_examples.ExampleC
     raise ValueError(f"config.data has unknown keys {unknown}; known: {sorted(known)}")
   if "buckets" in fields:
     fields["buckets"] = tuple(fields["buckets"])
+  if "negative_lexicon" in fields:
+    fields["negative_lexicon"] = tuple(
+        (str(name), tuple(words)) for name, words in dict(fields["negative_lexicon"]).items())
   return slide_examples.ExampleConfig(**fields)
 
 
@@ -284,7 +287,9 @@ class AlignTask:
       scale, bias = model.region_logit_params()
       region_loss, m = losses.region_sigmoid_loss(
           attend, params, slides["regions"], slides["region_valid"], sub_bke,
-          batch["subcaption_valid"], batch["negative_pick"], scale, bias, mesh=self.mesh)
+          batch["subcaption_valid"], batch["negative_pick"], scale, bias, mesh=self.mesh,
+          caption_concepts_b=batch["caption_concepts"],
+          sub_concepts_bk=batch["subcaption_concepts"])
       total = total + config.loss.region_weight * region_loss
       metrics.update(region_loss=region_loss, region_scale=scale, region_bias=bias, **m)
     return total, metrics
@@ -303,6 +308,8 @@ class AlignTask:
             "subcaptions": np.zeros((batch_size, k, c.subcaption_len), np.int32),
             "subcaption_valid": np.ones((batch_size, k), bool),
             "negative_pick": np.zeros((batch_size,), np.int32),
+            "caption_concepts": np.zeros((batch_size,), np.int32),
+            "subcaption_concepts": np.zeros((batch_size, k), np.int32),
             "label": np.zeros((batch_size,), np.int32),
             "slide_index": np.arange(batch_size, dtype=np.int32)}
 
