@@ -138,9 +138,7 @@ def probe_slides(cohort_dir: str, features_dir: str, train_ids: set[str],
   annotations = demo_annotations.CohortAnnotations(cohort_dir)
   shards = feature_shards.FeatureShards(features_dir)
   train_x, train_y, groups, slides = [], [], [], {}
-  for slide_id in sorted(train_ids | slide_ids):
-    if slide_id not in shards.slide_ids:
-      continue
+  for slide_id in sorted((train_ids | slide_ids) & set(shards.slide_ids)):
     record = shards.get(slide_id)
     coords = np.asarray(record["coords"], np.float64)
     size = float(record["patch_size_level0"])

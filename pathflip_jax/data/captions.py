@@ -106,6 +106,8 @@ _NEGATION = re.compile(r"\b(?:no|not|without|negative|absent)\b", re.IGNORECASE)
 def concept_mask(text: str, lexicon: Sequence[tuple[str, Sequence[str]]]) -> int:
   """Bit i set when ``text`` names concept i of ``lexicon`` (any of its words, whole words,
   any case) in a sentence without a negation ("no evidence of carcinoma" names nothing)."""
+  if not lexicon:  # the default: no sentence splitting on every example
+    return 0
   mask = 0
   for sentence in split_sentences(text) or [text]:
     if _NEGATION.search(sentence):

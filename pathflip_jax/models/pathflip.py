@@ -229,15 +229,12 @@ class PathFlip(nnx.Module):
     ``feature_shortcut`` the token also holds the plain mean of the patches, so the weights are
     the two poolings' mix, each by its share of the token (|Q-Former part| against |shortcut
     part|)."""
-    index_bmp, valid_bmp = batch["region_index"], batch["region_patch_valid"]
-    b, m, p = index_bmp.shape
-    gathered = self.region_patches(patches_bnw, index_bmp)
-    valid_kp = valid_bmp.reshape(b * m, p)
+    b, m, p = batch["region_index"].shape
+    gathered, valid_kp, features = self._region_inputs(patches_bnw, batch)
     attention_kp = self.qformer.patch_attention(gathered, valid_kp)
     if self.feature_shortcut is None:
       return attention_kp.reshape(b, m, p)
-    token_ke, shortcut_ke = self._pooled_parts(
-        gathered, valid_kp, self.region_patches(batch["features"], index_bmp))
+    token_ke, shortcut_ke = self._pooled_parts(gathered, valid_kp, features)
     token_norm_k = jnp.linalg.norm(token_ke.astype(jnp.float32), axis=-1)
     shortcut_norm_k = jnp.linalg.norm(shortcut_ke.astype(jnp.float32), axis=-1)
     share_k1 = (token_norm_k / jnp.maximum(token_norm_k + shortcut_norm_k, 1e-12))[:, None]
@@ -251,15 +248,21 @@ class PathFlip(nnx.Module):
     gathered = jnp.take_along_axis(patches_bnw, index_bmp.reshape(b, m * p, 1), axis=1)
     return gathered.reshape(b * m, p, -1)
 
-  def region_tokens(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """The region Q-Former: each region's patches -> one token per region [b, m, e]."""
-    b, m, p = batch["region_index"].shape
+  def _region_inputs(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]
+                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """What the region Q-Former pools, one row per region: the projected patches [b*m, p, w],
+    their validity [b*m, p] and (``feature_shortcut`` only, else None) the raw features."""
     index_bmp = batch["region_index"]
+    b, m, p = index_bmp.shape
     features = (None if self.feature_shortcut is None
                 else self.region_patches(batch["features"], index_bmp))
-    regions = self._pooled(self.region_patches(patches_bnw, index_bmp),
-                           batch["region_patch_valid"].reshape(b * m, p), features)
-    return regions.reshape(b, m, -1)
+    return (self.region_patches(patches_bnw, index_bmp),
+            batch["region_patch_valid"].reshape(b * m, p), features)
+
+  def region_tokens(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The region Q-Former: each region's patches -> one token per region [b, m, e]."""
+    b, m, _ = batch["region_index"].shape
+    return self._pooled(*self._region_inputs(patches_bnw, batch)).reshape(b, m, -1)
 
   def encode_slides(self, batch: Mapping[str, jax.Array],
                     patches_bnw: jax.Array | None = None) -> dict[str, jax.Array]:
