@@ -60,6 +60,35 @@ def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
                for k in order])
 
 
+def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]:
+  """The ``quickstart --joint`` table: the recipe, its no-region-loss ablation and the paper's
+  model (``paper_model``: W/align's results) on the same test slides; [] if it was not run."""
+  recipe = _load(os.path.join(workdir, "joint", "align", "results.json"))
+  ablation = _load(os.path.join(workdir, "joint", "align_no_region_loss", "results.json"))
+  if not recipe:
+    return []
+  queries = sorted(k.split("/")[-1] for k in recipe if k.startswith("localization/auroc/"))
+  items = ([("**lesion AUROC (mean)**", "localization/mean_lesion_auroc", 0.5)]
+           + [(f"AUROC: {q.replace('_', ' ')}", f"localization/auroc/{q}", 0.5) for q in queries]
+           + [("lesion FROC (mean)", "localization/mean_lesion_froc", None),
+              ("lesion best Dice (mean)", "localization/mean_lesion_dice", None),
+              ("zero-shot diagnosis, balanced accuracy", "zero_shot/balanced_accuracy",
+               "zero_shot/chance_balanced_accuracy"),
+              ("slide to text R@1", "retrieval/slide_to_text_r@1", "retrieval/chance_r@1")])
+  rows = []
+  for label, key, baseline in items:
+    if isinstance(baseline, str):
+      baseline = recipe.get(baseline)
+    rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
+  return (["## Joint-space recipe and its region-loss ablation (`--joint`)", "",
+           "Not the paper's model: slide and region tokens start in the joint image-text space "
+           "of a patch encoder trained 4x longer (W/joint/patch_clip), and a subcaption whose "
+           "tissue the slide's own caption names is no negative for that slide. Same test "
+           "slides and prompts as above; the last column repeats the paper's model.", ""]
+          + markdown_table(["metric", "recipe", "recipe, region_loss=False",
+                            "paper's model", "chance"], rows))
+
+
 def render(workdir: str, examples: Sequence[dict[str, Any]],
            vqa_oracle: dict[str, dict[str, Any]] | None = None) -> str:
   """REPORT.md's text for a quickstart workdir (``vqa_oracle``: data_prep.demo_vqa_oracle's
@@ -113,6 +142,8 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
                          loc.get("reference/mean_lesion_froc"), None)]
                        if "reference/mean_lesion_auroc" in loc else [])
                     + [("chance", 0.5, None, None, None)])
+
+  lines += joint_recipe_section(workdir, align)
 
   probe = {k.split("/", 1)[1]: v for k, v in align.items() if k.startswith("probe/")}
   if probe:

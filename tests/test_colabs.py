@@ -211,3 +211,38 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   assert "stage 6/8 instruct ..." in captured.err
   assert os.path.getmtime(workdir / "align" / "results.json") == stamp
   assert (workdir / "instruct" / "results.json").exists()
+
+
+def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, capsys):
+  """``--joint`` on a finished workdir runs only its four stages (a longer patch encoder, its
+  features, the recipe and the recipe without the region loss) and the report, which then
+  compares them on the same test slides. (After the resume test: it adds to the shared
+  workdir.)"""
+  workdir = quickstart_workdir
+  align_stamp = os.path.getmtime(workdir / "align" / "results.json")
+  capsys.readouterr()
+  quickstart.main(["--workdir", str(workdir), "--size", "test", "--joint"])
+  err = capsys.readouterr().err
+  for stage in ("cohort", "tiles", "patch_clip", "features", "align", "instruct", "heatmaps"):
+    assert re.search(rf"stage \d+/12 {stage}: already complete, skipped", err), stage
+  for stage in ("joint_patch_clip", "joint_features", "joint_align", "joint_ablation"):
+    assert re.search(rf"stage \d+/12 {stage}: done", err), stage
+  assert os.path.getmtime(workdir / "align" / "results.json") == align_stamp
+
+  recipe = json.load(open(workdir / "joint" / "align" / "config.json"))
+  ablation = json.load(open(workdir / "joint" / "align_no_region_loss" / "config.json"))
+  assert recipe["model"]["feature_shortcut"] and recipe["loss"]["slide_weight"] == 2.0
+  assert recipe["text_init"] == str(workdir / "joint" / "patch_clip")
+  assert recipe["features_dir"] == str(workdir / "joint" / "features")
+  assert recipe["region_loss"] and not ablation["region_loss"]
+  patch_steps = json.load(open(workdir / "patch_clip" / "config.json"))["total_steps"]
+  joint_steps = json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["total_steps"]
+  assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 960 against 240)
+
+  report = (workdir / "REPORT.md").read_text()
+  assert "## Joint-space recipe and its region-loss ablation (`--joint`)" in report
+  # recipe, ablation, the paper's model, chance.
+  assert re.search(r"\| \*\*lesion AUROC \(mean\)\*\* \| [01]\.\d{3} \| [01]\.\d{3} \| "
+                   r"[01]\.\d{3} \| 0\.500 \|", report)
+  assert re.search(r"\| zero-shot diagnosis, balanced accuracy( \| [01]\.\d{3}){3} \| 0\.250 \|",
+                   report)
