@@ -66,7 +66,8 @@ lr=1e-4``: 0.855, but 0.857 without the region loss and 0.89 at initialisation, 
 diagnosis 0.75; adding ``named_negatives=True``: 0.873 (0.91 with ``slide_shortcut=False``);
 with ``named_negatives=True,slide_weight=2`` 0.896 against 0.854 without the region loss (and
 above its ablation on the three dev runs too), zero-shot still 0.75; on a held-out cohort
-(``quickstart --seed 3 --joint``) 0.81 against 0.85 without the region loss (README, "Starting
+(``quickstart --seed 3 --joint``) 0.81 against 0.85 without the region loss, on ``--seed 4``
+0.82 against 0.73 (README, "Starting
 from the patch encoder's joint space").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to

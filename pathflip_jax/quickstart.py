@@ -20,7 +20,7 @@ on; the training stages also resume from their last checkpoint):
 
 ``--joint`` adds four stages (W/joint/) for the opt-in joint-space recipe: lesion AUROC 0.87-0.93
 on the four demo splits it was developed on, where the paper's model gets 0.69 on average, but
-0.81 on a held-out cohort (``--seed 3``), below its own no-region-loss ablation (0.85). It is
+0.81-0.82 on two held-out cohorts (``--seed 3``: below its no-region-loss ablation, 0.85). It is
 not the paper's model: slide and region tokens start in the patch encoder's joint image-text
 space, and named negatives drop a subcaption whose tissue the slide's own caption names (README,
 "Starting from the patch encoder's joint space"):
@@ -34,7 +34,7 @@ The report, then stage 12, adds a table: the recipe beside its no-region-loss ab
 paper's model, on the same test slides. Measured on 2 CPU cores (seed 0): 393 s more (patch
 encoder 276 s, features 5 s, recipe 68 s, ablation 45 s); lesion AUROC 0.896 against 0.854
 without the region loss and 0.690 for the paper's model; zero-shot diagnosis 0.750 against 0.875.
-``--seed 3`` (187 s more): 0.812 against 0.847 and 0.653; zero-shot 0.417 against 0.542.
+``--seed 3``: 0.812 against 0.847 and 0.653; ``--seed 4``: 0.816 against 0.730 and 0.632.
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
