@@ -324,3 +324,31 @@ def test_config_errors_name_the_key():
     config.model.qformer.widht = 3
   with pytest.raises(ValueError, match="config.model.qformer has unknown keys.*widht"):
     align.model_config(config, 100, 0, 12)
+
+
+def test_heatmap_reuses_the_region_tokens_parts():
+  """``encode_slides(..., return_region_parts=True)`` hands the heatmap the regions' two
+  poolings, so the region Q-Former runs once; the weights are the same as computed afresh."""
+  config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=24, num_subcaptions=2,
+                                        caption_len=8, subcaption_len=8, buckets=(32,))
+  batch = _inputs(slide_examples.build_example(_element(n=30), config, _Tokens(), None))
+  model = pathflip.PathFlip(_tiny_config(feature_shortcut=True), rngs=nnx.Rngs(0))
+  model.vision_proj.kernel[...] = jax.random.normal(jax.random.key(2),
+                                                    model.vision_proj.kernel.shape)
+
+  def both(model):
+    patches = model.qformer.project_features(batch["features"])
+    encoded = model.encode_slides(batch, patches, return_region_parts=True)
+    return (model.region_patch_weights(patches, batch, encoded["region_parts"]),
+            model.region_patch_weights(patches, batch), encoded)
+
+  reused, afresh, encoded = nnx.jit(both)(model)
+  np.testing.assert_allclose(reused, afresh, rtol=1e-6, atol=1e-7)
+  token_ke, shortcut_ke = encoded["region_parts"]
+  b, m, _ = batch["region_index"].shape
+  assert token_ke.shape == shortcut_ke.shape == (b * m, model.config.embed_dim)
+  # The parts are the region tokens before their positions are added.
+  np.testing.assert_allclose((token_ke + shortcut_ke).reshape(b, m, -1),
+                             model.region_tokens(
+                                 model.qformer.project_features(batch["features"]), batch),
+                             rtol=1e-5, atol=1e-6)

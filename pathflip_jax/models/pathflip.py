@@ -222,19 +222,22 @@ class PathFlip(nnx.Module):
     token_be, shortcut_be = self._pooled_parts(patches_bnw, valid_bn, features_bnf)
     return token_be if shortcut_be is None else token_be + shortcut_be
 
-  def region_patch_weights(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]
+  def region_patch_weights(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array],
+                           region_parts: tuple[jax.Array, jax.Array | None] | None = None
                            ) -> jax.Array:
     """How much each of a region's patches makes its token [b, m, p], summing to 1 over the
     region's valid patches: the region Q-Former's attention over them. With
     ``feature_shortcut`` the token also holds the plain mean of the patches, so the weights are
     the two poolings' mix, each by its share of the token (|Q-Former part| against |shortcut
-    part|)."""
+    part|). ``region_parts``: the regions' :meth:`_pooled_parts` [b*m, e] when the caller has
+    them already (``encode_slides(..., return_region_parts=True)``), else computed here."""
     b, m, p = batch["region_index"].shape
     gathered, valid_kp, features = self._region_inputs(patches_bnw, batch)
     attention_kp = self.qformer.patch_attention(gathered, valid_kp)
     if self.feature_shortcut is None:
       return attention_kp.reshape(b, m, p)
-    token_ke, shortcut_ke = self._pooled_parts(gathered, valid_kp, features)
+    token_ke, shortcut_ke = (region_parts if region_parts is not None
+                             else self._pooled_parts(gathered, valid_kp, features))
     token_norm_k = jnp.linalg.norm(token_ke.astype(jnp.float32), axis=-1)
     shortcut_norm_k = jnp.linalg.norm(shortcut_ke.astype(jnp.float32), axis=-1)
     share_k1 = (token_norm_k / jnp.maximum(token_norm_k + shortcut_norm_k, 1e-12))[:, None]
@@ -265,14 +268,20 @@ class PathFlip(nnx.Module):
     return self._pooled(*self._region_inputs(patches_bnw, batch)).reshape(b, m, -1)
 
   def encode_slides(self, batch: Mapping[str, jax.Array],
-                    patches_bnw: jax.Array | None = None) -> dict[str, jax.Array]:
+                    patches_bnw: jax.Array | None = None,
+                    return_region_parts: bool = False) -> dict[str, Any]:
     """Slide embedding [b, e] (unit norm) and contextualised region embeddings [b, m, e]
-    (``patches_bnw``: the projected patch features, when the caller has them already)."""
+    (``patches_bnw``: the projected patch features, when the caller has them already).
+    ``return_region_parts`` adds "region_parts", the region tokens' two poolings
+    (:meth:`_pooled_parts`, [b*m, e] each), which :meth:`region_patch_weights` reuses."""
     if patches_bnw is None:
       patches_bnw = self.qformer.project_features(batch["features"])
     slide_be = self._pooled(patches_bnw, batch["patch_valid"],
                             batch["features"] if self.config.slide_shortcut else None)
-    regions_bme = self.region_tokens(patches_bnw, batch)
+    b, m, _ = batch["region_index"].shape
+    region_parts = self._pooled_parts(*self._region_inputs(patches_bnw, batch))
+    token_ke, shortcut_ke = region_parts
+    regions_bme = (token_ke if shortcut_ke is None else token_ke + shortcut_ke).reshape(b, m, -1)
     positions = region_positions(batch["region_pos"], self.config.position_frequencies)
     regions_bme = regions_bme + self.position_proj(positions)
     tokens = jnp.concatenate([slide_be[:, None], regions_bme], axis=1)
@@ -281,7 +290,10 @@ class PathFlip(nnx.Module):
     for block in self.context:
       tokens = block(tokens, valid)
     tokens = self.context_norm(tokens)
-    return {"slide": unit(tokens[:, 0]), "regions": tokens[:, 1:], "region_valid": region_valid}
+    out = {"slide": unit(tokens[:, 0]), "regions": tokens[:, 1:], "region_valid": region_valid}
+    if return_region_parts:
+      out["region_parts"] = region_parts
+    return out
 
   # ----------------------------------------------------------- text-conditioned regions
   def attend_fn(self):
@@ -349,7 +361,7 @@ class PathFlip(nnx.Module):
     with ``feature_shortcut`` mixes in the shortcut's uniform mean). Patches of no kept region
     score 0."""
     patches_bnw = self.qformer.project_features(batch["features"])
-    encoded = self.encode_slides(batch, patches_bnw)
+    encoded = self.encode_slides(batch, patches_bnw, return_region_parts=True)
     regions_bme, valid_bm = encoded["regions"], encoded["region_valid"]
     if method == "attention":
       region_btm = self.region_text_attention(text_bte, regions_bme, valid_bm)
@@ -361,7 +373,7 @@ class PathFlip(nnx.Module):
     index_bmp = batch["region_index"]
     b, m, p = index_bmp.shape
     patch_valid_bmp = batch["region_patch_valid"]
-    within_bmp = self.region_patch_weights(patches_bnw, batch)
+    within_bmp = self.region_patch_weights(patches_bnw, batch, encoded["region_parts"])
     # Scaled to mean 1 over each region's patches: a patch scores its region's score, raised or
     # lowered by where the region Q-Former looks, and a region of 1 patch is not 4x brighter
     # than one of 4.
