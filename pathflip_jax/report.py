@@ -60,6 +60,13 @@ def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
                for k in order])
 
 
+def _region_side(config: dict[str, Any]) -> str:
+  side = config.get("data", {}).get("region_patches")
+  if side is None:
+    return "of the run's config"
+  return "single patches" if side == 1 else f"{side} x {side} patches"
+
+
 def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]:
   """The ``quickstart --joint`` table: the recipe, its no-region-loss ablation and the paper's
   model (``paper_model``: W/align's results) on the same test slides; [] if it was not run."""
@@ -67,6 +74,8 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
   ablation = _load(os.path.join(workdir, "joint", "align_no_region_loss", "results.json"))
   if not recipe:
     return []
+  recipe_config = _load(os.path.join(workdir, "joint", "align", "config.json"))
+  paper_config = _load(os.path.join(workdir, "align", "config.json"))
   queries = sorted(k.split("/")[-1] for k in recipe if k.startswith("localization/auroc/"))
   items = ([("**lesion AUROC (mean)**", "localization/mean_lesion_auroc", 0.5)]
            + [(f"AUROC: {q.replace('_', ' ')}", f"localization/auroc/{q}", 0.5) for q in queries]
@@ -82,9 +91,11 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
     rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
   return (["## Joint-space recipe and its region-loss ablation (`--joint`)", "",
            "Not the paper's model: slide and region tokens start in the joint image-text space "
-           "of a patch encoder trained 4x longer (W/joint/patch_clip), and a subcaption whose "
-           "tissue the slide's own caption names is no negative for that slide. Same test "
-           "slides and prompts as above; the last column repeats the paper's model.", ""]
+           "of a patch encoder trained 4x longer (W/joint/patch_clip), a subcaption whose "
+           "tissue the slide's own caption names is no negative for that slide, and regions "
+           f"are {_region_side(recipe_config)} (the paper's model above: "
+           f"{_region_side(paper_config)}). Same test slides and prompts as above; the last "
+           "column repeats the paper's model.", ""]
           + markdown_table(["metric", "recipe", "recipe, region_loss=False",
                             "paper's model", "chance"], rows))
 
