@@ -216,11 +216,15 @@ class PathFlip(nnx.Module):
                          features_bnf.astype(jnp.float32))
     return token_be, self.feature_shortcut(mean_bf.astype(self.dtype))
 
+  @staticmethod
+  def _sum_parts(parts: tuple[jax.Array, jax.Array | None]) -> jax.Array:
+    token_be, shortcut_be = parts
+    return token_be if shortcut_be is None else token_be + shortcut_be
+
   def _pooled(self, patches_bnw: jax.Array, valid_bn: jax.Array,
               features_bnf: jax.Array | None) -> jax.Array:
     """One token per row: the sum of :meth:`_pooled_parts`."""
-    token_be, shortcut_be = self._pooled_parts(patches_bnw, valid_bn, features_bnf)
-    return token_be if shortcut_be is None else token_be + shortcut_be
+    return self._sum_parts(self._pooled_parts(patches_bnw, valid_bn, features_bnf))
 
   def region_patch_weights(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array],
                            region_parts: tuple[jax.Array, jax.Array | None] | None = None
@@ -280,8 +284,7 @@ class PathFlip(nnx.Module):
                             batch["features"] if self.config.slide_shortcut else None)
     b, m, _ = batch["region_index"].shape
     region_parts = self._pooled_parts(*self._region_inputs(patches_bnw, batch))
-    token_ke, shortcut_ke = region_parts
-    regions_bme = (token_ke if shortcut_ke is None else token_ke + shortcut_ke).reshape(b, m, -1)
+    regions_bme = self._sum_parts(region_parts).reshape(b, m, -1)
     positions = region_positions(batch["region_pos"], self.config.position_frequencies)
     regions_bme = regions_bme + self.position_proj(positions)
     tokens = jnp.concatenate([slide_be[:, None], regions_bme], axis=1)
