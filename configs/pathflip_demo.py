@@ -34,8 +34,8 @@ patch encoder's joint image-text embeddings, ``PathFlipConfig.feature_shortcut``
 ``named_negatives`` (False; True: a subcaption whose tissue words, ``NEGATIVE_LEXICON``, the
 slide's own caption names too is no negative for that slide; not in the paper),
 ``slide_weight`` (1.0: the slide loss's weight beside the region loss's 1) and
-``region_patches`` (2: regions of 2 x 2 patches; 1: single-patch regions, as the joint-space
-recipe of ``quickstart --joint`` uses).
+``region_patches`` (2: regions of 2 x 2 patches; 1: single-patch regions, measured with the
+joint-space recipe below but not part of ``quickstart --joint``).
 
 Model: the paper's, narrowed. A 2-layer Q-Former (width 128, 8 queries, cross-attention into the
 patches in layer 0) reads each slide's patch features (all of them: slide token; each region of

@@ -63,7 +63,7 @@ def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
 def _region_side(config: dict[str, Any]) -> str:
   side = config.get("data", {}).get("region_patches")
   if side is None:
-    return "of the run's config"
+    return "of a size its config.json does not record"
   return "single patches" if side == 1 else f"{side} x {side} patches"
 
 
