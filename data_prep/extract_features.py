@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import compilation_cache, config_args, sharding
+from pathflip_jax import compilation_cache, config_args, input_pipeline, sharding
 from pathflip_jax.data import feature_shards, patch_shards, tiling
 from pathflip_jax.models import vit
 
@@ -209,8 +209,9 @@ def make_loader(patches_dir: str, indices: np.ndarray, slide_of: np.ndarray, pat
   dataset = dataset.batch(batch_size, batch_fn=collate).to_iter_dataset()
   if num_workers > 0:
     # Batches come back in order: worker k decodes batches k, k+W, ...
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                               per_worker_buffer_size=2))
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+        worker_init_fn=input_pipeline.exit_with_parent_fn())
   return dataset
 
 

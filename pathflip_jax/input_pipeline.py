@@ -10,6 +10,13 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
+import signal
+import sys
+import threading
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -27,6 +34,33 @@ def local_batch_size(global_batch_size: int) -> int:
     raise ValueError(f"batch_size {global_batch_size} is not divisible by the "
                      f"{count} JAX processes")
   return global_batch_size // count
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int = 1) -> None:
+  """grain ``worker_init_fn``: the worker dies with the process that started it.
+
+  A worker blocks on its output queue, so a trainer killed with SIGKILL (the usual way to stop
+  a hung job) would otherwise leave it alive, holding memory and file handles, forever.
+  """
+  del worker_index, worker_count
+  if sys.platform.startswith("linux"):
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:   # the parent died before prctl took effect
+      os._exit(1)
+    return
+
+  def watch():  # elsewhere: poll, since only Linux has a parent-death signal
+    while os.getppid() == parent_pid:
+      time.sleep(1.0)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def exit_with_parent_fn() -> Callable[[int, int], None]:
+  """A picklable ``worker_init_fn`` for ``mp_prefetch`` that ties workers to this process."""
+  return functools.partial(_exit_with_parent, os.getpid())
 
 
 def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
@@ -64,7 +98,8 @@ def train_iterator(source: grain.MapDataset, *, global_batch_size: int, seed: in
                                                  prefetch_buffer_size=worker_buffer_size))
   if worker_count > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
+        worker_init_fn=exit_with_parent_fn())
   return iter(iter_ds)
 
 

@@ -183,10 +183,21 @@ def test_unknown_stage_and_bad_batch_are_named():
     train.train_and_evaluate(config, "/tmp/unused_workdir_for_error")
 
 
+def _children(pid: int) -> list[int]:
+  """Direct child processes of ``pid`` (Linux /proc)."""
+  pids = []
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/children") as f:
+      pids += [int(c) for c in f.read().split()]
+  return pids
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
   """The real command, killed with SIGKILL after a checkpoint, run again: same final params
-  as an uninterrupted run; grain worker processes (and their data position) included."""
+  as an uninterrupted run; grain worker processes (and their data position) included. The
+  killed trainer's worker processes die with it (they used to outlive it forever)."""
   env = dict(os.environ, PYTHONPATH=REPO)
   command = [sys.executable, "-m", "pathflip_jax.train", "--config",
              "tests/toy_config.py:total_steps=24,workers=1,sleep=0.01", "--workdir"]
@@ -199,8 +210,15 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
   while not (run / "checkpoints" / "8").is_dir() and time.time() < deadline:
     assert process.poll() is None, "the run ended before it could be killed"
     time.sleep(0.05)
+  workers = _children(process.pid)   # grain's worker and multiprocessing's resource tracker
+  assert workers, "no grain worker process to check"
   process.send_signal(signal.SIGKILL)
   process.wait()
+  deadline = time.time() + 30
+  while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+    time.sleep(0.1)
+  alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+  assert not alive, f"processes {alive} outlived the killed trainer"
   done = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
   assert 24 not in done, "killed too late to test anything"
   out = subprocess.run(command + [str(run)], cwd=REPO, env=env, check=True,
