@@ -30,12 +30,14 @@ linear and few-shot probes on the frozen slide embeddings and, for the biomarker
 AUROC from prompts), and ``feature_shortcut`` (False; True: slide and region tokens start as the
 patch encoder's joint image-text embeddings, ``PathFlipConfig.feature_shortcut`` and
 ``identity_region_values``; needs ``text_init`` = the patch_clip run that extracted the features),
+``identity_values`` (True; False: with ``feature_shortcut``, the text-conditioned attention's
+value and output projections start at random, as in the paper, instead of at the identity),
 ``slide_shortcut`` (True; False: with ``feature_shortcut``, the region tokens only) and
 ``named_negatives`` (False; True: a subcaption whose tissue words, ``NEGATIVE_LEXICON``, the
 slide's own caption names too is no negative for that slide; not in the paper),
 ``slide_weight`` (1.0: the slide loss's weight beside the region loss's 1) and
-``region_patches`` (2: regions of 2 x 2 patches; 1: single-patch regions, measured with the
-joint-space recipe below but not part of ``quickstart --joint``).
+``region_patches`` (2: regions of 2 x 2 patches; 1: single-patch regions, which the
+joint-space recipe of ``quickstart --joint`` uses).
 
 Model: the paper's, narrowed. A 2-layer Q-Former (width 128, 8 queries, cross-attention into the
 patches in layer 0) reads each slide's patch features (all of them: slide token; each region of
@@ -70,8 +72,12 @@ with ``named_negatives=True,slide_weight=2`` 0.896 against 0.854 without the reg
 above its ablation on the three dev runs too), zero-shot still 0.75; on a held-out cohort
 (``quickstart --seed 3 --joint``) 0.81 against 0.85 without the region loss, on ``--seed 4``
 0.82 against 0.73 (README, "Starting
-from the patch encoder's joint space"). With ``region_patches=1`` as well: 0.93 / 0.90 / 0.88 on
-the seed 0 / 3 / 5 test splits, but 0.95 / 0.81 / 0.90 without the region loss.
+from the patch encoder's joint space"). With ``region_patches=1`` as well (``quickstart --joint``
+since 2026-12-01): 0.93 / 0.90 / 0.88 / 0.88 on the seed 0 / 3 / 5 / 6 test splits, but 0.95 /
+0.81 / 0.90 / 0.73 without the region loss; with
+``identity_values=False`` too (the value path from scratch, as in the paper) 0.89 / 0.91 / 0.76
+/ 0.79 on seeds 0 / 3 / 5 / 6, and 0.31-0.57 without the region loss (README, "The value path
+from scratch").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
@@ -153,7 +159,8 @@ def get_config(arg: str | None = None):
       eval_split="test",
       slide_loss=True, region_loss=True, region_attention=True, cohort_dir="",
       heatmap_method="contribution", probe_label="", reference="", feature_shortcut=False,
-      slide_shortcut=True, named_negatives=False, slide_weight=1.0, region_patches=2)
+      slide_shortcut=True, named_negatives=False, slide_weight=1.0, region_patches=2,
+      identity_values=True)
   config = config_args.ml_collections.ConfigDict()
   config.stage = "align"
   config.seed = args.seed
@@ -195,7 +202,8 @@ def get_config(arg: str | None = None):
     raise ValueError(f"config arg size={args.size!r}: expected 'demo' or 'test'")
   # Tokens start in the patch encoder's joint space (PathFlipConfig.feature_shortcut; with
   # text_init = the patch_clip run that extracted the features).
-  config.model.feature_shortcut = config.model.identity_region_values = args.feature_shortcut
+  config.model.feature_shortcut = args.feature_shortcut
+  config.model.identity_region_values = args.feature_shortcut and args.identity_values
   config.model.slide_shortcut = args.slide_shortcut
   config.slide_loss = args.slide_loss
   config.region_loss = args.region_loss

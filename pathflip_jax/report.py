@@ -89,13 +89,23 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
     if isinstance(baseline, str):
       baseline = recipe.get(baseline)
     rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
+  identity = recipe_config.get("model", {}).get("identity_region_values")
+  values = {True: "start as the identity (so the untrained attention already reads the patch "
+                  "encoder's alignment)",
+            False: "start at random, as in the paper (only the region loss trains them)"}.get(
+                identity, "start as the run's config.json does not record")
+  encoder = recipe.get("localization/reference/mean_lesion_auroc")
+  encoder_text = ("" if encoder is None else
+                  f" On these slides that patch encoder's own text alignment scores {encoder:.3f}"
+                  " mean lesion AUROC.")
   return (["## Joint-space recipe and its region-loss ablation (`--joint`)", "",
            "Not the paper's model: slide and region tokens start in the joint image-text space "
            "of a patch encoder trained 4x longer (W/joint/patch_clip), a subcaption whose "
            "tissue the slide's own caption names is no negative for that slide, and regions "
            f"are {_region_side(recipe_config)} (the paper's model above: "
-           f"{_region_side(paper_config)}). Same test slides and prompts as above; the last "
-           "column repeats the paper's model.", ""]
+           f"{_region_side(paper_config)}). The text-conditioned attention's value and output "
+           f"projections {values}.{encoder_text} Same test slides and prompts as above; the "
+           "last column repeats the paper's model.", ""]
           + markdown_table(["metric", "recipe", "recipe, region_loss=False",
                             "paper's model", "chance"], rows))
 

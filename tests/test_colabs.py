@@ -235,14 +235,17 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   assert recipe["text_init"] == str(workdir / "joint" / "patch_clip")
   assert recipe["features_dir"] == str(workdir / "joint" / "features")
   assert recipe["region_loss"] and not ablation["region_loss"]
-  assert recipe["data"]["region_patches"] == ablation["data"]["region_patches"] == 2
+  assert recipe["data"]["region_patches"] == ablation["data"]["region_patches"] == 1
   patch_steps = json.load(open(workdir / "patch_clip" / "config.json"))["total_steps"]
   joint_steps = json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["total_steps"]
   assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 960 against 240)
 
   report = (workdir / "REPORT.md").read_text()
   assert "## Joint-space recipe and its region-loss ablation (`--joint`)" in report
-  assert "regions are 2 x 2 patches (the paper's model above: 2 x 2 patches)" in report
+  assert "regions are single patches (the paper's model above: 2 x 2 patches)" in report
+  assert "value and output projections start as the identity" in report
+  assert re.search(r"that patch encoder's own text alignment scores [01]\.\d{3} mean lesion",
+                   report)
   # recipe, ablation, the paper's model, chance.
   assert re.search(r"\| \*\*lesion AUROC \(mean\)\*\* \| [01]\.\d{3} \| [01]\.\d{3} \| "
                    r"[01]\.\d{3} \| 0\.500 \|", report)

@@ -352,3 +352,21 @@ def test_heatmap_reuses_the_region_tokens_parts():
                              model.region_tokens(
                                  model.qformer.project_features(batch["features"]), batch),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_identity_values_arg_sets_the_value_path_start():
+  """``identity_values`` applies with ``feature_shortcut`` only; False leaves the text-conditioned
+  attention's value/output projections at their random start, as in the paper."""
+  def identity_start(arg):
+    config = config_args.load_config(f"configs/pathflip_demo.py:size=test{arg}")
+    return config.model.identity_region_values
+
+  assert identity_start(",feature_shortcut=True")
+  assert not identity_start(",feature_shortcut=True,identity_values=False")
+  assert not identity_start("")
+  for start in (True, False):
+    model = pathflip.PathFlip(_tiny_config(feature_shortcut=True, identity_region_values=start),
+                              rngs=nnx.Rngs(0))
+    v_kernel = np.asarray(model.region_attention.attention.v_kernel[...])
+    identity = np.eye(v_kernel.shape[0]).reshape(v_kernel.shape)
+    assert np.array_equal(v_kernel, identity) == start
