@@ -73,8 +73,8 @@ above its ablation on the three dev runs too), zero-shot still 0.75; on a held-o
 (``quickstart --seed 3 --joint``) 0.81 against 0.85 without the region loss, on ``--seed 4``
 0.82 against 0.73 (README, "Starting
 from the patch encoder's joint space"). With ``region_patches=1`` as well (``quickstart --joint``
-since 2026-12-01): 0.93 / 0.90 / 0.88 / 0.88 on the seed 0 / 3 / 5 / 6 test splits, but 0.95 /
-0.81 / 0.90 / 0.73 without the region loss; with
+since 2026-12-01): 0.93 / 0.90 / 0.93 / 0.88 / 0.88 on the seed 0 / 3 / 4 / 5 / 6 test splits,
+but 0.95 / 0.81 / 0.93 / 0.90 / 0.73 without the region loss; with
 ``identity_values=False`` too (the value path from scratch, as in the paper) 0.89 / 0.91 / 0.76
 / 0.79 on seeds 0 / 3 / 5 / 6, and 0.31-0.57 without the region loss (README, "The value path
 from scratch").
