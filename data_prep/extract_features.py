@@ -209,9 +209,7 @@ def make_loader(patches_dir: str, indices: np.ndarray, slide_of: np.ndarray, pat
   dataset = dataset.batch(batch_size, batch_fn=collate).to_iter_dataset()
   if num_workers > 0:
     # Batches come back in order: worker k decodes batches k, k+W, ...
-    dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
-        worker_init_fn=input_pipeline.exit_with_parent_fn())
+    dataset = input_pipeline.prefetch_in_workers(dataset, num_workers, buffer_size=2)
   return dataset
 
 

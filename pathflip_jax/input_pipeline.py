@@ -58,9 +58,12 @@ def _exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int 
   threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def exit_with_parent_fn() -> Callable[[int, int], None]:
-  """A picklable ``worker_init_fn`` for ``mp_prefetch`` that ties workers to this process."""
-  return functools.partial(_exit_with_parent, os.getpid())
+def prefetch_in_workers(dataset: grain.IterDataset, num_workers: int,
+                        buffer_size: int) -> grain.IterDataset:
+  """``dataset.mp_prefetch`` over ``num_workers`` processes that die with this one."""
+  return dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer_size),
+      worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
 
 
 def check_batch_divides_mesh(global_batch_size: int, mesh: Mesh, key: str = "batch_size") -> None:
@@ -97,9 +100,7 @@ def train_iterator(source: grain.MapDataset, *, global_batch_size: int, seed: in
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=reader_threads,
                                                  prefetch_buffer_size=worker_buffer_size))
   if worker_count > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
-        worker_init_fn=exit_with_parent_fn())
+    iter_ds = prefetch_in_workers(iter_ds, worker_count, worker_buffer_size)
   return iter(iter_ds)
 
 

@@ -184,20 +184,26 @@ def test_unknown_stage_and_bad_batch_are_named():
 
 
 def _children(pid: int) -> list[int]:
-  """Direct child processes of ``pid`` (Linux /proc)."""
+  """Direct child processes of ``pid`` (Linux /proc: every process whose PPid is ``pid``; not
+  the per-thread ``children`` files, whose threads may exit while being read)."""
   pids = []
-  for task in os.listdir(f"/proc/{pid}/task"):
-    with open(f"/proc/{pid}/task/{task}/children") as f:
-      pids += [int(c) for c in f.read().split()]
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/status") as f:
+        ppid = next(line.split()[1] for line in f if line.startswith("PPid:"))
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError, StopIteration):
+      continue  # not a process, or one that exited meanwhile
+    if ppid == str(pid):
+      pids.append(int(entry))
   return pids
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
   """The real command, killed with SIGKILL after a checkpoint, run again: same final params
   as an uninterrupted run; grain worker processes (and their data position) included. The
-  killed trainer's worker processes die with it (they used to outlive it forever)."""
+  killed trainer's worker processes die with it (they used to outlive it forever; checked
+  where /proc lists them, i.e. on Linux)."""
   env = dict(os.environ, PYTHONPATH=REPO)
   command = [sys.executable, "-m", "pathflip_jax.train", "--config",
              "tests/toy_config.py:total_steps=24,workers=1,sleep=0.01", "--workdir"]
@@ -210,8 +216,10 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
   while not (run / "checkpoints" / "8").is_dir() and time.time() < deadline:
     assert process.poll() is None, "the run ended before it could be killed"
     time.sleep(0.05)
-  workers = _children(process.pid)   # grain's worker and multiprocessing's resource tracker
-  assert workers, "no grain worker process to check"
+  on_linux = sys.platform.startswith("linux")
+  # grain's worker and multiprocessing's resource tracker.
+  workers = _children(process.pid) if on_linux else []
+  assert workers or not on_linux, "no grain worker process to check"
   process.send_signal(signal.SIGKILL)
   process.wait()
   deadline = time.time() + 30
