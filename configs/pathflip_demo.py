@@ -37,7 +37,11 @@ value and output projections start at random, as in the paper, instead of at the
 slide's own caption names too is no negative for that slide; not in the paper),
 ``slide_weight`` (1.0: the slide loss's weight beside the region loss's 1) and
 ``region_patches`` (2: regions of 2 x 2 patches; 1: single-patch regions, which the
-joint-space recipe of ``quickstart --joint`` uses).
+joint-space recipe of ``quickstart --joint`` uses), ``value_gate`` (False; True: with
+``feature_shortcut``, the value path starts at random as in the paper, beside the identity path
+behind a per-head gate that starts at 0, ``PathFlipConfig.region_value_gate``; overrides
+``identity_values``; what ``quickstart --joint`` runs) and ``gate_lr`` (1000: that gate's
+learning rate as a multiple of ``lr``, ``optim.lr_multipliers``).
 
 Model: the paper's, narrowed. A 2-layer Q-Former (width 128, 8 queries, cross-attention into the
 patches in layer 0) reads each slide's patch features (all of them: slide token; each region of
@@ -72,12 +76,16 @@ with ``named_negatives=True,slide_weight=2`` 0.896 against 0.854 without the reg
 above its ablation on the three dev runs too), zero-shot still 0.75; on a held-out cohort
 (``quickstart --seed 3 --joint``) 0.81 against 0.85 without the region loss, on ``--seed 4``
 0.82 against 0.73 (README, "Starting
-from the patch encoder's joint space"). With ``region_patches=1`` as well (``quickstart --joint``
-since 2026-12-01): 0.93 / 0.90 / 0.93 / 0.88 / 0.88 on the seed 0 / 3 / 4 / 5 / 6 test splits,
+from the patch encoder's joint space"). With ``region_patches=1`` as well: 0.93 / 0.90 / 0.93
+/ 0.88 / 0.88 on the seed 0 / 3 / 4 / 5 / 6 test splits,
 but 0.95 / 0.81 / 0.93 / 0.90 / 0.73 without the region loss; with
 ``identity_values=False`` too (the value path from scratch, as in the paper) 0.89 / 0.91 / 0.76
 / 0.79 on seeds 0 / 3 / 5 / 6, and 0.31-0.57 without the region loss (README, "The value path
-from scratch").
+from scratch"); with ``value_gate=True`` instead (random start plus the identity path behind a
+gate that starts at 0; ``quickstart --joint`` since 2026-12-01) 0.94 / 0.93 / 0.91 / 0.88 / 0.80
+on seeds 0 / 3 / 4 / 5 / 6, against 0.57 / 0.53 / 0.69 / 0.31 / 0.51 without the region loss
+(the same as from scratch: the gate stays shut; README, "The identity path behind a shut
+gate").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
@@ -160,7 +168,7 @@ def get_config(arg: str | None = None):
       slide_loss=True, region_loss=True, region_attention=True, cohort_dir="",
       heatmap_method="contribution", probe_label="", reference="", feature_shortcut=False,
       slide_shortcut=True, named_negatives=False, slide_weight=1.0, region_patches=2,
-      identity_values=True)
+      identity_values=True, value_gate=False, gate_lr=1000.0)
   config = config_args.ml_collections.ConfigDict()
   config.stage = "align"
   config.seed = args.seed
@@ -203,7 +211,9 @@ def get_config(arg: str | None = None):
   # Tokens start in the patch encoder's joint space (PathFlipConfig.feature_shortcut; with
   # text_init = the patch_clip run that extracted the features).
   config.model.feature_shortcut = args.feature_shortcut
-  config.model.identity_region_values = args.feature_shortcut and args.identity_values
+  config.model.region_value_gate = args.feature_shortcut and args.value_gate
+  config.model.identity_region_values = (args.feature_shortcut and args.identity_values
+                                         and not args.value_gate)
   config.model.slide_shortcut = args.slide_shortcut
   config.slide_loss = args.slide_loss
   config.region_loss = args.region_loss
@@ -216,6 +226,11 @@ def get_config(arg: str | None = None):
   config.optim = dict(optimizer="adamw", lr=args.lr, schedule="cosine",
                       warmup_steps=min(50, args.total_steps // 10), end_lr=args.lr * 0.05,
                       weight_decay=0.05, grad_clip_norm=5.0)
+  if config.model.region_value_gate:
+    # One scalar per head, moved ~lr per step by Adam: at lr alone it could not pass ~0.03 in
+    # a demo run, while the projected values it competes with are ~0.05 a channel (README, "The
+    # identity path behind a shut gate": 10x and 100x fell short on held-out cohorts).
+    config.optim.lr_multipliers = {"^region_attention/value_gate$": float(args.gate_lr)}
   config.mesh = dict(data=-1, fsdp=1, model=1)
   config.input = dict(worker_count=args.workers, worker_buffer_size=4)
   config.log_steps = args.log_steps

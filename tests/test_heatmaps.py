@@ -71,8 +71,11 @@ def test_patch_heatmap_is_region_score_times_patch_attention():
   np.testing.assert_allclose(np.asarray(attention)[0].sum(-1), 1.0, rtol=1e-5)
 
 
-def test_region_contributions_split_the_text_region_score():
-  model = _model()
+@pytest.mark.parametrize("gate", [False, True])
+def test_region_contributions_split_the_text_region_score(gate):
+  model = _model(region_value_gate=gate)
+  if gate:  # opened (it starts at 0), so the identity path's share counts
+    model.region_attention.value_gate[...] = jnp.array([0.7, -1.3])
   batch = {k: jnp.asarray(v)[None] for k, v in _example().items()}
   tokens = jnp.asarray(_Tokens().encode_batch(["tumour", "fat"], 8))
   text, _, _, _, _, contribution, score, z = _pieces(model, batch, tokens)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathflip_jax import config_args
+from pathflip_jax import config_args, optim
 from pathflip_jax.data import regions, slide_examples
 from pathflip_jax.models import pathflip, qformer, vit
 from pathflip_jax.tasks import align
@@ -370,3 +370,49 @@ def test_identity_values_arg_sets_the_value_path_start():
     v_kernel = np.asarray(model.region_attention.attention.v_kernel[...])
     identity = np.eye(v_kernel.shape[0]).reshape(v_kernel.shape)
     assert np.array_equal(v_kernel, identity) == start
+
+
+def test_value_gate_arg_sets_the_gate_and_its_learning_rate():
+  """``value_gate`` (with ``feature_shortcut``) replaces the identity start by the shut gate,
+  whose learning rate ``gate_lr`` multiplies (``optim.lr_multipliers``, on the gate alone)."""
+  config = config_args.load_config(
+      "configs/pathflip_demo.py:size=test,feature_shortcut=True,value_gate=True,gate_lr=20")
+  assert config.model.region_value_gate and not config.model.identity_region_values
+  model = pathflip.PathFlip(_tiny_config(feature_shortcut=True, region_value_gate=True),
+                            rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  factors = optim.lr_multiplier_tree(params, tuple(config.optim.lr_multipliers.items()))
+  scaled = {path: factor for path, factor in zip(jax.tree.leaves(optim.param_paths(params)),
+                                                 jax.tree.leaves(factors)) if factor != 1.0}
+  assert scaled == {"region_attention/value_gate": 20.0}
+  plain = config_args.load_config("configs/pathflip_demo.py:size=test,value_gate=True")
+  assert not plain.model.region_value_gate and "lr_multipliers" not in plain.optim
+
+
+def test_value_gate_starts_shut_and_adds_the_identity_path():
+  """region_value_gate: the value/output projections start at random and the gate at 0, so
+  the text-conditioned embedding starts as without it; gate g adds g times each head's
+  attention-weighted mean of the normed regions (what identity_region_values starts with)."""
+  regions_bme = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  valid_bm = jnp.array([[1, 1, 0, 1, 1], [1, 0, 0, 0, 0]], bool)
+  text_bte = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  plain = pathflip.PathFlip(_tiny_config(feature_shortcut=True), rngs=nnx.Rngs(0))
+  gated = pathflip.PathFlip(_tiny_config(feature_shortcut=True, region_value_gate=True),
+                            rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(np.asarray(gated.region_attention.value_gate[...]), 0.0)
+  z_plain = plain.text_conditioned_regions(text_bte, regions_bme, valid_bm)
+  np.testing.assert_allclose(gated.text_conditioned_regions(text_bte, regions_bme, valid_bm),
+                             z_plain, rtol=1e-6, atol=1e-7)
+  identity = pathflip.PathFlip(_tiny_config(feature_shortcut=True, identity_region_values=True),
+                               rngs=nnx.Rngs(0))
+  # The identity start's embedding is o_bias-free (its o_bias starts at 0 too).
+  z_identity = identity.text_conditioned_regions(text_bte, regions_bme, valid_bm)
+  heads = gated.config.region_heads
+  gate_h = np.linspace(0.5, 2.0, heads).astype(np.float32)
+  gated.region_attention.value_gate[...] = jnp.asarray(gate_h)
+  z_gated = np.asarray(gated.text_conditioned_regions(text_bte, regions_bme, valid_bm))
+  expected = (np.asarray(z_plain) + (np.asarray(z_identity).reshape(2, 3, heads, -1)
+                                     * gate_h[:, None]).reshape(2, 3, -1))
+  np.testing.assert_allclose(z_gated, expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="exclusive"):
+    _tiny_config(identity_region_values=True, region_value_gate=True)

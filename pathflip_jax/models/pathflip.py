@@ -53,6 +53,11 @@ class PathFlipConfig:
     identity_region_values: not in the paper. The text-conditioned attention's value and
       output projections start as the identity, so the text-conditioned region embedding
       starts as each head's attention-weighted mean of the (layer-normed) region embeddings.
+    region_value_gate: not in the paper. Beside the value and output projections (at their
+      random start, as in the paper), each head adds its attention-weighted mean of the
+      layer-normed region embeddings (the identity path above) times a learned gate that
+      starts at 0 (zero-initialised gating, as Flamingo's): the text-conditioned embedding
+      starts as the paper's, and only the region loss can open the identity path.
   """
 
   qformer: qformer_lib.QFormerConfig
@@ -68,8 +73,12 @@ class PathFlipConfig:
   feature_shortcut: bool = False
   slide_shortcut: bool = True
   identity_region_values: bool = False
+  region_value_gate: bool = False
 
   def __post_init__(self):
+    if self.identity_region_values and self.region_value_gate:
+      raise ValueError("identity_region_values and region_value_gate are exclusive: the gate "
+                       "adds the identity path to value projections that start at random")
     for name, heads in (("context_heads", self.context_heads),
                         ("region_heads", self.region_heads)):
       if self.embed_dim % heads:
@@ -133,9 +142,25 @@ class RegionAttention(nnx.Module):
       self.attention.o_kernel = vit._param(None, identity, (heads, head_dim, e),
                                            ("heads", "kv", "embed"), param_dtype)
 
+    # Per head, how much of the identity path (attention-weighted mean of the normed regions)
+    # joins the projected values: 0 at the start, so the gate opens only if a loss asks for it.
+    self.value_gate = (vit._param(None, nnx.initializers.zeros_init(), (config.region_heads,),
+                                  ("heads",), param_dtype)
+                       if config.region_value_gate else None)
+
   def __call__(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
                ) -> jax.Array:
-    return self.attention(self.text_norm(text_bte), self.region_norm(regions_bme), valid_bm)
+    text_bte, keys_bme = self.text_norm(text_bte), self.region_norm(regions_bme)
+    out_bte = self.attention(text_bte, keys_bme, valid_bm)
+    if self.value_gate is None:
+      return out_bte
+    weights_bhtm = self.attention.weights(text_bte, keys_bme, valid_bm)
+    b, m, e = keys_bme.shape
+    h = weights_bhtm.shape[1]
+    keys_bmhc = keys_bme.astype(jnp.float32).reshape(b, m, h, e // h)
+    gate_h = self.value_gate[...].astype(jnp.float32)
+    identity_bthc = jnp.einsum("bhtm,bmhc,h->bthc", weights_bhtm, keys_bmhc, gate_h)
+    return out_bte + identity_bthc.reshape(*out_bte.shape).astype(out_bte.dtype)
 
   def head_weights(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
                    ) -> jax.Array:
@@ -335,7 +360,8 @@ class PathFlip(nnx.Module):
                            valid_bm: jax.Array) -> jax.Array:
     """Each region's share of cos(text, text-conditioned region embedding) [b, t, m].
 
-    The text-conditioned embedding is sum_m sum_h w[h, m] * o_h(v_h(region m)) + o_bias, so
+    The text-conditioned embedding is sum_m sum_h w[h, m] * o_h(v_h(region m)) + o_bias (plus
+    gate[h] * w[h, m] * head h's slice of region m with ``region_value_gate``), so
     <unit(text), it> splits exactly into one term per region (the bias aside): attention weight
     times how well that region's value matches the text. Unlike the weights alone it is signed
     and tells a region that is attended to but does not match (uniform for the ablation)."""
@@ -349,6 +375,13 @@ class PathFlip(nnx.Module):
     text_be = unit(text_bte)
     # Per region and head, the output projection of its value dotted with the text.
     match_bthm = jnp.einsum("bmhc,hce,bte->bthm", v_bmhc, o_hce, text_be)
+    gate = self.region_attention.value_gate
+    if gate is not None:  # the gated identity path: the region's own slice of each head
+      b, m, e = keys_bme.shape
+      h = weights_bhtm.shape[1]
+      match_bthm = match_bthm + jnp.einsum(
+          "bmhc,bthc,h->bthm", keys_bme.astype(jnp.float32).reshape(b, m, h, e // h),
+          text_be.reshape(*text_be.shape[:2], h, e // h), gate[...].astype(jnp.float32))
     z_norm_bt = jnp.linalg.norm(
         self.text_conditioned_regions(text_bte, regions_bme, valid_bm).astype(jnp.float32),
         axis=-1)
