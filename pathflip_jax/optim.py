@@ -29,8 +29,8 @@ Patterns are Python regexes matched with ``re.search`` against the path string. 
 trained iff it matches some ``trainable`` pattern (when any are given) and no ``frozen`` pattern;
 a ``frozen`` or ``trainable`` pattern that matches no parameter is an error (a typo would
 otherwise silently train, or freeze, the wrong parameters), and so is an ``lr_multipliers``
-pattern that matches no parameter or shares one with another pattern. Unknown fields and unknown values
-raise ``ValueError`` naming ``optim.<field>``.
+pattern that matches no parameter or shares one with another pattern. Unknown fields and unknown
+values raise ``ValueError`` naming ``optim.<field>``.
 
 Gradient accumulation: with ``grad_accum_steps = k`` the trainer calls ``tx.update`` once per
 micro-batch; every k-th call applies the mean gradient and the others return zero updates.

@@ -90,14 +90,15 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
       baseline = recipe.get(baseline)
     rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
   model = recipe_config.get("model", {})
-  identity = model.get("identity_region_values")
-  values = {True: "start as the identity (so the untrained attention already reads the patch "
-                  "encoder's alignment)",
-            False: "start at random, as in the paper (only the region loss trains them)"}.get(
-                identity, "start as the run's config.json does not record")
   if model.get("region_value_gate"):
     values = ("start at random, as in the paper, beside the identity path behind a per-head "
               "gate that starts at 0 (only the region loss trains either)")
+  else:
+    values = {True: "start as the identity (so the untrained attention already reads the patch "
+                    "encoder's alignment)",
+              False: "start at random, as in the paper (only the region loss trains them)"}.get(
+                  model.get("identity_region_values"),
+                  "start as the run's config.json does not record")
   encoder = recipe.get("localization/reference/mean_lesion_auroc")
   encoder_text = ("" if encoder is None else
                   f" On these slides that patch encoder's own text alignment scores {encoder:.3f}"

@@ -151,16 +151,20 @@ class RegionAttention(nnx.Module):
   def __call__(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
                ) -> jax.Array:
     text_bte, keys_bme = self.text_norm(text_bte), self.region_norm(regions_bme)
-    out_bte = self.attention(text_bte, keys_bme, valid_bm)
     if self.value_gate is None:
-      return out_bte
+      return self.attention(text_bte, keys_bme, valid_bm)
     weights_bhtm = self.attention.weights(text_bte, keys_bme, valid_bm)
-    b, m, e = keys_bme.shape
-    h = weights_bhtm.shape[1]
-    keys_bmhc = keys_bme.astype(jnp.float32).reshape(b, m, h, e // h)
+    out_bte = self.attention.attend(weights_bhtm, keys_bme)
     gate_h = self.value_gate[...].astype(jnp.float32)
-    identity_bthc = jnp.einsum("bhtm,bmhc,h->bthc", weights_bhtm, keys_bmhc, gate_h)
+    identity_bthc = jnp.einsum("bhtm,bmhc,h->bthc", weights_bhtm,
+                               self.split_heads(keys_bme), gate_h)
     return out_bte + identity_bthc.reshape(*out_bte.shape).astype(out_bte.dtype)
+
+  def split_heads(self, x_bne: jax.Array) -> jax.Array:
+    """[b, n, e] -> float32 [b, n, h, e / h]: each head's slice, what the gated identity path
+    passes on for that head."""
+    heads = self.attention.num_heads
+    return x_bne.astype(jnp.float32).reshape(*x_bne.shape[:-1], heads, -1)
 
   def head_weights(self, text_bte: jax.Array, regions_bme: jax.Array, valid_bm: jax.Array
                    ) -> jax.Array:
@@ -377,11 +381,9 @@ class PathFlip(nnx.Module):
     match_bthm = jnp.einsum("bmhc,hce,bte->bthm", v_bmhc, o_hce, text_be)
     gate = self.region_attention.value_gate
     if gate is not None:  # the gated identity path: the region's own slice of each head
-      b, m, e = keys_bme.shape
-      h = weights_bhtm.shape[1]
-      match_bthm = match_bthm + jnp.einsum(
-          "bmhc,bthc,h->bthm", keys_bme.astype(jnp.float32).reshape(b, m, h, e // h),
-          text_be.reshape(*text_be.shape[:2], h, e // h), gate[...].astype(jnp.float32))
+      split = self.region_attention.split_heads
+      match_bthm = match_bthm + jnp.einsum("bmhc,bthc,h->bthm", split(keys_bme), split(text_be),
+                                           gate[...].astype(jnp.float32))
     z_norm_bt = jnp.linalg.norm(
         self.text_conditioned_regions(text_bte, regions_bme, valid_bm).astype(jnp.float32),
         axis=-1)

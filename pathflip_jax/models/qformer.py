@@ -115,7 +115,11 @@ class Attention(nnx.Module):
   def __call__(self, x_bqd: jax.Array, kv_bkd: jax.Array, valid_bk: jax.Array | None = None
                ) -> jax.Array:
     """Full (unchunked) attention of x over kv, keys masked by ``valid_bk``."""
-    weights_bhqk = self.weights(x_bqd, kv_bkd, valid_bk)
+    return self.attend(self.weights(x_bqd, kv_bkd, valid_bk), kv_bkd)
+
+  def attend(self, weights_bhqk: jax.Array, kv_bkd: jax.Array) -> jax.Array:
+    """The output for given attention weights [b, h, q, k]: their mix of the projected values
+    of ``kv_bkd``, through the output projection (for callers that need the weights too)."""
     v_bhkc = self.project(kv_bkd, "v").transpose(0, 2, 1, 3)
     attended = jnp.einsum("bhqk,bhkc->bhqc", weights_bhqk.astype(self.dtype), v_bhkc)
     return self.output(attended.transpose(0, 2, 1, 3))
