@@ -90,7 +90,11 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
       baseline = recipe.get(baseline)
     rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
   model = recipe_config.get("model", {})
-  if model.get("region_value_gate"):
+  if model.get("region_value_gate") and model.get("region_output_zero_init"):
+    values = ("start at random and at 0 respectively, beside the identity path behind a "
+              "per-head gate that starts at 0 (only the region loss trains any of them: without "
+              "it the heatmap stays flat, AUROC 0.5)")
+  elif model.get("region_value_gate"):
     values = ("start at random, as in the paper, beside the identity path behind a per-head "
               "gate that starts at 0 (only the region loss trains either)")
   else:

@@ -236,8 +236,9 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   assert recipe["features_dir"] == str(workdir / "joint" / "features")
   assert recipe["region_loss"] and not ablation["region_loss"]
   assert recipe["data"]["region_patches"] == ablation["data"]["region_patches"] == 1
-  for run in (recipe, ablation):  # the paper's random value path, the identity path gated shut
+  for run in (recipe, ablation):  # random values, output at 0, the identity path gated shut
     assert run["model"]["region_value_gate"] and not run["model"]["identity_region_values"]
+    assert run["model"]["region_output_zero_init"]
   patch_steps = json.load(open(workdir / "patch_clip" / "config.json"))["total_steps"]
   joint_steps = json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["total_steps"]
   assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 960 against 240)
@@ -245,8 +246,8 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   report = (workdir / "REPORT.md").read_text()
   assert "## Joint-space recipe and its region-loss ablation (`--joint`)" in report
   assert "regions are single patches (the paper's model above: 2 x 2 patches)" in report
-  assert ("value and output projections start at random, as in the paper, beside the identity "
-          "path behind a per-head gate that starts at 0") in report
+  assert ("value and output projections start at random and at 0 respectively, beside the "
+          "identity path behind a per-head gate that starts at 0") in report
   assert re.search(r"that patch encoder's own text alignment scores [01]\.\d{3} mean lesion",
                    report)
   # recipe, ablation, the paper's model, chance.

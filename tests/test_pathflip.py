@@ -416,3 +416,48 @@ def test_value_gate_starts_shut_and_adds_the_identity_path():
   np.testing.assert_allclose(z_gated, expected, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="exclusive"):
     _tiny_config(identity_region_values=True, region_value_gate=True)
+
+
+def test_zero_output_starts_the_text_conditioned_embedding_empty():
+  """region_output_zero_init: the output projection starts at 0 and nothing else changes (the
+  same random draws), so the text-conditioned embedding starts at 0; an opened gate then adds
+  the identity path alone. The config arg applies with feature_shortcut, not beside the
+  identity start."""
+  def zero_output(arg):
+    config = config_args.load_config(f"configs/pathflip_demo.py:size=test,zero_output=True{arg}")
+    return config.model.region_output_zero_init
+
+  assert zero_output(",feature_shortcut=True,value_gate=True")
+  assert zero_output(",feature_shortcut=True,identity_values=False")
+  assert not zero_output(",feature_shortcut=True")  # the identity start sets the output itself
+  assert not zero_output("")
+  regions_bme = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  valid_bm = jnp.array([[1, 1, 0, 1, 1], [1, 0, 0, 0, 0]], bool)
+  text_bte = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  gated = pathflip.PathFlip(_tiny_config(feature_shortcut=True, region_value_gate=True),
+                            rngs=nnx.Rngs(0))
+  zeroed = pathflip.PathFlip(_tiny_config(feature_shortcut=True, region_value_gate=True,
+                                          region_output_zero_init=True), rngs=nnx.Rngs(0))
+  gated_params = dict(nnx.to_flat_state(nnx.state(gated, nnx.Param)))
+  zeroed_params = dict(nnx.to_flat_state(nnx.state(zeroed, nnx.Param)))
+  assert gated_params.keys() == zeroed_params.keys()
+  for path, param in zeroed_params.items():
+    if path[-2:] == ("attention", "o_kernel") and path[0] == "region_attention":
+      assert not np.any(np.asarray(param[...])) and np.any(np.asarray(gated_params[path][...]))
+    else:
+      np.testing.assert_array_equal(np.asarray(param[...]), np.asarray(gated_params[path][...]),
+                                    err_msg=str(path))
+  np.testing.assert_array_equal(
+      zeroed.text_conditioned_regions(text_bte, regions_bme, valid_bm), 0.0)
+  identity = pathflip.PathFlip(_tiny_config(feature_shortcut=True, identity_region_values=True),
+                               rngs=nnx.Rngs(0))
+  z_identity = np.asarray(identity.text_conditioned_regions(text_bte, regions_bme, valid_bm))
+  heads = zeroed.config.region_heads
+  gate_h = np.linspace(-1.0, 2.0, heads).astype(np.float32)
+  zeroed.region_attention.value_gate[...] = jnp.asarray(gate_h)
+  np.testing.assert_allclose(
+      zeroed.text_conditioned_regions(text_bte, regions_bme, valid_bm),
+      (z_identity.reshape(2, 3, heads, -1) * gate_h[:, None]).reshape(2, 3, -1),
+      rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="exclusive"):
+    _tiny_config(identity_region_values=True, region_output_zero_init=True)

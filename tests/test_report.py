@@ -13,6 +13,8 @@ from pathflip_jax import report
     ({"identity_region_values": False}, "start at random, as in the paper (only the region"),
     ({"identity_region_values": False, "region_value_gate": True},
      "beside the identity path behind a per-head gate that starts at 0"),
+    ({"region_value_gate": True, "region_output_zero_init": True},
+     "start at random and at 0 respectively, beside the identity path"),
     ({}, "start as the run's config.json does not record"),
 ])
 def test_joint_section_names_the_value_path_start(tmp_path, model, words):

@@ -58,6 +58,11 @@ class PathFlipConfig:
       layer-normed region embeddings (the identity path above) times a learned gate that
       starts at 0 (zero-initialised gating, as Flamingo's): the text-conditioned embedding
       starts as the paper's, and only the region loss can open the identity path.
+    region_output_zero_init: not in the paper. The text-conditioned attention's output
+      projection starts at 0 (the value projection stays at random): the text-conditioned
+      embedding, and so the heatmap, start empty and hold only what the region loss puts in
+      them, instead of a random mix of the regions that the loss must first undo. With
+      ``region_value_gate`` both paths then open from 0 together.
   """
 
   qformer: qformer_lib.QFormerConfig
@@ -74,11 +79,15 @@ class PathFlipConfig:
   slide_shortcut: bool = True
   identity_region_values: bool = False
   region_value_gate: bool = False
+  region_output_zero_init: bool = False
 
   def __post_init__(self):
     if self.identity_region_values and self.region_value_gate:
       raise ValueError("identity_region_values and region_value_gate are exclusive: the gate "
                        "adds the identity path to value projections that start at random")
+    if self.identity_region_values and self.region_output_zero_init:
+      raise ValueError("identity_region_values and region_output_zero_init are exclusive: "
+                       "both set the output projection's start")
     for name, heads in (("context_heads", self.context_heads),
                         ("region_heads", self.region_heads)):
       if self.embed_dim % heads:
@@ -141,6 +150,13 @@ class RegionAttention(nnx.Module):
                                            ("embed", "heads", "kv"), param_dtype)
       self.attention.o_kernel = vit._param(None, identity, (heads, head_dim, e),
                                            ("heads", "kv", "embed"), param_dtype)
+    if config.region_output_zero_init:
+      # Replaced after construction, like the identity start, so every other parameter draws
+      # the same random numbers as without it.
+      heads, head_dim = config.region_heads, e // config.region_heads
+      self.attention.o_kernel = vit._param(None, nnx.initializers.zeros_init(),
+                                           (heads, head_dim, e), ("heads", "kv", "embed"),
+                                           param_dtype)
 
     # Per head, how much of the identity path (attention-weighted mean of the normed regions)
     # joins the projected values: 0 at the start, so the gate opens only if a loss asks for it.
