@@ -238,8 +238,11 @@ class Quickstart:
                 self.paths["instruct"])
 
   def example_slides(self) -> list[dict[str, Any]]:
-    """A few test slides for the pictures: one per diagnosis with a lesion first."""
-    rows = [r for r in self._manifest_rows() if r["split"] == "test"]
+    """A few test slides for the pictures: one per diagnosis with a lesion first, among those
+    the tiling job tiled (a slide it skipped, e.g. for no tissue, has nothing to show)."""
+    from pathflip_jax.data import patch_shards  # pylint: disable=import-outside-toplevel
+    tiled = {r["slide_id"] for r in patch_shards.read_slide_index(self.paths["patches"])}
+    rows = [r for r in self._manifest_rows() if r["split"] == "test" and r["slide_id"] in tiled]
     rows.sort(key=lambda r: (r["diagnosis"] == "benign", r["diagnosis"], r["slide_id"]))
     picked, seen = [], set()
     for row in rows:
