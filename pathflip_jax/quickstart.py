@@ -77,14 +77,13 @@ SIZES = {
              "size=test,total_steps=4,log_steps=4",
              "size=test,total_steps=4,log_steps=4,caption_tokens=16,answer_tokens=4"),
 }
-# The joint-space recipe per size: (patch_clip args, align args beside the size's own).
+# The joint-space recipe's align args, the same at every size.
+JOINT_RECIPE = ("feature_shortcut=True,named_negatives=True,slide_weight=2,region_patches=1,"
+                "value_gate=True,zero_output=True")
+# Per size: (patch_clip args, align args beside the size's own and JOINT_RECIPE).
 JOINT = {
-    "demo": ("total_steps=960",
-             "feature_shortcut=True,named_negatives=True,slide_weight=2,lr=1e-4,region_patches=1,"
-             "value_gate=True,zero_output=True"),
-    "test": ("size=test,total_steps=8,batch_size=16,log_steps=8",
-             "feature_shortcut=True,named_negatives=True,slide_weight=2,region_patches=1,"
-             "value_gate=True,zero_output=True"),
+    "demo": ("total_steps=960", "lr=1e-4"),
+    "test": ("size=test,total_steps=8,batch_size=16,log_steps=8", ""),
 }
 EXAMPLE_QUERIES = ("invasive carcinoma with large pleomorphic hyperchromatic nuclei and "
                    "prominent nucleoli",
@@ -228,7 +227,7 @@ class Quickstart:
     args = _args(f"features_dir={self.paths['joint_features']}",
                  f"cohort_dir={self.paths['cohort']}", f"reference={patch_clip}",
                  f"text_init={patch_clip}", f"seed={self.seed}", self.align_args,
-                 JOINT[self.size][1],
+                 JOINT_RECIPE, JOINT[self.size][1],
                  "" if region_loss else "region_loss=False")
     self._train("pathflip_demo", args, self.paths["joint_align" if region_loss
                                                   else "joint_align_no_region_loss"])

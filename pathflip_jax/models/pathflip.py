@@ -139,28 +139,28 @@ class RegionAttention(nnx.Module):
     self.region_norm = vit.LayerNorm(e, eps=1e-6, dtype=dtype, param_dtype=param_dtype)
     self.attention = qformer_lib.Attention(e, config.region_heads, rngs=rngs, dtype=dtype,
                                            param_dtype=param_dtype)
-    if config.identity_region_values:
-      heads, head_dim = config.region_heads, e // config.region_heads
+    heads, head_dim = config.region_heads, e // config.region_heads
+    shapes = {"v_kernel": ((e, heads, head_dim), ("embed", "heads", "kv")),
+              "o_kernel": ((heads, head_dim, e), ("heads", "kv", "embed"))}
 
+    def restart(name, init):
+      # Replaced after construction, so every other parameter draws the same random numbers.
+      shape, axes = shapes[name]
+      setattr(self.attention, name, vit._param(None, init, shape, axes, param_dtype))
+
+    if config.identity_region_values:
       def identity(key, shape, dtype):
         del key
         return jnp.eye(e, dtype=dtype).reshape(shape)
 
-      self.attention.v_kernel = vit._param(None, identity, (e, heads, head_dim),
-                                           ("embed", "heads", "kv"), param_dtype)
-      self.attention.o_kernel = vit._param(None, identity, (heads, head_dim, e),
-                                           ("heads", "kv", "embed"), param_dtype)
+      restart("v_kernel", identity)
+      restart("o_kernel", identity)
     if config.region_output_zero_init:
-      # Replaced after construction, like the identity start, so every other parameter draws
-      # the same random numbers as without it.
-      heads, head_dim = config.region_heads, e // config.region_heads
-      self.attention.o_kernel = vit._param(None, nnx.initializers.zeros_init(),
-                                           (heads, head_dim, e), ("heads", "kv", "embed"),
-                                           param_dtype)
+      restart("o_kernel", nnx.initializers.zeros_init())
 
     # Per head, how much of the identity path (attention-weighted mean of the normed regions)
     # joins the projected values: 0 at the start, so the gate opens only if a loss asks for it.
-    self.value_gate = (vit._param(None, nnx.initializers.zeros_init(), (config.region_heads,),
+    self.value_gate = (vit._param(None, nnx.initializers.zeros_init(), (heads,),
                                   ("heads",), param_dtype)
                        if config.region_value_gate else None)
 
