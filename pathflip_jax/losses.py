@@ -143,7 +143,8 @@ def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
                   region_valid_bm: jax.Array, sub_bke: jax.Array, sub_valid_bk: jax.Array,
                   picked_ce: jax.Array, picked_valid_c: jax.Array, slide_ids_b: jax.Array,
                   scale: jax.Array, bias: jax.Array, caption_concepts_b: jax.Array,
-                  picked_concepts_c: jax.Array) -> dict[str, jax.Array]:
+                  picked_concepts_c: jax.Array, sub_concepts_bk: jax.Array,
+                  within_slide_weight: float) -> dict[str, jax.Array]:
   """Sums (not means) of the region loss and metrics over slides ``b`` against picks ``c``."""
   b, k, e = sub_bke.shape
   c = picked_ce.shape[0]
@@ -169,7 +170,7 @@ def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
   label_bt = jnp.where(positive_bt, 1.0, -1.0).astype(logits_bt.dtype)
   nll_bt = -jax.nn.log_sigmoid(label_bt * logits_bt)
   f32 = jnp.float32
-  return {
+  sums = {
       "loss": jnp.sum(jnp.where(positive_bt | negative_bt, nll_bt, 0.0)),
       "positive_count": positive_bt.sum(dtype=f32),
       "negative_count": negative_bt.sum(dtype=f32),
@@ -178,6 +179,25 @@ def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
       "positive_logit": jnp.sum(jnp.where(positive_bt, logits_bt, 0.0)).astype(f32),
       "negative_logit": jnp.sum(jnp.where(negative_bt, logits_bt, 0.0)).astype(f32),
   }
+  if within_slide_weight:
+    # Text i of slide b against the embedding its subcaption j drew from b's regions: when i and
+    # j name disjoint tissues, attending to what j names must not also answer i. Without this no
+    # pair tells two tissues of the same slide apart (other slides' picks of them are no
+    # negatives under named-negative masking), and a query can settle on its co-occurring tissue.
+    z_bke = z_bte[:, :k]
+    cross_bij = jnp.einsum("bie,bje->bij", _l2_normalize(sub_bke), _l2_normalize(z_bke))
+    cross_logits_bij = scale * cross_bij + bias
+    named_bk = sub_valid_bk & (sub_concepts_bk != 0) & slide_valid_b[:, None]
+    cross_negative_bij = (named_bk[:, :, None] & named_bk[:, None, :]
+                          & ((sub_concepts_bk[:, :, None] & sub_concepts_bk[:, None, :]) == 0))
+    cross_nll_bij = -jax.nn.log_sigmoid(-cross_logits_bij)
+    sums["loss"] += within_slide_weight * jnp.sum(
+        jnp.where(cross_negative_bij, cross_nll_bij, 0.0))
+    sums["negative_count"] += cross_negative_bij.sum(dtype=f32)
+    sums["negative_hits"] += (cross_negative_bij & (cross_logits_bij < 0)).sum(dtype=f32)
+    sums["negative_logit"] += jnp.sum(
+        jnp.where(cross_negative_bij, cross_logits_bij, 0.0)).astype(f32)
+  return sums
 
 
 def _region_metrics(sums: dict[str, jax.Array], num_slides: int
@@ -196,7 +216,8 @@ def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.A
                         region_valid_bm: jax.Array, sub_bke: jax.Array, sub_valid_bk: jax.Array,
                         negative_pick_b: jax.Array, scale: jax.Array, bias: jax.Array,
                         mesh: Mesh | None = None, caption_concepts_b: jax.Array | None = None,
-                        sub_concepts_bk: jax.Array | None = None
+                        sub_concepts_bk: jax.Array | None = None,
+                        within_slide_weight: float = 0.0
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Sigmoid (SigLIP) loss between subcaptions and their text-conditioned region embeddings.
 
@@ -213,6 +234,12 @@ def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.A
   subcaptions (``sub_valid_bk`` False, also as a pick) and slides without a valid region are left
   out. Loss: ``-sum log_sigmoid(label * logit)`` over the kept pairs, divided by the global
   number of slides.
+
+  ``caption_concepts_b`` / ``sub_concepts_bk`` (bit sets of tissue words; 0 = none named): a
+  pick whose concepts the slide's caption all names is no negative for that slide.
+  ``within_slide_weight`` (not in the paper; 0 = off): also b's own subcaption i against the
+  embedding b's subcaption j drew, for i and j that both name concepts and share none, as
+  negatives with this weight (a Python number: it selects the computation).
 
   ``attend`` must be a pure function of its arguments (an NNX module split by the caller, or a
   text-independent pooling for the ablation). It also runs on slides without a valid region, with
@@ -247,7 +274,8 @@ def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.A
                                                          negative_pick_b)
     sums = _region_terms(attend, attend_params, regions_bme, region_valid_bm, sub_bke,
                          sub_valid_bk, picked_ce, picked_valid_c, jnp.arange(num_slides),
-                         scale, bias, caption_concepts_b, picked_concepts_c)
+                         scale, bias, caption_concepts_b, picked_concepts_c, sub_concepts_bk,
+                         within_slide_weight)
     return _region_metrics(sums, num_slides)
 
   def local(attend_params, regions_lme, region_valid_lm, sub_lke, sub_valid_lk, pick_l,
@@ -259,7 +287,7 @@ def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.A
     sums = _region_terms(attend, attend_params, regions_lme, region_valid_lm, sub_lke,
                          sub_valid_lk, picked_ce, picked_valid_c,
                          _global_rows(regions_lme.shape[0]), scale, bias, caption_concepts_l,
-                         picked_concepts_c)
+                         picked_concepts_c, sub_concepts_lk, within_slide_weight)
     return jax.lax.psum(sums, sharding.BATCH_AXES)
 
   batch = P(sharding.BATCH_AXES)

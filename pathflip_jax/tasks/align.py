@@ -17,7 +17,8 @@ Config keys read here (see ``configs/pathflip_demo.py``): ``features_dir``, ``ma
 patch_clip workdir whose text tower starts the Q-Former's text branch), ``vocab_size``,
 ``tokenizer_type``, ``data.*`` (``slide_examples.ExampleConfig``), ``model.*``, ``slide_loss``,
 ``region_loss``, ``region_attention``, ``loss.{slide_weight, region_weight, temperature,
-label_smoothing}``.
+label_smoothing, within_slide_weight}`` (the last optional, 0 = off;
+``losses.region_sigmoid_loss``).
 """
 
 from __future__ import annotations
@@ -289,7 +290,8 @@ class AlignTask:
           attend, params, slides["regions"], slides["region_valid"], sub_bke,
           batch["subcaption_valid"], batch["negative_pick"], scale, bias, mesh=self.mesh,
           caption_concepts_b=batch["caption_concepts"],
-          sub_concepts_bk=batch["subcaption_concepts"])
+          sub_concepts_bk=batch["subcaption_concepts"],
+          within_slide_weight=float(config.loss.get("within_slide_weight", 0.0)))
       total = total + config.loss.region_weight * region_loss
       metrics.update(region_loss=region_loss, region_scale=scale, region_bias=bias, **m)
     return total, metrics
