@@ -94,8 +94,9 @@ on seeds 0 / 3 / 4 / 5 / 6, against 0.57 / 0.53 / 0.69 / 0.31 / 0.51 without the
 gate"); with ``zero_output=True`` as well (``quickstart --joint`` since the night of 2026-12-01)
 0.90 / 0.91 / 0.91 / 0.89 / 0.87 on seeds 0 / 3 / 4 / 5 / 6 but 0.71 / 0.63 on seeds 7 / 8
 (cohorts no run had seen), against a flat heatmap, 0.50, without the region loss (README, "The
-output projection at 0"); adding ``within_negatives=1``: 0.88 / 0.76 / 0.83 / 0.73 on seeds 0 /
-6 / 7 / 8, so it is not in the recipe.
+output projection at 0"); adding ``within_negatives=1``: 0.88 / 0.89 / 0.87 / 0.76 / 0.83 /
+0.73 on seeds 0 / 3 / 4 / 6 / 7 / 8, with zero-shot diagnosis lower on five of the six, so it is
+not in the recipe.
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
