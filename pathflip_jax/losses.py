@@ -139,6 +139,25 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
+def _pair_sums(positive: jax.Array, negative: jax.Array, logits: jax.Array,
+               weight: float = 1.0) -> dict[str, jax.Array]:
+  """Sigmoid-loss sums over (text, embedding) pairs of any shape: ``weight`` times the loss of
+  the positive (label +1) and negative (-1) pairs, and the counts, hits and logit sums behind the
+  region metrics."""
+  label = jnp.where(positive, 1.0, -1.0).astype(logits.dtype)
+  nll = -jax.nn.log_sigmoid(label * logits)
+  f32 = jnp.float32
+  return {
+      "loss": weight * jnp.sum(jnp.where(positive | negative, nll, 0.0)),
+      "positive_count": positive.sum(dtype=f32),
+      "negative_count": negative.sum(dtype=f32),
+      "positive_hits": (positive & (logits > 0)).sum(dtype=f32),
+      "negative_hits": (negative & (logits < 0)).sum(dtype=f32),
+      "positive_logit": jnp.sum(jnp.where(positive, logits, 0.0)).astype(f32),
+      "negative_logit": jnp.sum(jnp.where(negative, logits, 0.0)).astype(f32),
+  }
+
+
 def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
                   region_valid_bm: jax.Array, sub_bke: jax.Array, sub_valid_bk: jax.Array,
                   picked_ce: jax.Array, picked_valid_c: jax.Array, slide_ids_b: jax.Array,
@@ -167,18 +186,7 @@ def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
   negative_bt = jnp.concatenate([jnp.zeros((b, k), bool), negative_bc], axis=1)
   positive_bt &= slide_valid_b[:, None]
   negative_bt &= slide_valid_b[:, None]
-  label_bt = jnp.where(positive_bt, 1.0, -1.0).astype(logits_bt.dtype)
-  nll_bt = -jax.nn.log_sigmoid(label_bt * logits_bt)
-  f32 = jnp.float32
-  sums = {
-      "loss": jnp.sum(jnp.where(positive_bt | negative_bt, nll_bt, 0.0)),
-      "positive_count": positive_bt.sum(dtype=f32),
-      "negative_count": negative_bt.sum(dtype=f32),
-      "positive_hits": (positive_bt & (logits_bt > 0)).sum(dtype=f32),
-      "negative_hits": (negative_bt & (logits_bt < 0)).sum(dtype=f32),
-      "positive_logit": jnp.sum(jnp.where(positive_bt, logits_bt, 0.0)).astype(f32),
-      "negative_logit": jnp.sum(jnp.where(negative_bt, logits_bt, 0.0)).astype(f32),
-  }
+  sums = _pair_sums(positive_bt, negative_bt, logits_bt)
   if within_slide_weight:
     # Text i of slide b against the embedding its subcaption j drew from b's regions: when i and
     # j name disjoint tissues, attending to what j names must not also answer i. Without this no
@@ -190,13 +198,9 @@ def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
     named_bk = sub_valid_bk & (sub_concepts_bk != 0) & slide_valid_b[:, None]
     cross_negative_bij = (named_bk[:, :, None] & named_bk[:, None, :]
                           & ((sub_concepts_bk[:, :, None] & sub_concepts_bk[:, None, :]) == 0))
-    cross_nll_bij = -jax.nn.log_sigmoid(-cross_logits_bij)
-    sums["loss"] += within_slide_weight * jnp.sum(
-        jnp.where(cross_negative_bij, cross_nll_bij, 0.0))
-    sums["negative_count"] += cross_negative_bij.sum(dtype=f32)
-    sums["negative_hits"] += (cross_negative_bij & (cross_logits_bij < 0)).sum(dtype=f32)
-    sums["negative_logit"] += jnp.sum(
-        jnp.where(cross_negative_bij, cross_logits_bij, 0.0)).astype(f32)
+    cross = _pair_sums(jnp.zeros_like(cross_negative_bij), cross_negative_bij, cross_logits_bij,
+                       within_slide_weight)
+    sums = {name: value + cross[name] for name, value in sums.items()}
   return sums
 
 
