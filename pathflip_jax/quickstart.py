@@ -43,15 +43,20 @@ paper's model, on the same test slides. Mean lesion AUROC on the test splits, me
   --seed 6    0.869    0.500               0.609           0.885
   --seed 7    0.712    0.500               0.577           0.836
   --seed 8    0.628    0.500               0.743           0.772
+  --seed 9    0.803    0.500               0.674           0.803
 
 So on the five cohorts the recipe was built on (seeds 0-6) it is above 0.85 and above its ablation,
-but on seeds 7 and 8, cohorts no run had seen, it is 0.712 (necrosis 0.45) and 0.628 (tumour 0.61,
-glands 0.42): the 0.85 does not carry to a new cohort. Without the region loss nothing trains the
-output projection or the gate, so the ablation's heatmap is flat (AUROC 0.500 by construction;
-measured on seeds 6, 7 and 8). The numbers of seeds 0-6 are stage 10's config run on each cohort's
-W/joint/features (on seed 6 it reproduced the experiment's 0.869 bit for bit); seeds 7 and 8 are
-this command's (3781 s and 4833 s for all twelve stages on 2 cores, joint_patch_clip 1805 s of seed
-7's, beside other runs). Earlier on 2026-12-01 the output projection started at random: 0.936 /
+but on seeds 7, 8 and 9, cohorts no run had seen, it is 0.712 (necrosis 0.45), 0.628 (tumour
+0.61, glands 0.42) and 0.803: the 0.85 does not carry to a new cohort. Without the region loss
+nothing trains the output projection or the gate, so the ablation's heatmap is flat (AUROC 0.500
+by construction; measured on seeds 6-9). The numbers of seeds 0-6 are stage 10's config run on
+each cohort's W/joint/features (on seed 6 it reproduced the experiment's 0.869 bit for bit);
+seeds 7 and 8 are this command's (3781 s and 4833 s for all twelve stages on 2 cores,
+joint_patch_clip 1805 s of seed 7's, beside other runs); seed 9's are its stages run one by one
+(2026-12-02), then stage 10's and 11's configs on its W/joint/features. Not kept: the attention
+reading each region before the slide context (align arg ``local_attention=True``), 0.786 / 0.685
+/ 0.756 on seeds 7 / 8 / 9 (README, "Region attention before the slide context").
+Earlier on 2026-12-01 the output projection started at random: 0.936 /
 0.925 / 0.911 / 0.882 / 0.802 on seeds 0-6, against 0.568 / 0.529 / 0.691 / 0.313 / 0.509 without
 the region loss. Before the gate the value path started as the identity: 0.929 / 0.901 / 0.925 /
 0.878 / 0.880, above 0.85 on all five but with ablations of 0.948 / 0.808 / 0.931 / 0.900 / 0.725,

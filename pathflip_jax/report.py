@@ -103,6 +103,9 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
               False: "start at random, as in the paper (only the region loss trains them)"}.get(
                   model.get("identity_region_values"),
                   "start as the run's config.json does not record")
+  if model.get("local_region_attention"):
+    values += (", and it reads each region's token as it enters the slide-context Transformer "
+               "(the region's own patches and place), not as it leaves it")
   encoder = recipe.get("localization/reference/mean_lesion_auroc")
   encoder_text = ("" if encoder is None else
                   f" On these slides that patch encoder's own text alignment scores {encoder:.3f}"

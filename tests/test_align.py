@@ -152,14 +152,14 @@ def test_feature_shortcut_needs_the_feature_encoders_image_projection(features_d
 @pytest.mark.slow
 def test_feature_shortcut_trains_sharded(features_dir, tmp_path):
   """The opt-in shortcut (no text_init here: it starts at random; regions only, with named
-  negatives and within-slide negatives) trains on 8 devices, its tokens move away from the
-  shortcut alone, and the value/output projections from identity."""
+  negatives, within-slide negatives and local region attention) trains on 8 devices, its tokens
+  move away from the shortcut alone, and the value/output projections from identity."""
   from pathflip_jax import checkpointing
 
   config = _config(features_dir, ",feature_shortcut=True,slide_shortcut=False,"
                                  "named_negatives=True,within_negatives=0.5,total_steps=2,"
-                                 "log_steps=2,eval_split=")
-  assert config.loss.within_slide_weight == 0.5
+                                 "log_steps=2,eval_split=,local_attention=True")
+  assert config.loss.within_slide_weight == 0.5 and config.model.local_region_attention
   with pytest.raises(ValueError, match="within_negatives=0.5 needs named_negatives=True"):
     _config(features_dir, ",within_negatives=0.5")
   lexicon = dict(align.example_config(config).negative_lexicon)

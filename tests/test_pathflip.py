@@ -461,3 +461,31 @@ def test_zero_output_starts_the_text_conditioned_embedding_empty():
       rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="exclusive"):
     _tiny_config(identity_region_values=True, region_output_zero_init=True)
+
+
+def test_local_region_attention_reads_each_region_on_its_own():
+  """local_region_attention: the tokens the text-conditioned attention reads hold a region's
+  own patches (and place) only, so changing one region's patches moves that region's token and
+  the slide token, and no other region's; read after the slide context, every region moves.
+  Same parameters either way (the switch adds none)."""
+  config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=24,
+                                        num_subcaptions=2, caption_len=8, subcaption_len=8,
+                                        buckets=(32,))
+  element = _element(n=30)
+  inputs = _inputs(slide_examples.build_example(element, config, _Tokens(), None))
+  index = np.asarray(inputs["region_index"][0, 0])[np.asarray(inputs["region_patch_valid"][0, 0])]
+  changed = dict(inputs)
+  changed["features"] = inputs["features"].at[0, index].add(3.0)
+  local = pathflip.PathFlip(_tiny_config(local_region_attention=True), rngs=nnx.Rngs(0))
+  context = pathflip.PathFlip(_tiny_config(), rngs=nnx.Rngs(0))
+  assert (jax.tree.structure(nnx.state(local, nnx.Param))
+          == jax.tree.structure(nnx.state(context, nnx.Param)))
+  r = int(inputs["region_valid"].sum())
+  for model, others_move in ((local, False), (context, True)):
+    before, after = model.encode_slides(inputs), model.encode_slides(changed)
+    moved_r = np.abs(np.asarray(after["regions"] - before["regions"])[0, :r]).max(-1)
+    assert moved_r[0] > 1e-3
+    assert float(np.abs(np.asarray(after["slide"] - before["slide"])).max()) > 1e-4
+    assert (moved_r[1:].min() > 1e-4) if others_move else (moved_r[1:].max() < 1e-6)
+  assert config_args.load_config(
+      "configs/pathflip_demo.py:size=test,local_attention=True").model.local_region_attention

@@ -15,6 +15,10 @@ from pathflip_jax import report
      "beside the identity path behind a per-head gate that starts at 0"),
     ({"region_value_gate": True, "region_output_zero_init": True},
      "start at random and at 0 respectively, beside the identity path"),
+    ({"region_value_gate": True, "region_output_zero_init": True,
+      "local_region_attention": True},
+     "at 0 (only the region loss trains any of them: without it the heatmap stays flat, AUROC "
+     "0.5), and it reads each region's token as it enters the slide-context Transformer"),
     ({}, "start as the run's config.json does not record"),
 ])
 def test_joint_section_names_the_value_path_start(tmp_path, model, words):

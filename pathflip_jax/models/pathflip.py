@@ -63,6 +63,12 @@ class PathFlipConfig:
       embedding, and so the heatmap, start empty and hold only what the region loss puts in
       them, instead of a random mix of the regions that the loss must first undo. With
       ``region_value_gate`` both paths then open from 0 together.
+    local_region_attention: not in the paper. The text-conditioned attention (and so the
+      region loss, region scores and heatmaps) reads each region token as it enters the
+      slide-context Transformer (its own patches and its position) instead of as it leaves it.
+      Leaving it, a region also carries what the context told it about the rest of the slide, so
+      the stroma beside a necrosis can answer a necrosis query as well as the necrosis itself.
+      The context still makes the slide token.
   """
 
   qformer: qformer_lib.QFormerConfig
@@ -80,6 +86,7 @@ class PathFlipConfig:
   identity_region_values: bool = False
   region_value_gate: bool = False
   region_output_zero_init: bool = False
+  local_region_attention: bool = False
 
   def __post_init__(self):
     if self.identity_region_values and self.region_value_gate:
@@ -319,8 +326,10 @@ class PathFlip(nnx.Module):
   def encode_slides(self, batch: Mapping[str, jax.Array],
                     patches_bnw: jax.Array | None = None,
                     return_region_parts: bool = False) -> dict[str, Any]:
-    """Slide embedding [b, e] (unit norm) and contextualised region embeddings [b, m, e]
-    (``patches_bnw``: the projected patch features, when the caller has them already).
+    """Slide embedding [b, e] (unit norm) and the region embeddings [b, m, e] the
+    text-conditioned attention reads, and the instruct stage hands its decoder (contextualised,
+    or the context's inputs with ``local_region_attention``). ``patches_bnw``: the projected
+    patch features, when the caller has them already.
     ``return_region_parts`` adds "region_parts", the region tokens' two poolings
     (:meth:`_pooled_parts`, [b*m, e] each), which :meth:`region_patch_weights` reuses."""
     if patches_bnw is None:
@@ -338,7 +347,10 @@ class PathFlip(nnx.Module):
     for block in self.context:
       tokens = block(tokens, valid)
     tokens = self.context_norm(tokens)
-    out = {"slide": unit(tokens[:, 0]), "regions": tokens[:, 1:], "region_valid": region_valid}
+    # "regions": what the text-conditioned attention reads (PathFlipConfig.local_region_attention).
+    out = {"slide": unit(tokens[:, 0]),
+           "regions": regions_bme if self.config.local_region_attention else tokens[:, 1:],
+           "region_valid": region_valid}
     if return_region_parts:
       out["region_parts"] = region_parts
     return out
