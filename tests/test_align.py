@@ -162,6 +162,11 @@ def test_feature_shortcut_trains_sharded(features_dir, tmp_path):
   assert config.loss.within_slide_weight == 0.5 and config.model.local_region_attention
   with pytest.raises(ValueError, match="within_negatives=0.5 needs named_negatives=True"):
     _config(features_dir, ",within_negatives=0.5")
+  unchecked = _config(features_dir, ",named_negatives=True,within_negatives=0.5")
+  with unchecked.unlocked():
+    unchecked.data.negative_lexicon = {}  # a config written by hand, past the demo's own check
+  with pytest.raises(ValueError, match="within_slide_weight=0.5: expected 0, or > 0 with a"):
+    align.AlignTask(unchecked, str(tmp_path / "unchecked"))
   lexicon = dict(align.example_config(config).negative_lexicon)
   assert set(lexicon) == set(pathflip_demo.NEGATIVE_LEXICON) and "carcinoma" in lexicon["tumour"]
   assert align.example_config(_config(features_dir)).negative_lexicon == ()

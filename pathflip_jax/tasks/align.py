@@ -101,6 +101,11 @@ class AlignTask:
                        "data_prep/extract_features.py or data_prep/import_features.py)")
     self.shards = feature_shards.FeatureShards(config.features_dir)
     self.example_config = example_config(config)
+    within = float(config.get("loss", {}).get("within_slide_weight", 0.0))
+    if within < 0 or (within and not self.example_config.negative_lexicon):
+      raise ValueError(f"config.loss.within_slide_weight={within}: expected 0, or > 0 with a "
+                       "config.data.negative_lexicon (the within-slide pairs are told apart by "
+                       "the subcaptions' tissue words)")
     self.class_names = list(config.class_names)
     label_of = {name: i for i, name in enumerate(self.class_names)}
     sentences = captions_lib.read_sentences(config.captions) if config.get("captions") else {}
