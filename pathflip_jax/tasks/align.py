@@ -101,7 +101,9 @@ class AlignTask:
                        "data_prep/extract_features.py or data_prep/import_features.py)")
     self.shards = feature_shards.FeatureShards(config.features_dir)
     self.example_config = example_config(config)
-    within = float(config.get("loss", {}).get("within_slide_weight", 0.0))
+    # Read once here, checked, and used by the loss (optional key: older configs lack it).
+    self.within_slide_weight = float(config.get("loss", {}).get("within_slide_weight", 0.0))
+    within = self.within_slide_weight
     if within < 0 or (within and not self.example_config.negative_lexicon):
       raise ValueError(f"config.loss.within_slide_weight={within}: expected 0, or > 0 with a "
                        "config.data.negative_lexicon (the within-slide pairs are told apart by "
@@ -296,7 +298,7 @@ class AlignTask:
           batch["subcaption_valid"], batch["negative_pick"], scale, bias, mesh=self.mesh,
           caption_concepts_b=batch["caption_concepts"],
           sub_concepts_bk=batch["subcaption_concepts"],
-          within_slide_weight=float(config.loss.get("within_slide_weight", 0.0)))
+          within_slide_weight=self.within_slide_weight)
       total = total + config.loss.region_weight * region_loss
       metrics.update(region_loss=region_loss, region_scale=scale, region_bias=bias, **m)
     return total, metrics
