@@ -106,13 +106,18 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
   if model.get("local_region_attention"):
     values += (", and it reads each region's token as it enters the slide-context Transformer "
                "(the region's own patches and place), not as it leaves it")
+  encoder_steps = _load(os.path.join(workdir, "joint", "patch_clip", "config.json")).get(
+      "total_steps")
+  default_steps = _load(os.path.join(workdir, "patch_clip", "config.json")).get("total_steps")
+  longer = (f"trained {encoder_steps} steps instead of {default_steps}"
+            if encoder_steps and default_steps else "trained longer")
   encoder = recipe.get("localization/reference/mean_lesion_auroc")
   encoder_text = ("" if encoder is None else
                   f" On these slides that patch encoder's own text alignment scores {encoder:.3f}"
                   " mean lesion AUROC.")
   return (["## Joint-space recipe and its region-loss ablation (`--joint`)", "",
            "Not the paper's model: slide and region tokens start in the joint image-text space "
-           "of a patch encoder trained 4x longer (W/joint/patch_clip), a subcaption whose "
+           f"of a patch encoder {longer} (W/joint/patch_clip), a subcaption whose "
            "tissue the slide's own caption names is no negative for that slide, and regions "
            f"are {_region_side(recipe_config)} (the paper's model above: "
            f"{_region_side(paper_config)}). The text-conditioned attention's value and output "

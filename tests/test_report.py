@@ -34,3 +34,18 @@ def test_joint_section_names_the_value_path_start(tmp_path, model, words):
   assert words in text
   assert "regions are single patches" in text and "scores 0.950 mean lesion AUROC" in text
   assert "| **lesion AUROC (mean)** | 0.900 | 0.500 |" in text
+
+
+@pytest.mark.parametrize("steps, words", [
+    ((240, 1920), "a patch encoder trained 1920 steps instead of 240 (W/joint/patch_clip)"),
+    (None, "a patch encoder trained longer (W/joint/patch_clip)"),
+])
+def test_joint_section_names_the_encoders_steps(tmp_path, steps, words):
+  os.makedirs(tmp_path / "joint" / "align")
+  (tmp_path / "joint" / "align" / "results.json").write_text(
+      json.dumps({"localization/mean_lesion_auroc": 0.9}))
+  if steps is not None:
+    for name, total_steps in zip(("patch_clip", os.path.join("joint", "patch_clip")), steps):
+      os.makedirs(tmp_path / name)
+      (tmp_path / name / "config.json").write_text(json.dumps({"total_steps": total_steps}))
+  assert words in "\n".join(report.joint_recipe_section(str(tmp_path), {}))
