@@ -45,8 +45,8 @@ on each cohort's W/patches (2026-12-02; seeds 0-5 not run again):
   --seed 5    0.890   0.500 (flat)       0.900              -
   --seed 6    0.869   0.500              0.885              0.900   -                  0.950
   --seed 7    0.712   0.500              0.836              0.851   0.500              0.886
-  --seed 8    0.628   0.500              0.772              0.831   -                  0.867
-  --seed 9    0.803   0.500              0.803              0.763   -                  0.877
+  --seed 8    0.628   0.500              0.772              0.831   0.500              0.867
+  --seed 9    0.803   0.500              0.803              0.763   0.500              0.877
 
 The paper's model (W/align, the default 240-step encoder) scores 0.680 / 0.657 / 0.665 / 0.773 /
 0.609 / 0.577 / 0.743 / 0.674 on the same slides. With the 960-step encoder the recipe is above
