@@ -56,16 +56,17 @@ and 0.803. Trained 1920 steps the encoder aligns better on seeds 6-9 (its own al
 0.950 / 0.886 / 0.867 / 0.877 against 0.885 / 0.836 / 0.772 / 0.803; val linear probe, balanced,
 0.89 / 0.73 / 0.99 / 0.95 against 0.74 / 0.70 / 0.77 / 0.74), and the recipe follows on seeds 6,
 7 and 8 (0.900, 0.851, 0.831) but not on seed 9 (0.763, necrosis 0.70): mean over the three new
-cohorts 0.815 against 0.714, still short of 0.85 on two of them. Without the region loss nothing trains the output projection or
-the gate, so the ablation's heatmap is flat (AUROC 0.500 by construction; measured where shown).
+cohorts 0.815 against 0.714, still short of 0.85 on two of them. Without the region loss nothing
+trains the output projection or the gate, so the ablation's heatmap is flat (AUROC 0.500 by
+construction; measured where shown).
 The 960-step numbers of seeds 0-6 are stage 10's config run on each cohort's W/joint/features
 (on seed 6 it reproduced the experiment's 0.869 bit for bit); seeds 7 and 8 are this command's
 (3781 s and 4833 s for all twelve stages on 2 cores, joint_patch_clip 1805 s of seed 7's, beside
 other runs); seed 9's are its stages run one by one (2026-12-02), then stage 10's and 11's configs
 on its W/joint/features. The 1920-step encoder took 50-57 min on 2 cores, two running side by
-side. Not kept: the attention
-reading each region before the slide context (align arg ``local_attention=True``; 960-step
-encoder), 0.786 / 0.685 / 0.756 on seeds 7 / 8 / 9 (README, "Region attention before the slide context").
+side. Not kept: the attention reading each region before the slide context (align arg
+``local_attention=True``; 960-step encoder), 0.786 / 0.685 / 0.756 on seeds 7 / 8 / 9 (README,
+"Region attention before the slide context").
 Earlier on 2026-12-01 the output projection started at random: 0.936 /
 0.925 / 0.911 / 0.882 / 0.802 on seeds 0-6, against 0.568 / 0.529 / 0.691 / 0.313 / 0.509 without
 the region loss. Before the gate the value path started as the identity: 0.929 / 0.901 / 0.925 /

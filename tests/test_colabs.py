@@ -241,7 +241,7 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
     assert run["model"]["region_output_zero_init"]
   patch_steps = json.load(open(workdir / "patch_clip" / "config.json"))["total_steps"]
   joint_steps = json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["total_steps"]
-  assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 960 against 240)
+  assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 1920 against 240)
 
   report = (workdir / "REPORT.md").read_text()
   assert "## Joint-space recipe and its region-loss ablation (`--joint`)" in report
