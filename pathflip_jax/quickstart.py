@@ -35,11 +35,12 @@ The report, then stage 12, adds a table: the recipe beside its no-region-loss ab
 paper's model, on the same test slides. Mean lesion AUROC on the test splits, one 2-core machine
 (runs are bit-identical on one machine, not across machines). Stage 8 trained 960 steps until
 2026-12-02 and trains 1920 since; the 1920-step columns are stage 8's and stage 10's configs run
-on each cohort's W/patches (2026-12-02; seeds 0-5 not run again):
+on each cohort's W/patches (2026-12-02; seeds 3-5 not run again); * is this command on seed 0
+after the tiler's pen-filter fix (2026-12-02; every other number was tiled before it):
 
               960-step encoder                               1920-step encoder (now)
   cohort      recipe  region_loss=False  encoder's own      recipe  region_loss=False  encoder's own
-  --seed 0    0.902   0.500 (flat)       0.952              -
+  --seed 0    0.902   0.500 (flat)       0.952              0.858*  0.500 (flat)       0.902*
   --seed 3    0.912   0.500 (flat)       0.861              -
   --seed 4    0.913   0.500 (flat)       0.938              -
   --seed 5    0.890   0.500 (flat)       0.900              -

@@ -30,6 +30,20 @@ def test_pen_ink_is_not_tissue():
   assert unfiltered[ink_rows, 60:450].mean() > 0.9
 
 
+@pytest.mark.parametrize("colour", [(105, 90, 209), (85, 83, 130), (60, 45, 110)])
+def test_dense_haematoxylin_is_tissue_not_ink(colour):
+  """Blue-violet tissue beside a blue pen stroke: only the stroke is ink. The first two colours
+  are a lymph node of the ``--seed 7`` demo cohort as the tiler's thumbnail sees it (hue 247 and
+  241), which the pen filter once took for ink, leaving the slide with no tissue at all; the
+  third is dark nuclei."""
+  image, truth = synthetic.tissue_image(384, 512, seed=1, pen=True)
+  image[truth] = colour
+  mask = tissue.tissue_mask(image)
+  assert mask[truth].mean() > 0.95
+  ink_rows = slice(int(0.12 * 384) - 2, int(0.12 * 384) + 2)
+  assert mask[ink_rows, 60:450].mean() < 0.05
+
+
 def test_otsu_splits_two_modes():
   values = np.concatenate([np.full(500, 0.02), np.full(300, 0.4)])
   threshold = tissue.otsu_threshold(values)

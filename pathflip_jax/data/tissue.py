@@ -40,11 +40,17 @@ def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pen_mask(rgb: np.ndarray, hsv=None) -> np.ndarray:
-  """Pixels of marker ink: saturated green-to-blue hues (H&E is pink to violet) or near black."""
+  """Pixels of marker ink: saturated green-to-blue hues (H&E is pink to violet) or near black.
+
+  Blue stops at hue 235 and needs saturation above 0.4: haematoxylin is blue-violet (hue ~235-
+  300), and dense nuclei (a lymph node, sheets of tumour) blur on a thumbnail into a saturated
+  blue-violet that a bound of 250 took for ink, dropping up to a whole slide's tissue. Marker
+  blue has little red (hue ~200-235) and is strongly saturated."""
   hue, saturation, value = _hsv(rgb) if hsv is None else hsv
-  coloured_ink = (hue > 70) & (hue < 250) & (saturation > 0.25)
+  green_ink = (hue > 70) & (hue < 200) & (saturation > 0.25)
+  blue_ink = (hue >= 200) & (hue < 235) & (saturation > 0.4)
   black_ink = value < 0.16
-  return coloured_ink | black_ink
+  return green_ink | blue_ink | black_ink
 
 
 def _disk(radius: int) -> np.ndarray:
