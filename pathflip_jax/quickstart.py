@@ -35,7 +35,7 @@ The report, then stage 12, adds a table: the recipe beside its no-region-loss ab
 paper's model, on the same test slides. Mean lesion AUROC on the test splits, one 2-core machine
 (runs are bit-identical on one machine, not across machines). Stage 8 trained 960 steps until
 2026-12-02 and trains 1920 since; the 1920-step columns are stage 8's and stage 10's configs run
-on each cohort's W/patches (2026-12-02; seeds 3-5 not run again); * is this command on seed 0
+on each cohort's W/patches (2026-12-02; seeds 3-5 not run again); * is this whole command
 after the tiler's pen-filter fix (2026-12-02; every other number was tiled before it):
 
               960-step encoder                               1920-step encoder (now)
@@ -47,6 +47,7 @@ after the tiler's pen-filter fix (2026-12-02; every other number was tiled befor
   --seed 6    0.869   0.500              0.885              0.900   -                  0.950
   --seed 7    0.712   0.500              0.836              0.851   0.500              0.886
   --seed 8    0.628   0.500              0.772              0.831   0.500              0.867
+                                                                0.845*  0.500 (flat)       0.871*
   --seed 9    0.803   0.500              0.803              0.763   0.500              0.877
 
 The paper's model (W/align, the default 240-step encoder) scores 0.680 / 0.657 / 0.665 / 0.773 /
