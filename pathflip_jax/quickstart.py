@@ -49,6 +49,7 @@ after the tiler's pen-filter fix (2026-12-02; every other number was tiled befor
   --seed 8    0.628   0.500              0.772              0.831   0.500              0.867
                                                                 0.845*  0.500 (flat)       0.871*
   --seed 9    0.803   0.500              0.803              0.763   0.500              0.877
+                                                                0.766*  0.500 (flat)       0.897*
 
 The paper's model (W/align, the default 240-step encoder) scores 0.680 / 0.657 / 0.665 / 0.773 /
 0.609 / 0.577 / 0.743 / 0.674 on the same slides. With the 960-step encoder the recipe is above
