@@ -21,13 +21,16 @@ def test_blank_slide_with_jpeg_noise_stays_blank():
   assert tissue.tissue_mask(noisy).mean() < 0.001
 
 
+# Where synthetic.tissue_image(384, 512, pen=True) draws its horizontal pen stroke.
+PEN_STROKE = (slice(int(0.12 * 384) - 2, int(0.12 * 384) + 2), slice(60, 450))
+
+
 def test_pen_ink_is_not_tissue():
   image, truth = synthetic.tissue_image(384, 512, seed=1, pen=True)
   mask = tissue.tissue_mask(image)
-  ink_rows = slice(int(0.12 * 384) - 2, int(0.12 * 384) + 2)
-  assert mask[ink_rows, 60:450].mean() < 0.05
+  assert mask[PEN_STROKE].mean() < 0.05
   unfiltered = tissue.tissue_mask(image, tissue.TissueParams(pen_filter=False))
-  assert unfiltered[ink_rows, 60:450].mean() > 0.9
+  assert unfiltered[PEN_STROKE].mean() > 0.9
 
 
 @pytest.mark.parametrize("colour", [(105, 90, 209), (85, 83, 130), (60, 45, 110)])
@@ -40,8 +43,7 @@ def test_dense_haematoxylin_is_tissue_not_ink(colour):
   image[truth] = colour
   mask = tissue.tissue_mask(image)
   assert mask[truth].mean() > 0.95
-  ink_rows = slice(int(0.12 * 384) - 2, int(0.12 * 384) + 2)
-  assert mask[ink_rows, 60:450].mean() < 0.05
+  assert mask[PEN_STROKE].mean() < 0.05
 
 
 def test_otsu_splits_two_modes():
