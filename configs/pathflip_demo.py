@@ -49,7 +49,12 @@ attention's output projection starts at 0, ``PathFlipConfig.region_output_zero_i
 weight W, against the embeddings each other drew, ``loss.within_slide_weight``; not in the paper
 nor in ``quickstart --joint``) and ``local_attention`` (False; True: the text-conditioned attention
 reads each region token as it enters the slide-context Transformer, not as it leaves it,
-``PathFlipConfig.local_region_attention``; not in the paper nor in ``quickstart --joint``).
+``PathFlipConfig.local_region_attention``), ``lock_text`` (False; True, with ``text_init``: the
+Q-Former takes the text tower's shape, 1 layer with MLP ratio 4, and its text branch stays frozen
+at that tower, ``LOCKED_TEXT``) and ``identity_qk`` (False; True: one region head whose query and
+key projections start as the identity, ``PathFlipConfig.region_identity_qk``); the last three are
+not in the paper, and ``quickstart --joint`` runs them since 2026-12-02 (README, "The joint space
+kept").
 
 Model: the paper's, narrowed. A 2-layer Q-Former (width 128, 8 queries, cross-attention into the
 patches in layer 0) reads each slide's patch features (all of them: slide token; each region of
@@ -104,6 +109,11 @@ instead: 0.92 / 0.90 / 0.91 / 0.86 / 0.86 / 0.79 / 0.69 / 0.76 on seeds 0 / 3 / 
 attention before the slide context"), so it is not in the recipe either. On the features of a
 1920-step patch encoder instead (``quickstart --joint`` since 2026-12-02) the recipe scores
 0.90 / 0.85 / 0.83 / 0.76 on seeds 6 / 7 / 8 / 9 (README, "A patch encoder trained 8x longer").
+Adding ``lock_text=True,identity_qk=True,local_attention=True`` (``quickstart --joint`` since
+the afternoon of 2026-12-02; after the tiler's pen-filter fix, one machine): 0.96 / 0.87 / 0.87 /
+0.92 / 0.89 on seeds 0 / 7 / 8 / 9 / 10 (10 held out) against 0.83 / 0.92 / 0.86 / 0.80 / 0.86
+for the recipe before on the same features, with a flat heatmap without the region loss, and
+zero-shot diagnosis lower on four of the five (README, "The joint space kept").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
@@ -177,6 +187,12 @@ NEGATIVE_LEXICON = {
 }
 
 
+# Every parameter of the Q-Former's text branch (config arg lock_text; a 1-layer Q-Former).
+LOCKED_TEXT = ("^qformer/token_embed$", "^qformer/pos_embed$", "^qformer/layers/0/self_norm/",
+               "^qformer/layers/0/self_attention/", "^qformer/layers/0/text_mlp_norm/",
+               "^qformer/layers/0/text_mlp/", "^qformer/norm/", "^text_proj/")
+
+
 def get_config(arg: str | None = None):
   args = config_args.parse_arg(
       arg, features_dir="runs/demo/features", manifest="", captions="", tokenizer="",
@@ -187,7 +203,7 @@ def get_config(arg: str | None = None):
       heatmap_method="contribution", probe_label="", reference="", feature_shortcut=False,
       slide_shortcut=True, named_negatives=False, slide_weight=1.0, region_patches=2,
       identity_values=True, value_gate=False, gate_lr=1000.0, zero_output=False,
-      within_negatives=0.0, local_attention=False)
+      within_negatives=0.0, local_attention=False, lock_text=False, identity_qk=False)
   config = config_args.ml_collections.ConfigDict()
   config.stage = "align"
   config.seed = args.seed
@@ -237,6 +253,20 @@ def get_config(arg: str | None = None):
                                           and not config.model.identity_region_values)
   config.model.slide_shortcut = args.slide_shortcut
   config.model.local_region_attention = bool(args.local_attention)
+  if args.lock_text:
+    if not args.text_init:
+      raise ValueError("config arg lock_text=True needs text_init=<the patch_clip run>: the "
+                       "locked text branch is that run's text tower")
+    # The Q-Former's text branch shaped as configs/patch_clip_demo.py's text tower (1 layer, MLP
+    # ratio 4), so text_init fills every text parameter, which then stay frozen (LiT's locked
+    # tower, on the text side). The self-attention and final norm are shared with the query
+    # branch and stay frozen for it too.
+    config.model.qformer.update(depth=1, mlp_ratio=4.0, cross_attention_every=1)
+  # One head whose query and key projections start as the identity: the attention starts as
+  # the match of text and region in the joint space (PathFlipConfig.region_identity_qk).
+  config.model.region_identity_qk = bool(args.identity_qk)
+  if args.identity_qk:
+    config.model.region_heads = 1
   config.slide_loss = args.slide_loss
   config.region_loss = args.region_loss
   config.region_attention = args.region_attention
@@ -257,6 +287,8 @@ def get_config(arg: str | None = None):
     # a demo run, while the projected values it competes with are ~0.05 a channel (README, "The
     # identity path behind a shut gate": 10x and 100x fell short on held-out cohorts).
     config.optim.lr_multipliers = {"^region_attention/value_gate$": float(args.gate_lr)}
+  if args.lock_text:
+    config.optim.frozen = LOCKED_TEXT
   config.mesh = dict(data=-1, fsdp=1, model=1)
   config.input = dict(worker_count=args.workers, worker_buffer_size=4)
   config.log_steps = args.log_steps

@@ -106,6 +106,14 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
   if model.get("local_region_attention"):
     values += (", and it reads each region's token as it enters the slide-context Transformer "
                "(the region's own patches and place), not as it leaves it")
+  if model.get("region_identity_qk"):
+    heads = model.get("region_heads", 8)
+    values += (f", with {'one head' if heads == 1 else f'{heads} heads'} whose query and key "
+               "projections start as the identity (the attention starts as the match of text "
+               "and region)")
+  if recipe_config.get("optim", {}).get("frozen"):
+    values += ("; the Q-Former's text branch stays frozen at the patch encoder's text tower "
+               "(config arg lock_text)")
   encoder_steps = _load(os.path.join(workdir, "joint", "patch_clip", "config.json")).get(
       "total_steps")
   default_steps = _load(os.path.join(workdir, "patch_clip", "config.json")).get("total_steps")

@@ -29,7 +29,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 import configs
 import numpy as np
-from pathflip_jax import config_args, quickstart
+from pathflip_jax import checkpointing, config_args, quickstart
 from pathflip_jax.evaluators import localization
 from pathflip_jax.tasks import align, patch_clip as patch_clip_task
 
@@ -239,6 +239,17 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   for run in (recipe, ablation):  # random values, output at 0, the identity path gated shut
     assert run["model"]["region_value_gate"] and not run["model"]["identity_region_values"]
     assert run["model"]["region_output_zero_init"]
+    # The attention reads the regions before the slide context, from one head whose query and
+    # key start as the identity, with the text branch frozen at the patch encoder's text tower.
+    assert run["model"]["local_region_attention"] and run["model"]["region_identity_qk"]
+    assert run["model"]["region_heads"] == 1 and run["model"]["qformer"]["depth"] == 1
+    assert "^text_proj/" in run["optim"]["frozen"]
+  trained = checkpointing.load_params(str(workdir / "joint" / "align"))
+  tower = checkpointing.load_params(str(workdir / "joint" / "patch_clip"))
+  for name, tower_name in (("qformer/token_embed", "text/token_embed"),
+                           ("text_proj/kernel", "text_proj/kernel"),
+                           ("qformer/layers/0/text_mlp/fc1/kernel", "text/blocks/0/fc1/kernel")):
+    np.testing.assert_array_equal(trained[name], tower[tower_name], err_msg=name)
   patch_steps = json.load(open(workdir / "patch_clip" / "config.json"))["total_steps"]
   joint_steps = json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["total_steps"]
   assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 1920 against 240)
@@ -248,6 +259,8 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   assert "regions are single patches (the paper's model above: 2 x 2 patches)" in report
   assert ("value and output projections start at random and at 0 respectively, beside the "
           "identity path behind a per-head gate that starts at 0") in report
+  assert "with one head whose query and key projections start as the identity" in report
+  assert "text branch stays frozen at the patch encoder's text tower" in report
   assert re.search(r"that patch encoder's own text alignment scores [01]\.\d{3} mean lesion",
                    report)
   # recipe, ablation, the paper's model, chance.

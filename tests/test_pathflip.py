@@ -463,6 +463,66 @@ def test_zero_output_starts_the_text_conditioned_embedding_empty():
     _tiny_config(identity_region_values=True, region_output_zero_init=True)
 
 
+def test_identity_qk_starts_the_attention_at_the_normed_match():
+  """region_identity_qk: the query and key projections start as the identity (every other
+  parameter draws the same numbers), so the weights start as the softmax of the layer-normed
+  text and region embeddings' dot product over sqrt(head width); the config arg also sets one
+  head."""
+  config = config_args.load_config("configs/pathflip_demo.py:size=test,identity_qk=True")
+  assert config.model.region_identity_qk and config.model.region_heads == 1
+  assert not config_args.load_config("configs/pathflip_demo.py:size=test").model.get(
+      "region_identity_qk")
+  plain = pathflip.PathFlip(_tiny_config(region_heads=1), rngs=nnx.Rngs(0))
+  model = pathflip.PathFlip(_tiny_config(region_heads=1, region_identity_qk=True),
+                            rngs=nnx.Rngs(0))
+  plain_params = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+  changed = []
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if not np.array_equal(np.asarray(param[...]), np.asarray(plain_params[path][...])):
+      changed.append("/".join(map(str, path)))
+  assert sorted(changed) == ["region_attention/attention/k_kernel",
+                             "region_attention/attention/q_kernel"]
+  regions_bme = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  valid_bm = jnp.array([[1, 1, 0, 1, 1], [1, 0, 0, 0, 0]], bool)
+  text_bte = jax.random.normal(jax.random.key(1), (2, 3, 16))
+
+  def layer_norm(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.mean(-1, keepdims=True)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+
+  logits = np.einsum("bte,bme->btm", layer_norm(text_bte), layer_norm(regions_bme)) / 4.0
+  logits = np.where(np.asarray(valid_bm)[:, None], logits, -np.inf)
+  expected = np.exp(logits - logits.max(-1, keepdims=True))
+  expected /= expected.sum(-1, keepdims=True)
+  np.testing.assert_allclose(model.region_text_attention(text_bte, regions_bme, valid_bm),
+                             expected, rtol=1e-4, atol=1e-6)
+
+
+def test_lock_text_freezes_the_whole_text_branch():
+  """lock_text: the Q-Former takes the text tower's shape and every text-branch parameter is
+  frozen (each LOCKED_TEXT pattern matches one; the query side trains); it needs text_init."""
+  with pytest.raises(ValueError, match="lock_text=True needs text_init"):
+    config_args.load_config("configs/pathflip_demo.py:size=test,lock_text=True")
+  config = config_args.load_config(
+      "configs/pathflip_demo.py:size=test,lock_text=True,text_init=/some/patch_clip")
+  assert (config.model.qformer.depth, config.model.qformer.mlp_ratio,
+          config.model.qformer.cross_attention_every) == (1, 4.0, 1)
+  q = qformer.QFormerConfig(**dict(config.model.qformer, feature_dim=12, vocab_size=40,
+                                   max_text_len=16))
+  model = pathflip.PathFlip(dataclasses.replace(_tiny_config(), qformer=q, embed_dim=32),
+                            rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  mask = optim.trainable_mask(params, config.optim.frozen)
+  paths = jax.tree.leaves(optim.param_paths(params))
+  frozen = sorted(p for p, train in zip(paths, jax.tree.leaves(mask)) if not train)
+  assert "qformer/token_embed" in frozen and "text_proj/kernel" in frozen
+  assert "qformer/layers/0/text_mlp/fc1/kernel" in frozen
+  assert all(p.startswith(("qformer/", "text_proj/")) for p in frozen)
+  assert "qformer/query_tokens" not in frozen
+  assert "qformer/layers/0/cross_attention/q_kernel" not in frozen
+
+
 def test_local_region_attention_reads_each_region_on_its_own():
   """local_region_attention: the tokens the text-conditioned attention reads hold a region's
   own patches (and place) only, so changing one region's patches moves that region's token and

@@ -69,6 +69,13 @@ class PathFlipConfig:
       Leaving it, a region also carries what the context told it about the rest of the slide, so
       the stroma beside a necrosis can answer a necrosis query as well as the necrosis itself.
       The context still makes the slide token.
+    region_identity_qk: not in the paper. The text-conditioned attention's query and key
+      projections start as the identity, so its logits start as the dot product of the
+      layer-normed text and region embeddings (over 1/sqrt(head width)): with one region head,
+      a cosine-like attention in the joint space, which points at the regions that the text
+      already matches when both sides start in the patch encoder's joint space
+      (``feature_shortcut``, ``local_region_attention`` and a text branch frozen at that
+      encoder's text tower; README, "The joint space kept").
   """
 
   qformer: qformer_lib.QFormerConfig
@@ -87,6 +94,7 @@ class PathFlipConfig:
   region_value_gate: bool = False
   region_output_zero_init: bool = False
   local_region_attention: bool = False
+  region_identity_qk: bool = False
 
   def __post_init__(self):
     if self.identity_region_values and self.region_value_gate:
@@ -147,21 +155,25 @@ class RegionAttention(nnx.Module):
     self.attention = qformer_lib.Attention(e, config.region_heads, rngs=rngs, dtype=dtype,
                                            param_dtype=param_dtype)
     heads, head_dim = config.region_heads, e // config.region_heads
-    shapes = {"v_kernel": ((e, heads, head_dim), ("embed", "heads", "kv")),
-              "o_kernel": ((heads, head_dim, e), ("heads", "kv", "embed"))}
+    shapes = {name: ((e, heads, head_dim), ("embed", "heads", "kv"))
+              for name in ("q_kernel", "k_kernel", "v_kernel")}
+    shapes["o_kernel"] = ((heads, head_dim, e), ("heads", "kv", "embed"))
 
     def restart(name, init):
       # Replaced after construction, so every other parameter draws the same random numbers.
       shape, axes = shapes[name]
       setattr(self.attention, name, vit._param(None, init, shape, axes, param_dtype))
 
-    if config.identity_region_values:
-      def identity(key, shape, dtype):
-        del key
-        return jnp.eye(e, dtype=dtype).reshape(shape)
+    def identity(key, shape, dtype):
+      del key
+      return jnp.eye(e, dtype=dtype).reshape(shape)
 
+    if config.identity_region_values:
       restart("v_kernel", identity)
       restart("o_kernel", identity)
+    if config.region_identity_qk:
+      restart("q_kernel", identity)
+      restart("k_kernel", identity)
     if config.region_output_zero_init:
       restart("o_kernel", nnx.initializers.zeros_init())
 
