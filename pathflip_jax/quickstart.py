@@ -47,14 +47,14 @@ the tiler's pen-filter fix, one 2-core machine; runs are bit-identical on one ma
   --seed 10 (held out)  0.894   0.500 (flat)       0.858          0.841          0.81 / 0.75
   --seed 11 (held out)  0.825   0.500 (flat)       -              0.961          0.42 / -
 
-Seed 11 is this whole command (1178 s on 2 cores), its necrosis heatmap 0.56 on three slides:
-the 0.85 does not hold on every cohort. Without the region loss nothing trains the output
-projection or the gate, so the ablation's heatmap is flat (AUROC 0.500 by construction;
-measured where shown). The recipe before (without the three switches) scored 0.858 / 0.891 /
-0.845 / 0.766 on seeds 0 / 7 / 8 / 9 as this whole command on the morning's machine, and with the 960-step encoder of 2026-12-01 0.87-0.91 on
-seeds 0 and 3-6 but 0.712 / 0.628 / 0.803 on seeds 7-9. Zero-shot diagnosis is lower with the
-text branch frozen (chance 0.25): ``--joint`` is for localization. The 1920-step encoder takes
-11-26 min of the command on 2 cores.
+Seed 11 is this whole command (1178 s on 2 cores), its necrosis heatmap 0.56 on three slides: the
+0.85 does not hold on every cohort. Without the region loss nothing trains the output projection or
+the gate, so the ablation's heatmap is flat (AUROC 0.500 by construction; measured where shown). The
+recipe before (without the three switches) scored 0.858 / 0.891 / 0.845 / 0.766 on seeds 0 / 7 / 8 /
+9 as this whole command on the morning's machine, and with the 960-step encoder of 2026-12-01
+0.87-0.91 on seeds 0 and 3-6 but 0.712 / 0.628 / 0.803 on seeds 7-9. Zero-shot diagnosis is lower
+with the text branch frozen (chance 0.25): ``--joint`` is for localization. The 1920-step encoder
+takes 11-26 min of the command on 2 cores.
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
