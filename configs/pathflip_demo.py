@@ -113,8 +113,8 @@ Adding ``lock_text=True,identity_qk=True,local_attention=True`` (``quickstart --
 the afternoon of 2026-12-02; after the tiler's pen-filter fix, one machine): 0.96 / 0.87 / 0.87 /
 0.92 / 0.89 on seeds 0 / 7 / 8 / 9 / 10 (10 held out) against 0.83 / 0.92 / 0.86 / 0.80 / 0.86
 for the recipe before on the same features, and 0.83 on held-out seed 11 (necrosis 0.56), with
-a flat heatmap without the region loss, and
-zero-shot diagnosis lower on four of the five (README, "The joint space kept").
+a flat heatmap without the region loss, and zero-shot diagnosis lower on four of the five
+(README, "The joint space kept").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,

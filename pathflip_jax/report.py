@@ -111,7 +111,10 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
     values += (f", with {'one head' if heads == 1 else f'{heads} heads'} whose query and key "
                "projections start as the identity (the attention starts as the match of text "
                "and region)")
-  if recipe_config.get("optim", {}).get("frozen"):
+  # What config arg lock_text freezes (configs/pathflip_demo.py LOCKED_TEXT) includes these two;
+  # another frozen set is not a locked text branch.
+  if {"^qformer/token_embed$", "^text_proj/"} <= set(recipe_config.get("optim", {})
+                                                     .get("frozen") or ()):
     values += ("; the Q-Former's text branch stays frozen at the patch encoder's text tower "
                "(config arg lock_text)")
   encoder_steps = _load(os.path.join(workdir, "joint", "patch_clip", "config.json")).get(
