@@ -22,7 +22,8 @@ test suite), ``seed``, ``log_steps``, ``eval_split`` (``test``), and the ablatio
 ``slide_loss``, ``region_loss`` and ``region_attention`` (False: mean-pooled regions);
 ``cohort_dir`` (the demo cohort: adds the ``localization`` evaluator, which scores text-prompted
 heatmaps against the cohort's label maps) and ``heatmap_method`` (``contribution``, or
-``attention``: the region attention weights alone; see ``PathFlip.patch_heatmap``),
+``attention``: the region attention weights alone; see ``PathFlip.patch_heatmap``; by default
+``attention`` with ``identity_qk``, else ``contribution``),
 ``reference`` (the patch_clip workdir whose ViT extracted the features: the localization
 evaluator also reports, as ``reference/...``, that model's own patch-level text alignment), and
 ``probe_label`` (a slide column, e.g. ``biomarker``: adds the ``slide_linear_probe`` evaluator,
@@ -52,7 +53,10 @@ reads each region token as it enters the slide-context Transformer, not as it le
 ``PathFlipConfig.local_region_attention``), ``lock_text`` (False; True, with ``text_init``: the
 Q-Former takes the text tower's shape, 1 layer with MLP ratio 4, and its text branch stays frozen
 at that tower, ``LOCKED_TEXT``) and ``identity_qk`` (False; True: one region head whose query and
-key projections start as the identity, ``PathFlipConfig.region_identity_qk``); the last three are
+key projections are the identity and stay so, frozen with the layer norms before them,
+``PathFlipConfig.region_identity_qk`` and ``HELD_MATCH``) and ``attention_positions`` (True;
+False, with ``local_attention``: the attention reads each region's own pooled patches without
+its position embedding, ``PathFlipConfig.local_region_positions``); the last four are
 not in the paper, and ``quickstart --joint`` runs them since 2026-12-02 (README, "The joint space
 kept").
 
@@ -193,6 +197,11 @@ LOCKED_TEXT = ("^qformer/token_embed$", "^qformer/pos_embed$", "^qformer/layers/
                "^qformer/layers/0/self_attention/", "^qformer/layers/0/text_mlp_norm/",
                "^qformer/layers/0/text_mlp/", "^qformer/norm/", "^text_proj/")
 
+# The text-conditioned attention's match, held at the identity (config arg identity_qk): the
+# query and key projections and the layer norms before them.
+HELD_MATCH = ("^region_attention/attention/(q|k)_(kernel|bias)$",
+              "^region_attention/(text|region)_norm/")
+
 
 def get_config(arg: str | None = None):
   args = config_args.parse_arg(
@@ -201,10 +210,11 @@ def get_config(arg: str | None = None):
       total_steps=600, batch_size=8, lr=3e-4, workers=1, size="demo", seed=0, log_steps=200,
       eval_split="test",
       slide_loss=True, region_loss=True, region_attention=True, cohort_dir="",
-      heatmap_method="contribution", probe_label="", reference="", feature_shortcut=False,
+      heatmap_method="", probe_label="", reference="", feature_shortcut=False,
       slide_shortcut=True, named_negatives=False, slide_weight=1.0, region_patches=2,
       identity_values=True, value_gate=False, gate_lr=1000.0, zero_output=False,
-      within_negatives=0.0, local_attention=False, lock_text=False, identity_qk=False)
+      within_negatives=0.0, local_attention=False, lock_text=False, identity_qk=False,
+      attention_positions=True)
   config = config_args.ml_collections.ConfigDict()
   config.stage = "align"
   config.seed = args.seed
@@ -254,6 +264,10 @@ def get_config(arg: str | None = None):
                                           and not config.model.identity_region_values)
   config.model.slide_shortcut = args.slide_shortcut
   config.model.local_region_attention = bool(args.local_attention)
+  config.model.local_region_positions = bool(args.attention_positions)
+  if not args.attention_positions and not args.local_attention:
+    raise ValueError("config arg attention_positions=False needs local_attention=True: after "
+                     "the slide context every region token holds positions")
   if args.lock_text:
     if not args.text_init:
       raise ValueError("config arg lock_text=True needs text_init=<the patch_clip run>: the "
@@ -268,6 +282,10 @@ def get_config(arg: str | None = None):
   config.model.region_identity_qk = bool(args.identity_qk)
   if args.identity_qk:
     config.model.region_heads = 1
+  # With the match held at the identity the attention weights are the joint space's own
+  # text-region match, so the heatmap reads them; otherwise the weights alone lean away from
+  # the queried tissue and the heatmap reads each region's contribution (docstring numbers).
+  heatmap_method = args.heatmap_method or ("attention" if args.identity_qk else "contribution")
   config.slide_loss = args.slide_loss
   config.region_loss = args.region_loss
   config.region_attention = args.region_attention
@@ -288,8 +306,14 @@ def get_config(arg: str | None = None):
     # a demo run, while the projected values it competes with are ~0.05 a channel (README, "The
     # identity path behind a shut gate": 10x and 100x fell short on held-out cohorts).
     config.optim.lr_multipliers = {"^region_attention/value_gate$": float(args.gate_lr)}
-  if args.lock_text:
-    config.optim.frozen = LOCKED_TEXT
+  frozen = LOCKED_TEXT if args.lock_text else ()
+  if args.identity_qk and args.region_attention:
+    # Trained, the projections drift from the match: the region loss scores only the attended
+    # mean, and seed 11's necrosis heatmap fell to 0.56 while its tokens' cosine with the text
+    # held 0.97 (README, "The match held at the identity").
+    frozen += HELD_MATCH
+  if frozen:
+    config.optim.frozen = frozen
   config.mesh = dict(data=-1, fsdp=1, model=1)
   config.input = dict(worker_count=args.workers, worker_buffer_size=4)
   config.log_steps = args.log_steps
@@ -311,7 +335,7 @@ def get_config(arg: str | None = None):
   if args.cohort_dir and args.eval_split:
     config.evals.localization = dict(
         type="localization", split=args.eval_split, cohort_dir=args.cohort_dir,
-        method=args.heatmap_method, queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,
+        method=heatmap_method, queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,
         positive_fraction=0.5, froc=True, reference=args.reference)
   config.resume = ""
   config.model_init = ""

@@ -1,7 +1,7 @@
 r"""One slide file in, PathFLIP's outputs out: zero-shot diagnosis, caption, answers, heatmaps.
 
   python -m pathflip_jax.infer --workdir W --slide FILE [--query "..."]... [--question "..."]... \
-      --output_dir O [--mpp 0.5] [--heatmap_method contribution] [--extract_config C]
+      --output_dir O [--mpp 0.5] [--heatmap_method attention] [--extract_config C]
 
 ``W`` is a finished run: an instruct run (all outputs) or an align run (no caption or answers).
 The slide is tiled in-process with the tiling parameters its features were made with (the Beam
@@ -9,7 +9,9 @@ job's planning and reading code), its patches are embedded by the same patch enc
 (``features.json``'s ``encoder_config``, checked against the recorded weights hash), and the
 align run's model encodes it. A question with options (``"Which tissue is present? | fat |
 necrosis | tumour | stroma"``) is asked as multiple choice, one without as an open question.
-Without ``--query`` the class names of the zero-shot task are the queries.
+Without ``--query`` the class names of the zero-shot task are the queries. Without
+``--heatmap_method`` the heatmaps read the region scores the run's localization evaluator was
+configured with (``contribution`` when its config lists none).
 
 Writes to ``O``:
 
@@ -303,16 +305,26 @@ def write_page(output_dir: str, summary: dict[str, Any]) -> str:
   return path
 
 
+def default_heatmap_method(config: Any) -> str:
+  """The heatmap method an align run's config evaluates localization with: the method its
+  trainer chose for its attention (configs/pathflip_demo.py), "contribution" if none."""
+  for evaluator in dict(config.get("evals") or {}).values():
+    if evaluator.get("type") == "localization" and evaluator.get("method"):
+      return str(evaluator["method"])
+  return "contribution"
+
+
 def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str] = (),
           questions: Sequence[str] = (), mpp: float | None = None,
-          heatmap_method: str = "contribution", extract_config: str = "") -> dict[str, Any]:
-  """Runs everything on one slide; returns the summary (also ``output_dir/summary.json``)."""
+          heatmap_method: str = "", extract_config: str = "") -> dict[str, Any]:
+  """Runs everything on one slide; returns the summary (also ``output_dir/summary.json``).
+  ``heatmap_method`` "": the align run's localization method (:func:`default_heatmap_method`)."""
   t0 = time.time()
   workdir = os.path.abspath(workdir)
   align_dir, instruct_dir = resolve_runs(workdir)
   if questions and instruct_dir is None:
     raise InferError(f"--question needs an instruct run; {workdir} is an align run")
-  if heatmap_method not in heatmaps.METHODS:
+  if heatmap_method and heatmap_method not in heatmaps.METHODS:
     raise InferError(f"--heatmap_method {heatmap_method!r}: expected one of {heatmaps.METHODS}")
   questions = list(questions)
   for q in questions:
@@ -326,6 +338,7 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
   from pathflip_jax.tasks import instruct as instruct_task  # pylint: disable=import-outside-toplevel
   _log(f"loading the align run {align_dir}")
   task, model = instruct_task.load_align_run(align_dir)
+  heatmap_method = heatmap_method or default_heatmap_method(task.config)
   identity, features_dir = task.shards.identity, task.config.features_dir
   params = tiling_params(identity, features_dir)
   _, embed = build_patch_encoder(identity, features_dir, params.patch_size, extract_config)
@@ -404,7 +417,9 @@ def main(argv=None) -> None:
                       help="a question; 'question | option | option ...' for multiple choice")
   parser.add_argument("--mpp", type=float, default=None,
                       help="µm per pixel of the slide's level 0, overriding its metadata")
-  parser.add_argument("--heatmap_method", default="contribution", choices=heatmaps.METHODS)
+  parser.add_argument("--heatmap_method", default="", choices=("",) + heatmaps.METHODS,
+                      help="region scores the heatmaps read; default: the run's localization "
+                           "evaluator's (contribution if none)")
   parser.add_argument("--extract_config", default="",
                       help="configs/extract_features.py:... (when features.json cannot say)")
   args = parser.parse_args(argv)

@@ -104,17 +104,24 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
                   model.get("identity_region_values"),
                   "start as the run's config.json does not record")
   if model.get("local_region_attention"):
+    own = ("the region's own patches, without its place"
+           if model.get("local_region_positions") is False else
+           "the region's own patches and place")
     values += (", and it reads each region's token as it enters the slide-context Transformer "
-               "(the region's own patches and place), not as it leaves it")
+               f"({own}), not as it leaves it")
+  frozen = set(recipe_config.get("optim", {}).get("frozen") or ())
   if model.get("region_identity_qk"):
     heads = model.get("region_heads", 8)
+    # configs/pathflip_demo.py HELD_MATCH freezes the query projection among others.
+    held = "^region_attention/attention/(q|k)_(kernel|bias)$" in frozen
     values += (f", with {'one head' if heads == 1 else f'{heads} heads'} whose query and key "
-               "projections start as the identity (the attention starts as the match of text "
-               "and region)")
+               + ("projections are held at the identity (the attention is the match of text and "
+                  "region in the joint space)" if held else
+                  "projections start as the identity (the attention starts as the match of text "
+                  "and region)"))
   # What config arg lock_text freezes (configs/pathflip_demo.py LOCKED_TEXT) includes these two;
   # another frozen set is not a locked text branch.
-  if {"^qformer/token_embed$", "^text_proj/"} <= set(recipe_config.get("optim", {})
-                                                     .get("frozen") or ()):
+  if {"^qformer/token_embed$", "^text_proj/"} <= frozen:
     values += ("; the Q-Former's text branch stays frozen at the patch encoder's text tower "
                "(config arg lock_text)")
   encoder_steps = _load(os.path.join(workdir, "joint", "patch_clip", "config.json")).get(

@@ -242,9 +242,16 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
     # The attention reads the regions before the slide context, from one head whose query and
     # key start as the identity, with the text branch frozen at the patch encoder's text tower.
     assert run["model"]["local_region_attention"] and run["model"]["region_identity_qk"]
+    assert not run["model"]["local_region_positions"]
     assert run["model"]["region_heads"] == 1 and run["model"]["qformer"]["depth"] == 1
     assert "^text_proj/" in run["optim"]["frozen"]
+  assert recipe["evals"]["localization"]["method"] == "attention"
   trained = checkpointing.load_params(str(workdir / "joint" / "align"))
+  # The match is held: query and key are still the identity after training.
+  width = trained["region_attention/attention/q_kernel"].shape[0]
+  for name in ("q_kernel", "k_kernel"):
+    np.testing.assert_array_equal(
+        trained[f"region_attention/attention/{name}"].reshape(width, width), np.eye(width))
   tower = checkpointing.load_params(str(workdir / "joint" / "patch_clip"))
   for name, tower_name in (("qformer/token_embed", "text/token_embed"),
                            ("text_proj/kernel", "text_proj/kernel"),
@@ -259,7 +266,8 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   assert "regions are single patches (the paper's model above: 2 x 2 patches)" in report
   assert ("value and output projections start at random and at 0 respectively, beside the "
           "identity path behind a per-head gate that starts at 0") in report
-  assert "with one head whose query and key projections start as the identity" in report
+  assert "with one head whose query and key projections are held at the identity" in report
+  assert "(the region's own patches, without its place), not as it leaves it" in report
   assert "text branch stays frozen at the patch encoder's text tower" in report
   assert re.search(r"that patch encoder's own text alignment scores [01]\.\d{3} mean lesion",
                    report)

@@ -467,11 +467,18 @@ def test_identity_qk_starts_the_attention_at_the_normed_match():
   """region_identity_qk: the query and key projections start as the identity (every other
   parameter draws the same numbers), so the weights start as the softmax of the layer-normed
   text and region embeddings' dot product over sqrt(head width); the config arg also sets one
-  head."""
-  config = config_args.load_config("configs/pathflip_demo.py:size=test,identity_qk=True")
+  head, holds the match there (q, k and the two norms frozen, and nothing else) and makes the
+  heatmap read the weights."""
+  config = config_args.load_config("configs/pathflip_demo.py:size=test,identity_qk=True,"
+                                   "cohort_dir=/some/cohort")
   assert config.model.region_identity_qk and config.model.region_heads == 1
-  assert not config_args.load_config("configs/pathflip_demo.py:size=test").model.get(
-      "region_identity_qk")
+  assert config.evals.localization.method == "attention"
+  default = config_args.load_config("configs/pathflip_demo.py:size=test,cohort_dir=/c")
+  assert not default.model.get("region_identity_qk") and not default.optim.get("frozen")
+  assert default.evals.localization.method == "contribution"
+  ablation = config_args.load_config(
+      "configs/pathflip_demo.py:size=test,identity_qk=True,region_attention=False")
+  assert not ablation.optim.get("frozen")  # no attention, nothing to hold
   plain = pathflip.PathFlip(_tiny_config(region_heads=1), rngs=nnx.Rngs(0))
   model = pathflip.PathFlip(_tiny_config(region_heads=1, region_identity_qk=True),
                             rngs=nnx.Rngs(0))
@@ -482,6 +489,13 @@ def test_identity_qk_starts_the_attention_at_the_normed_match():
       changed.append("/".join(map(str, path)))
   assert sorted(changed) == ["region_attention/attention/k_kernel",
                              "region_attention/attention/q_kernel"]
+  params = nnx.state(model, nnx.Param)
+  paths = jax.tree.leaves(optim.param_paths(params))
+  mask = jax.tree.leaves(optim.trainable_mask(params, config.optim.frozen))
+  assert sorted(p for p, train in zip(paths, mask) if not train) == sorted(
+      f"region_attention/{name}" for name in (
+          "attention/q_kernel", "attention/q_bias", "attention/k_kernel", "attention/k_bias",
+          "text_norm/scale", "text_norm/bias", "region_norm/scale", "region_norm/bias"))
   regions_bme = jax.random.normal(jax.random.key(0), (2, 5, 16))
   valid_bm = jnp.array([[1, 1, 0, 1, 1], [1, 0, 0, 0, 0]], bool)
   text_bte = jax.random.normal(jax.random.key(1), (2, 3, 16))
@@ -549,3 +563,28 @@ def test_local_region_attention_reads_each_region_on_its_own():
     assert (moved_r[1:].min() > 1e-4) if others_move else (moved_r[1:].max() < 1e-6)
   assert config_args.load_config(
       "configs/pathflip_demo.py:size=test,local_attention=True").model.local_region_attention
+
+
+def test_local_region_positions_false_reads_what_a_region_shows_not_where():
+  """local_region_positions=False: moving the regions on the grid leaves the tokens the
+  attention reads as they were (and moves the slide token, which the context makes with the
+  positions); with the positions the read tokens move. It needs local_region_attention."""
+  config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=24,
+                                        num_subcaptions=2, caption_len=8, subcaption_len=8,
+                                        buckets=(32,))
+  inputs = _inputs(slide_examples.build_example(_element(n=30), config, _Tokens(), None))
+  moved = dict(inputs, region_pos=inputs["region_pos"] + 3)
+  r = int(inputs["region_valid"].sum())
+  for positions, regions_move in ((False, False), (True, True)):
+    model = pathflip.PathFlip(_tiny_config(local_region_attention=True,
+                                           local_region_positions=positions), rngs=nnx.Rngs(0))
+    before, after = model.encode_slides(inputs), model.encode_slides(moved)
+    moved_r = np.abs(np.asarray(after["regions"] - before["regions"])[0, :r]).max(-1)
+    assert (moved_r.min() > 1e-4) if regions_move else (moved_r.max() == 0.0)
+    assert float(np.abs(np.asarray(after["slide"] - before["slide"])).max()) > 1e-4
+  with pytest.raises(ValueError, match="local_region_positions=False needs"):
+    _tiny_config(local_region_positions=False)
+  with pytest.raises(ValueError, match="attention_positions=False needs local_attention"):
+    config_args.load_config("configs/pathflip_demo.py:size=test,attention_positions=False")
+  assert not config_args.load_config("configs/pathflip_demo.py:size=test,local_attention=True,"
+                                     "attention_positions=False").model.local_region_positions

@@ -69,13 +69,18 @@ class PathFlipConfig:
       Leaving it, a region also carries what the context told it about the rest of the slide, so
       the stroma beside a necrosis can answer a necrosis query as well as the necrosis itself.
       The context still makes the slide token.
+    local_region_positions: with ``local_region_attention``, True: the tokens the attention
+      reads carry their region's position embedding, as the context's inputs do; False (not in
+      the paper): they are the region's own pooled patches only, so a text matches a region by
+      what it shows and not by where it lies (README, "The match held at the identity").
     region_identity_qk: not in the paper. The text-conditioned attention's query and key
       projections start as the identity, so its logits start as the dot product of the
       layer-normed text and region embeddings (over 1/sqrt(head width)): with one region head,
       a cosine-like attention in the joint space, which points at the regions that the text
       already matches when both sides start in the patch encoder's joint space
       (``feature_shortcut``, ``local_region_attention`` and a text branch frozen at that
-      encoder's text tower; README, "The joint space kept").
+      encoder's text tower; README, "The joint space kept"). configs/pathflip_demo.py holds
+      them there (``HELD_MATCH``; README, "The match held at the identity").
   """
 
   qformer: qformer_lib.QFormerConfig
@@ -95,6 +100,7 @@ class PathFlipConfig:
   region_output_zero_init: bool = False
   local_region_attention: bool = False
   region_identity_qk: bool = False
+  local_region_positions: bool = True
 
   def __post_init__(self):
     if self.identity_region_values and self.region_value_gate:
@@ -103,6 +109,9 @@ class PathFlipConfig:
     if self.identity_region_values and self.region_output_zero_init:
       raise ValueError("identity_region_values and region_output_zero_init are exclusive: "
                        "both set the output projection's start")
+    if not self.local_region_positions and not self.local_region_attention:
+      raise ValueError("local_region_positions=False needs local_region_attention=True: "
+                       "after the slide context every region token holds positions")
     for name, heads in (("context_heads", self.context_heads),
                         ("region_heads", self.region_heads)):
       if self.embed_dim % heads:
@@ -340,8 +349,9 @@ class PathFlip(nnx.Module):
                     return_region_parts: bool = False) -> dict[str, Any]:
     """Slide embedding [b, e] (unit norm) and the region embeddings [b, m, e] the
     text-conditioned attention reads, and the instruct stage hands its decoder (contextualised,
-    or the context's inputs with ``local_region_attention``). ``patches_bnw``: the projected
-    patch features, when the caller has them already.
+    or the context's inputs with ``local_region_attention``, less their position embedding with
+    ``local_region_positions=False``). ``patches_bnw``: the projected patch features, when the
+    caller has them already.
     ``return_region_parts`` adds "region_parts", the region tokens' two poolings
     (:meth:`_pooled_parts`, [b*m, e] each), which :meth:`region_patch_weights` reuses."""
     if patches_bnw is None:
@@ -350,19 +360,22 @@ class PathFlip(nnx.Module):
                             batch["features"] if self.config.slide_shortcut else None)
     b, m, _ = batch["region_index"].shape
     region_parts = self._pooled_parts(*self._region_inputs(patches_bnw, batch))
-    regions_bme = self._sum_parts(region_parts).reshape(b, m, -1)
+    own_bme = self._sum_parts(region_parts).reshape(b, m, -1)
     positions = region_positions(batch["region_pos"], self.config.position_frequencies)
-    regions_bme = regions_bme + self.position_proj(positions)
+    regions_bme = own_bme + self.position_proj(positions)
     tokens = jnp.concatenate([slide_be[:, None], regions_bme], axis=1)
     region_valid = batch["region_valid"]
     valid = jnp.concatenate([jnp.ones_like(region_valid[:, :1]), region_valid], axis=1)
     for block in self.context:
       tokens = block(tokens, valid)
     tokens = self.context_norm(tokens)
-    # "regions": what the text-conditioned attention reads (PathFlipConfig.local_region_attention).
-    out = {"slide": unit(tokens[:, 0]),
-           "regions": regions_bme if self.config.local_region_attention else tokens[:, 1:],
-           "region_valid": region_valid}
+    # "regions": what the text-conditioned attention reads (PathFlipConfig.local_region_attention
+    # and local_region_positions).
+    if not self.config.local_region_attention:
+      read_bme = tokens[:, 1:]
+    else:
+      read_bme = regions_bme if self.config.local_region_positions else own_bme
+    out = {"slide": unit(tokens[:, 0]), "regions": read_bme, "region_valid": region_valid}
     if return_region_parts:
       out["region_parts"] = region_parts
     return out
