@@ -118,7 +118,13 @@ the afternoon of 2026-12-02; after the tiler's pen-filter fix, one machine): 0.9
 0.92 / 0.89 on seeds 0 / 7 / 8 / 9 / 10 (10 held out) against 0.83 / 0.92 / 0.86 / 0.80 / 0.86
 for the recipe before on the same features, and 0.83 on held-out seed 11 (necrosis 0.56), with
 a flat heatmap without the region loss, and zero-shot diagnosis lower on four of the five
-(README, "The joint space kept").
+(README, "The joint space kept"). With the match then held (``identity_qk`` freezes query, key
+and their norms; the heatmap reads the attention weights) and ``attention_positions=False``
+(``quickstart --joint`` since the evening of 2026-12-02): 0.94 / 0.89 / 0.89 / 0.91 / 0.86 /
+0.97 on seeds 0 / 7 / 8 / 9 / 10 / 11 and 0.92 on held-out seed 12, against 0.89 / 0.87 / 0.90
+/ 0.87 / 0.83 / 0.93 / 0.92 without the region loss, which now reads the encoder's tokens
+through the same held attention instead of a flat map (README, "The match held at the
+identity").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,

@@ -417,7 +417,7 @@ def main(argv=None) -> None:
                       help="a question; 'question | option | option ...' for multiple choice")
   parser.add_argument("--mpp", type=float, default=None,
                       help="µm per pixel of the slide's level 0, overriding its metadata")
-  parser.add_argument("--heatmap_method", default="", choices=("",) + heatmaps.METHODS,
+  parser.add_argument("--heatmap_method", default=None, choices=heatmaps.METHODS,
                       help="region scores the heatmaps read; default: the run's localization "
                            "evaluator's (contribution if none)")
   parser.add_argument("--extract_config", default="",
@@ -427,7 +427,7 @@ def main(argv=None) -> None:
   compilation_cache.enable()
   try:
     summary = infer(args.workdir, args.slide, args.output_dir, args.query, args.question,
-                    args.mpp, args.heatmap_method, args.extract_config)
+                    args.mpp, args.heatmap_method or "", args.extract_config)
   except InferError as e:
     raise SystemExit(f"[infer] {e}") from None
   print(json.dumps({k: summary[k] for k in ("slide_id", "zero_shot", "caption", "answers",

@@ -90,10 +90,13 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
       baseline = recipe.get(baseline)
     rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
   model = recipe_config.get("model", {})
+  method = next((e.get("method") for e in (recipe_config.get("evals") or {}).values()
+                 if e.get("type") == "localization"), None)
   if model.get("region_value_gate") and model.get("region_output_zero_init"):
     values = ("start at random and at 0 respectively, beside the identity path behind a "
-              "per-head gate that starts at 0 (only the region loss trains any of them: without "
-              "it the heatmap stays flat, AUROC 0.5)")
+              "per-head gate that starts at 0 (only the region loss trains any of them"
+              + (": without it the heatmap stays flat, AUROC 0.5)" if method == "contribution"
+                 else ")"))
   elif model.get("region_value_gate"):
     values = ("start at random, as in the paper, beside the identity path behind a per-head "
               "gate that starts at 0 (only the region loss trains either)")
@@ -113,12 +116,15 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
   if model.get("region_identity_qk"):
     heads = model.get("region_heads", 8)
     # configs/pathflip_demo.py HELD_MATCH freezes the query projection among others.
-    held = "^region_attention/attention/(q|k)_(kernel|bias)$" in frozen
+    if "^region_attention/attention/(q|k)_(kernel|bias)$" in frozen:
+      qk = ("are held at the identity (the attention is the match of text and region in the "
+            "joint space")
+      qk += (", and the heatmap reads its weights: without the region loss they read the "
+             "encoder's own tokens)" if method == "attention" else ")")
+    else:
+      qk = "start as the identity (the attention starts as the match of text and region)"
     values += (f", with {'one head' if heads == 1 else f'{heads} heads'} whose query and key "
-               + ("projections are held at the identity (the attention is the match of text and "
-                  "region in the joint space)" if held else
-                  "projections start as the identity (the attention starts as the match of text "
-                  "and region)"))
+               f"projections {qk}")
   # What config arg lock_text freezes (configs/pathflip_demo.py LOCKED_TEXT) includes these two;
   # another frozen set is not a locked text branch.
   if {"^qformer/token_embed$", "^text_proj/"} <= frozen:

@@ -117,3 +117,17 @@ def test_infer_errors_name_the_input(runs, tmp_path):
                                        "stage 'align' or 'instruct'"):
     infer.main(["--workdir", str(other_stage), "--slide", str(broken),
                 "--output_dir", str(tmp_path / "o")])
+
+
+def test_default_heatmap_method_is_the_runs_localization_method():
+  """Without --heatmap_method, infer reads the region scores the run's localization evaluator
+  used: the weights for a held match (identity_qk), contributions otherwise or with no such
+  evaluator."""
+  held = config_args.load_config("configs/pathflip_demo.py:size=test,identity_qk=True,"
+                                 "cohort_dir=/c")
+  plain = config_args.load_config("configs/pathflip_demo.py:size=test,cohort_dir=/c")
+  chosen = config_args.load_config("configs/pathflip_demo.py:size=test,cohort_dir=/c,"
+                                   "heatmap_method=attention")
+  no_evaluator = config_args.load_config("configs/pathflip_demo.py:size=test")
+  assert [infer.default_heatmap_method(c) for c in (held, plain, chosen, no_evaluator)] == [
+      "attention", "contribution", "attention", "contribution"]

@@ -18,8 +18,20 @@ from pathflip_jax import report
     ({"region_value_gate": True, "region_output_zero_init": True,
       "local_region_attention": True},
      "at 0 (only the region loss trains any of them: without it the heatmap stays flat, AUROC "
-     "0.5), and it reads each region's token as it enters the slide-context Transformer"),
+     "0.5), and it reads each region's token as it enters the slide-context Transformer "
+     "(the region's own patches and place)"),
     ({}, "start as the run's config.json does not record"),
+    # The heatmap reads the held attention's weights: the ablation is not flat.
+    ({"region_value_gate": True, "region_output_zero_init": True,
+      "local_region_attention": True, "local_region_positions": False,
+      "region_identity_qk": True, "region_heads": 1},
+     "at 0 (only the region loss trains any of them), and it reads each region's token as it "
+     "enters the slide-context Transformer (the region's own patches, without its place), not "
+     "as it leaves it, with one head whose query and key projections are held at the identity "
+     "(the attention is the match of text and region in the joint space, and the heatmap reads "
+     "its weights: without the region loss they read the encoder's own tokens)"),
+    ({"region_identity_qk": True, "region_heads": 8},
+     "with 8 heads whose query and key projections start as the identity"),
 ])
 def test_joint_section_names_the_value_path_start(tmp_path, model, words):
   for name, results in (("align", {"localization/mean_lesion_auroc": 0.9,
@@ -28,8 +40,12 @@ def test_joint_section_names_the_value_path_start(tmp_path, model, words):
                         ("align_no_region_loss", {"localization/mean_lesion_auroc": 0.5})):
     os.makedirs(tmp_path / "joint" / name)
     (tmp_path / "joint" / name / "results.json").write_text(json.dumps(results))
-  (tmp_path / "joint" / "align" / "config.json").write_text(
-      json.dumps({"model": model, "data": {"region_patches": 1}}))
+  held = model.get("region_heads") == 1
+  method = "attention" if held else "contribution"
+  (tmp_path / "joint" / "align" / "config.json").write_text(json.dumps({
+      "model": model, "data": {"region_patches": 1},
+      "evals": {"localization": {"type": "localization", "method": method}},
+      "optim": {"frozen": ["^region_attention/attention/(q|k)_(kernel|bias)$"] if held else []}}))
   text = "\n".join(report.joint_recipe_section(str(tmp_path), {}))
   assert words in text
   assert "regions are single patches" in text and "scores 0.950 mean lesion AUROC" in text
