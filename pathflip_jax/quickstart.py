@@ -53,7 +53,7 @@ the test splits (2026-12-02, one 2-core machine; runs are bit-identical on one m
 Seeds 0 and 7-11 were run as stages 1-2 and 8-11 of this command; the recipe was chosen on
 seeds 8, 9 and 11. Seed 12 is this whole command from a fresh clone (1164 s on 2 cores), on a
 cohort no choice saw. The region loss adds 0.02-0.06 on five of the seven cohorts; it costs
-0.01-0.04 on seed 8 (training seeds 0 and 1) and 0.005 on seed 12. The heatmap stays within
+0.01-0.03 on seed 8 (training seeds 0 and 1) and 0.005 on seed 12. The heatmap stays within
 0.06 of its encoder's own alignment. Zero-shot diagnosis is lower than without the frozen text
 branch on four of the five cohorts where both ran (chance 0.25): the slide loss moves only the
 image side, and ``--joint`` is for localization. The 1920-step encoder takes 11-26 min of the
