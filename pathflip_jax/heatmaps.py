@@ -22,6 +22,18 @@ from scipy import ndimage
 from pathflip_jax.data import qupath, tissue
 
 METHODS = ("attention", "contribution")
+# What a localization evaluator whose config names no ``method`` scores heatmaps with.
+EVALUATOR_DEFAULT_METHOD = "attention"
+
+
+def localization_method(run_config: Mapping) -> str | None:
+  """The heatmap method a run's localization evaluator scores with (its ``method``, else the
+  evaluator's default); None if ``run_config.evals`` lists no localization evaluator.
+  ``run_config``: a run's config, a ConfigDict or its config.json as a dict."""
+  for evaluator in dict(run_config.get("evals") or {}).values():
+    if evaluator.get("type") == "localization":
+      return str(evaluator.get("method") or EVALUATOR_DEFAULT_METHOD)
+  return None
 
 
 class HeatmapScorer:
@@ -30,7 +42,7 @@ class HeatmapScorer:
   One compiled function per padded slide length (the example buckets keep these few).
   """
 
-  def __init__(self, method: str = "attention"):
+  def __init__(self, method: str = EVALUATOR_DEFAULT_METHOD):
     if method not in METHODS:
       raise ValueError(f"heatmap method {method!r}: expected one of {METHODS}")
     self.method = method

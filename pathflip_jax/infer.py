@@ -306,12 +306,9 @@ def write_page(output_dir: str, summary: dict[str, Any]) -> str:
 
 
 def default_heatmap_method(config: Any) -> str:
-  """The heatmap method an align run's config evaluates localization with: the method its
-  trainer chose for its attention (configs/pathflip_demo.py), "contribution" if none."""
-  for evaluator in dict(config.get("evals") or {}).values():
-    if evaluator.get("type") == "localization" and evaluator.get("method"):
-      return str(evaluator["method"])
-  return "contribution"
+  """The heatmap method an align run's config evaluates localization with
+  (:func:`heatmaps.localization_method`), "contribution" if it lists no localization evaluator."""
+  return heatmaps.localization_method(config) or "contribution"
 
 
 def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str] = (),

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any, Sequence
 
+from pathflip_jax import heatmaps
+
 
 def _load(path: str) -> dict[str, Any]:
   if not os.path.exists(path):
@@ -90,8 +92,7 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
       baseline = recipe.get(baseline)
     rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
   model = recipe_config.get("model", {})
-  method = next((e.get("method") for e in (recipe_config.get("evals") or {}).values()
-                 if e.get("type") == "localization"), None)
+  method = heatmaps.localization_method(recipe_config)
   if model.get("region_value_gate") and model.get("region_output_zero_init"):
     values = ("start at random and at 0 respectively, beside the identity path behind a "
               "per-head gate that starts at 0 (only the region loss trains any of them"

@@ -240,7 +240,7 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
     assert run["model"]["region_value_gate"] and not run["model"]["identity_region_values"]
     assert run["model"]["region_output_zero_init"]
     # The attention reads the regions before the slide context, from one head whose query and
-    # key start as the identity, with the text branch frozen at the patch encoder's text tower.
+    # key are held at the identity, with the text branch frozen at the patch encoder's text tower.
     assert run["model"]["local_region_attention"] and run["model"]["region_identity_qk"]
     assert not run["model"]["local_region_positions"]
     assert run["model"]["region_heads"] == 1 and run["model"]["qformer"]["depth"] == 1

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data_prep import extract_features
-from pathflip_jax import config_args, infer
+from pathflip_jax import config_args, heatmaps, infer
 from pathflip_jax.data import slides
 from tests import runs as runs_lib
 
@@ -131,3 +131,6 @@ def test_default_heatmap_method_is_the_runs_localization_method():
   no_evaluator = config_args.load_config("configs/pathflip_demo.py:size=test")
   assert [infer.default_heatmap_method(c) for c in (held, plain, chosen, no_evaluator)] == [
       "attention", "contribution", "attention", "contribution"]
+  # An evaluator that names no method scores with its own default, and so does infer.
+  unnamed = {"evals": {"loc": {"type": "localization"}}}
+  assert infer.default_heatmap_method(unnamed) == heatmaps.EVALUATOR_DEFAULT_METHOD

@@ -100,7 +100,7 @@ class Evaluator:
     self.froc = bool(config.get("froc", False))
     label_of = {demo_annotations.TISSUE_NAMES[c]: c for c in demo_annotations.CLASS_LABELS}
     self.labels = [label_of[q] for q in self.queries]
-    self.scorer = heatmaps.HeatmapScorer(config.get("method", "attention"))
+    self.scorer = heatmaps.HeatmapScorer(config.get("method", heatmaps.EVALUATOR_DEFAULT_METHOD))
     self.reference = config.get("reference", "")
     # The reference does not train: its metrics are computed once, at the first run.
     self._reference_metrics: dict[str, float] | None = None
