@@ -82,7 +82,7 @@ SIZES = {
 # The joint-space recipe's align args, the same at every size.
 JOINT_RECIPE = ("feature_shortcut=True,named_negatives=True,slide_weight=2,region_patches=1,"
                 "value_gate=True,zero_output=True,lock_text=True,identity_qk=True,"
-                "local_attention=True,attention_positions=False")
+                "local_attention=True,attention_positions=False,within_negatives=1")
 # Per size: (patch_clip args, align args beside the size's own and JOINT_RECIPE).
 JOINT = {
     "demo": ("total_steps=1920", "lr=1e-4"),

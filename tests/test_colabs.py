@@ -246,6 +246,8 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
     assert run["model"]["region_heads"] == 1 and run["model"]["qformer"]["depth"] == 1
     assert "^text_proj/" in run["optim"]["frozen"]
   assert recipe["evals"]["localization"]["method"] == "attention"
+  # A slide's own subcaptions naming disjoint tissues are negatives for each other's draws.
+  assert recipe["loss"]["within_slide_weight"] == 1.0
   trained = checkpointing.load_params(str(workdir / "joint" / "align"))
   # The match is held: query and key are still the identity after training.
   width = trained["region_attention/attention/q_kernel"].shape[0]
