@@ -306,3 +306,54 @@ def test_gemma_recipe_trains_only_lora_and_projector(align_run, tmp_path):
     np.testing.assert_array_equal(trained[f"decoder/{name}"], np.asarray(value), err_msg=name)
   lora_b = [k for k in trained if "lora" in k and k.endswith("/b")]
   assert lora_b and all(np.abs(trained[k]).max() > 0 for k in lora_b)   # zero at the start
+
+
+class _StripedTruth:
+  """Stands in for ``demo_annotations.CohortAnnotations``: a patch's "tissue fractions" are its
+  column and row on the slide (so a region's mean differs from any one patch's), and the slide's
+  index in its last column."""
+
+  def __init__(self):
+    self.seen = []
+
+  def tissue_fractions(self, slide_id, coords_n2, size):
+    self.seen.append(slide_id)
+    col, row = coords_n2[:, 0] / size, coords_n2[:, 1] / size
+    out = np.zeros((len(coords_n2), 6), np.float32)
+    out[:, 0], out[:, 1], out[:, 5] = col, row, len(self.seen)
+    return out
+
+
+def test_truth_tokens_are_each_regions_mean_fractions_in_place(align_run, tmp_path):
+  from pathflip_jax import sharding
+  from pathflip_jax.tasks import instruct as instruct_task
+  align_task, model = instruct_task.load_align_run(str(align_run / "align"), "")
+  mesh = sharding.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
+  visual = instruct_task.encode_visual_tokens(align_task, model, mesh, 8)
+  truth = _StripedTruth()
+  replaced = instruct_task.truth_visual_tokens(visual, align_task, truth)
+  per_region = align_task.example_config.region_patches
+  checked = 0
+  for split, slides in replaced.items():
+    source, examples = align_task.source(split), align_task.eval_examples(split)
+    for i, (before, after) in enumerate(zip(visual[split], slides)):
+      np.testing.assert_array_equal(after["positions"], before["positions"])
+      tokens_ve = after["tokens"]
+      scale = np.sqrt(tokens_ve.shape[1])
+      coords = np.asarray(source[i]["coords"])
+      size = source[i]["patch_size_level0"]
+      cells_n2 = coords // (size * per_region)       # the fixture's grids start at (0, 0)
+      valid = np.asarray(examples[i]["region_valid"], bool)
+      assert len(tokens_ve) == 1 + valid.sum()
+      for row, cell in enumerate(np.asarray(examples[i]["region_pos"])[valid], start=1):
+        members = (cells_n2 == cell).all(axis=1)
+        expected = np.array([coords[members, 0].mean() / size, coords[members, 1].mean() / size])
+        np.testing.assert_allclose(tokens_ve[row, :2] / scale, expected, rtol=1e-5)
+        assert tokens_ve[row, 6] == 0 and not tokens_ve[row, 7:].any()
+        checked += 1
+      assert tokens_ve[0, 6] == pytest.approx(scale)                # the slide token's marker
+      assert tokens_ve[0, 5] == pytest.approx(tokens_ve[1, 5])      # one slide, one index
+  assert checked > 20 and len(truth.seen) == sum(len(v) for v in visual.values())
+  with pytest.raises(FileNotFoundError, match="not a demo cohort"):
+    instruct_task.InstructTask(_instruct_config(align_run, f",truth_tokens={tmp_path}"),
+                               str(tmp_path / "w"))
