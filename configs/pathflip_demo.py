@@ -47,8 +47,8 @@ True: with ``feature_shortcut`` and without the identity start, the text-conditi
 attention's output projection starts at 0, ``PathFlipConfig.region_output_zero_init``; what
 ``quickstart --joint`` runs, beside ``value_gate``), ``within_negatives`` (0; W > 0, with
 ``named_negatives``: a slide's own subcaptions that name disjoint tissues are negatives, of
-weight W, against the embeddings each other drew, ``loss.within_slide_weight``; not in the paper
-nor in ``quickstart --joint``) and ``local_attention`` (False; True: the text-conditioned attention
+weight W, against the embeddings each other drew, ``loss.within_slide_weight``; not in the
+paper; ``quickstart --joint`` runs W=1 since the night of 2026-12-02) and ``local_attention`` (False; True: the text-conditioned attention
 reads each region token as it enters the slide-context Transformer, not as it leaves it,
 ``PathFlipConfig.local_region_attention``), ``lock_text`` (False; True, with ``text_init``: the
 Q-Former takes the text tower's shape, 1 layer with MLP ratio 4, and its text branch stays frozen
@@ -124,7 +124,10 @@ and their norms; the heatmap reads the attention weights) and ``attention_positi
 0.97 on seeds 0 / 7 / 8 / 9 / 10 / 11 and 0.92 on held-out seed 12, against 0.89 / 0.87 / 0.90
 / 0.87 / 0.83 / 0.93 / 0.92 without the region loss, which now reads the encoder's tokens
 through the same held attention instead of a flat map (README, "The match held at the
-identity").
+identity"). Adding ``within_negatives=1`` (``quickstart --joint`` since the night of 2026-12-02):
+0.94 / 0.89 / 0.91 / 0.92 / 0.89 / 0.96 / 0.92 on seeds 0 / 7-12 and 0.92 on held-out seed 13,
+against 0.89 / 0.87 / 0.90 / 0.87 / 0.83 / 0.93 / 0.92 / 0.90 without the region loss: never
+below it, level on seeds 8 and 12 (README, "Within-slide negatives with the held match").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,

@@ -140,10 +140,15 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
   encoder_text = ("" if encoder is None else
                   f" On these slides that patch encoder's own text alignment scores {encoder:.3f}"
                   " mean lesion AUROC.")
+  within = float(recipe_config.get("loss", {}).get("within_slide_weight") or 0.0)
+  negatives = ("a subcaption whose tissue the slide's own caption names is no negative for that "
+               "slide")
+  if within:
+    negatives += (f" while a slide's own subcaptions that name disjoint tissues are negatives "
+                  f"(weight {within:g}) for the embeddings each other's attention drew")
   return (["## Joint-space recipe and its region-loss ablation (`--joint`)", "",
            "Not the paper's model: slide and region tokens start in the joint image-text space "
-           f"of a patch encoder {longer} (W/joint/patch_clip), a subcaption whose "
-           "tissue the slide's own caption names is no negative for that slide, and regions "
+           f"of a patch encoder {longer} (W/joint/patch_clip), {negatives}, and regions "
            f"are {_region_side(recipe_config)} (the paper's model above: "
            f"{_region_side(paper_config)}). The text-conditioned attention's value and output "
            f"projections {values}.{encoder_text} Same test slides and prompts as above; the "

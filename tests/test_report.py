@@ -65,3 +65,18 @@ def test_joint_section_names_the_encoders_steps(tmp_path, steps, words):
       os.makedirs(tmp_path / name)
       (tmp_path / name / "config.json").write_text(json.dumps({"total_steps": total_steps}))
   assert words in "\n".join(report.joint_recipe_section(str(tmp_path), {}))
+
+
+@pytest.mark.parametrize("loss, words", [
+    ({"within_slide_weight": 1.0}, "no negative for that slide while a slide's own subcaptions "
+     "that name disjoint tissues are negatives (weight 1) for the embeddings each other's "
+     "attention drew, and regions"),
+    ({"within_slide_weight": 0.0}, "no negative for that slide, and regions"),
+    ({}, "no negative for that slide, and regions"),
+])
+def test_joint_section_names_within_slide_negatives(tmp_path, loss, words):
+  os.makedirs(tmp_path / "joint" / "align")
+  (tmp_path / "joint" / "align" / "results.json").write_text(
+      json.dumps({"localization/mean_lesion_auroc": 0.9}))
+  (tmp_path / "joint" / "align" / "config.json").write_text(json.dumps({"loss": loss}))
+  assert words in "\n".join(report.joint_recipe_section(str(tmp_path), {}))
