@@ -48,8 +48,9 @@ attention's output projection starts at 0, ``PathFlipConfig.region_output_zero_i
 ``quickstart --joint`` runs, beside ``value_gate``), ``within_negatives`` (0; W > 0, with
 ``named_negatives``: a slide's own subcaptions that name disjoint tissues are negatives, of
 weight W, against the embeddings each other drew, ``loss.within_slide_weight``; not in the
-paper; ``quickstart --joint`` runs W=1 since the night of 2026-12-02) and ``local_attention`` (False; True: the text-conditioned attention
-reads each region token as it enters the slide-context Transformer, not as it leaves it,
+paper; ``quickstart --joint`` runs W=1 since the night of 2026-12-02) and ``local_attention``
+(False; True: the text-conditioned attention reads each region token as it enters the
+slide-context Transformer, not as it leaves it,
 ``PathFlipConfig.local_region_attention``), ``lock_text`` (False; True, with ``text_init``: the
 Q-Former takes the text tower's shape, 1 layer with MLP ratio 4, and its text branch stays frozen
 at that tower, ``LOCKED_TEXT``) and ``identity_qk`` (False; True: one region head whose query and
