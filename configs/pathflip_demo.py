@@ -127,9 +127,10 @@ and their norms; the heatmap reads the attention weights) and ``attention_positi
 through the same held attention instead of a flat map (README, "The match held at the
 identity"). Adding ``within_negatives=1`` (``quickstart --joint`` since the night of 2026-12-02):
 0.94 / 0.89 / 0.91 / 0.92 / 0.89 / 0.96 / 0.92 on seeds 0 / 7-12 and 0.92 / 0.85 on held-out
-seeds 13 / 14 (0.849 on 14, its encoder's own 0.846), against 0.89 / 0.87 / 0.90 / 0.87 / 0.83
-/ 0.93 / 0.92 / 0.90 / 0.81 without the region loss: never below it, level on seeds 8 and 12
-(README, "Within-slide negatives with the held match").
+seeds 13 / 14 (0.849 on 14, its encoder's own 0.846), against 0.89 / 0.87 / 0.90 / 0.87 /
+0.83 / 0.93 / 0.92 / 0.90 / 0.81 without the region loss: never below it, level on seeds 8 and
+12; on held-out seed 15 0.79 against 0.80 without the region loss (README, "Within-slide
+negatives with the held match").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
