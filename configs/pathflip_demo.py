@@ -129,7 +129,7 @@ identity"). Adding ``within_negatives=1`` (``quickstart --joint`` since the nigh
 0.94 / 0.89 / 0.91 / 0.92 / 0.89 / 0.96 / 0.92 on seeds 0 / 7-12 and 0.92 / 0.85 on held-out
 seeds 13 / 14 (0.849 on 14, its encoder's own 0.846), against 0.89 / 0.87 / 0.90 / 0.87 /
 0.83 / 0.93 / 0.92 / 0.90 / 0.81 without the region loss: never below it, level on seeds 8 and
-12; on held-out seed 15 0.79 against 0.80 without the region loss (README, "Within-slide
+12; on held-out seed 15 0.793 against 0.796 without the region loss (README, "Within-slide
 negatives with the held match").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to

@@ -61,12 +61,12 @@ beside the test suite, and 1310 s, on 2 cores), on cohorts no choice saw; the pa
 scores 0.636 and 0.671 there. On seed 14 the recipe misses 0.85 by 0.001 (0.867 and 0.831
 with training seeds 1 and 2), where its encoder aligns at 0.846. Seed 15, also held out (stages
 1-2 and 8-11), misses it by 0.057 and is 0.003 below its ablation: the recipe does not reach
-0.85 on every cohort. The region loss adds 0.017-0.064 on seven of the
-nine cohorts and is level (within 0.002) on seeds 8 and 12; with training seed 1 it adds 0.002
-and 0.028 there. The heatmap stays within 0.06 of its encoder's own alignment. Zero-shot
-diagnosis is lower than without the frozen text branch (chance 0.25): the slide loss moves only
-the image side, and ``--joint`` is for localization. The 1920-step encoder takes 11-26 min of
-the command on 2 cores.
+0.85 on every cohort. On the other nine the region loss adds 0.017-0.064 on seven and is level
+(within 0.002) on seeds 8 and 12; with training seed 1 it adds 0.002 and 0.028 there. The
+heatmap stays within 0.06 of its encoder's own alignment. Zero-shot diagnosis is lower than
+without the frozen text branch (chance 0.25): the slide loss moves only the image side, and
+``--joint`` is for localization. The 1920-step encoder takes 11-26 min of the command on 2
+cores.
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
