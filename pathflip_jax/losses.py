@@ -25,13 +25,18 @@ AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def contrastive_loss(image_bd: jax.Array, text_bd: jax.Array, scale: jax.Array,
-                     text_ids_b: jax.Array | None = None, label_smoothing: float = 0.0
+                     text_ids_b: jax.Array | None = None, label_smoothing: float = 0.0,
+                     group_ids_b: jax.Array | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric InfoNCE between unit-norm image and text embeddings (CLIP).
 
   ``text_ids_b`` marks pairs that share the same text: every image whose text is identical to
   text j counts text j as a positive (the target spreads evenly over them), instead of pushing
   away from its own caption's duplicates. Many demo patches share one region's sentence.
+
+  ``group_ids_b`` (optional) marks pairs that are neither positives nor negatives: an image and
+  a text of the same group but different texts leave each other's softmax (e.g. two sentences
+  that describe the same tissue type are no negatives for each other's patches).
 
   Returns the loss and metrics: ``i2t_accuracy``/``t2i_accuracy`` (argmax hits a positive).
   """
@@ -41,6 +46,9 @@ def contrastive_loss(image_bd: jax.Array, text_bd: jax.Array, scale: jax.Array,
     positive_bb = jnp.eye(b, dtype=bool)
   else:
     positive_bb = text_ids_b[:, None] == text_ids_b[None, :]
+  if group_ids_b is not None:
+    ignored_bb = (group_ids_b[:, None] == group_ids_b[None, :]) & ~positive_bb
+    logits_bb = jnp.where(ignored_bb, -1e9, logits_bb)
   targets_bb = positive_bb / positive_bb.sum(axis=1, keepdims=True)
   if label_smoothing:
     targets_bb = (1.0 - label_smoothing) * targets_bb + label_smoothing / b

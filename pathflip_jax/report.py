@@ -131,11 +131,14 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
   if {"^qformer/token_embed$", "^text_proj/"} <= frozen:
     values += ("; the Q-Former's text branch stays frozen at the patch encoder's text tower "
                "(config arg lock_text)")
-  encoder_steps = _load(os.path.join(workdir, "joint", "patch_clip", "config.json")).get(
-      "total_steps")
+  encoder_config = _load(os.path.join(workdir, "joint", "patch_clip", "config.json"))
+  encoder_steps = encoder_config.get("total_steps")
   default_steps = _load(os.path.join(workdir, "patch_clip", "config.json")).get("total_steps")
   longer = (f"trained {encoder_steps} steps instead of {default_steps}"
             if encoder_steps and default_steps else "trained longer")
+  if encoder_config.get("tissue_negatives") is False:
+    longer += (", where two sentences that describe one tissue type are no negatives for each "
+               "other's patches (config arg tissue_negatives=False)")
   encoder = recipe.get("localization/reference/mean_lesion_auroc")
   encoder_text = ("" if encoder is None else
                   f" On these slides that patch encoder's own text alignment scores {encoder:.3f}"

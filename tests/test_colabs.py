@@ -213,6 +213,15 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   assert (workdir / "instruct" / "results.json").exists()
 
 
+def test_readme_by_hand_joint_commands_match_the_quickstart():
+  """README's by-hand commands for the joint recipe carry the args ``--joint`` runs."""
+  readme = (COLABS.parent / "README.md").read_text()
+  block = readme[readme.index("By hand (what `quickstart --joint` runs"):]
+  block = block[:block.index("```\n\n")]
+  assert f"{quickstart.JOINT_RECIPE},{quickstart.JOINT['demo'][1]} " in block
+  assert f"patches_dir=W/patches,{quickstart.JOINT['demo'][0]} " in block
+
+
 def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, capsys):
   """``--joint`` on a finished workdir runs only its four stages (a longer patch encoder, its
   features, the recipe and the recipe without the region loss) and the report, which then
@@ -262,6 +271,9 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   patch_steps = json.load(open(workdir / "patch_clip" / "config.json"))["total_steps"]
   joint_steps = json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["total_steps"]
   assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 1920 against 240)
+  # Only the joint encoder lets sentences of one tissue type leave each other's softmax.
+  assert json.load(open(workdir / "patch_clip" / "config.json"))["tissue_negatives"]
+  assert not json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["tissue_negatives"]
 
   report = (workdir / "REPORT.md").read_text()
   assert "## Joint-space recipe and its region-loss ablation (`--joint`)" in report
@@ -271,6 +283,7 @@ def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, c
   assert "with one head whose query and key projections are held at the identity" in report
   assert "(the region's own patches, without its place), not as it leaves it" in report
   assert "text branch stays frozen at the patch encoder's text tower" in report
+  assert "two sentences that describe one tissue type are no negatives for each other's" in report
   assert re.search(r"that patch encoder's own text alignment scores [01]\.\d{3} mean lesion",
                    report)
   # recipe, ablation, the paper's model, chance.

@@ -54,6 +54,24 @@ def test_contrastive_loss_counts_shared_texts_as_positives():
   assert float(m["i2t_accuracy"]) == 1.0 and float(plain["i2t_accuracy"]) == 0.75
 
 
+def test_contrastive_loss_groups_leave_each_others_softmax():
+  # Images 0 and 1 show one tissue under two different sentences (texts 0 and 1).
+  image = jnp.array([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1.0]])
+  text = jnp.array([[0.6, 0.8, 0], [0.8, 0.6, 0], [0, 0, 1.0]])
+  ids, scale = jnp.array([0, 1, 2]), jnp.float32(10.0)
+  plain, _ = losses.contrastive_loss(image, text, scale, ids)
+  grouped, _ = losses.contrastive_loss(image, text, scale, ids, group_ids_b=jnp.array([5, 5, 7]))
+  # By hand: the same InfoNCE with the cross-sentence pairs (0, 1) and (1, 0) left out.
+  logits = np.asarray(scale * (image @ text.T), np.float64)
+  logits[0, 1] = logits[1, 0] = -np.inf
+  lse_rows = np.log(np.exp(logits).sum(1))
+  lse_cols = np.log(np.exp(logits).sum(0))
+  diag = np.diag(logits)
+  expected = 0.5 * (np.mean(lse_rows - diag) + np.mean(lse_cols - diag))
+  np.testing.assert_allclose(float(grouped), expected, rtol=1e-5)
+  assert float(grouped) < float(plain)   # the same-tissue sentence was a costly negative
+
+
 def _fake_cohort(root):
   """One 8x8-mask-pixel slide: left half stroma (region r1), right half tumour (region r2)."""
   masks = root / "masks"

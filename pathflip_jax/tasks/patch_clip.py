@@ -7,7 +7,8 @@ cohort's train split; evaluators score the val split.
 
 Config keys read here (see ``configs/patch_clip_demo.py``): ``cohort_dir``, ``patches_dir``,
 ``tokenizer`` ("" trains one on the cohort's text into the workdir), ``vocab_size``,
-``text_len``, ``min_purity``, ``min_patches_per_text``, ``augment.*``, ``model.*``.
+``text_len``, ``min_purity``, ``min_patches_per_text``, ``tissue_negatives``, ``augment.*``,
+``model.*``.
 """
 
 from __future__ import annotations
@@ -209,7 +210,12 @@ class PatchClipTask:
   def loss(self, model: patch_clip.PatchClip, batch: dict[str, jax.Array], rng: jax.Array):
     del rng  # no dropout
     image, text, scale = model(batch["image"], batch["tokens"])
-    loss, metrics = losses.contrastive_loss(image, text, scale, batch["text_id"])
+    # The demo's sentences describe six tissue types in many wordings. With tissue_negatives
+    # False two rows of one tissue type (each patch's label) but different sentences are no
+    # negatives for each other, so the towers learn the tissue rather than the wording.
+    groups = None if self.config.get("tissue_negatives", True) else batch["label"]
+    loss, metrics = losses.contrastive_loss(image, text, scale, batch["text_id"],
+                                            group_ids_b=groups)
     return loss, {**metrics, "temperature": 1.0 / scale}
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
