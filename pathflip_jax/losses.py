@@ -46,14 +46,26 @@ def contrastive_loss(image_bd: jax.Array, text_bd: jax.Array, scale: jax.Array,
     positive_bb = jnp.eye(b, dtype=bool)
   else:
     positive_bb = text_ids_b[:, None] == text_ids_b[None, :]
+  kept_bb = None
   if group_ids_b is not None:
-    ignored_bb = (group_ids_b[:, None] == group_ids_b[None, :]) & ~positive_bb
-    logits_bb = jnp.where(ignored_bb, -1e9, logits_bb)
-  targets_bb = positive_bb / positive_bb.sum(axis=1, keepdims=True)
-  if label_smoothing:
-    targets_bb = (1.0 - label_smoothing) * targets_bb + label_smoothing / b
-  i2t = -jnp.sum(targets_bb * jax.nn.log_softmax(logits_bb, axis=1), axis=1)
-  t2i = -jnp.sum(targets_bb.T * jax.nn.log_softmax(logits_bb, axis=0).T, axis=1)
+    kept_bb = (group_ids_b[:, None] != group_ids_b[None, :]) | positive_bb
+    logits_bb = jnp.where(kept_bb, logits_bb, -1e9)
+
+  def targets(positive_xy: jax.Array, kept_xy: jax.Array | None) -> jax.Array:
+    """Each row's target distribution; smoothing mass only on the pairs its softmax keeps
+    (mass on a pair that left it would meet its -1e9 log-probability)."""
+    target_xy = positive_xy / positive_xy.sum(axis=1, keepdims=True)
+    if not label_smoothing:
+      return target_xy
+    if kept_xy is None:
+      return (1.0 - label_smoothing) * target_xy + label_smoothing / b
+    return ((1.0 - label_smoothing) * target_xy
+            + label_smoothing * kept_xy / kept_xy.sum(axis=1, keepdims=True))
+
+  kept_t = None if kept_bb is None else kept_bb.T
+  i2t = -jnp.sum(targets(positive_bb, kept_bb) * jax.nn.log_softmax(logits_bb, axis=1), axis=1)
+  t2i = -jnp.sum(targets(positive_bb.T, kept_t) * jax.nn.log_softmax(logits_bb, axis=0).T,
+                 axis=1)
   loss = 0.5 * (i2t.mean() + t2i.mean())
   hit_i2t = jnp.take_along_axis(positive_bb, jnp.argmax(logits_bb, axis=1)[:, None], 1)
   hit_t2i = jnp.take_along_axis(positive_bb.T, jnp.argmax(logits_bb, axis=0)[:, None], 1)

@@ -72,6 +72,25 @@ def test_contrastive_loss_groups_leave_each_others_softmax():
   assert float(grouped) < float(plain)   # the same-tissue sentence was a costly negative
 
 
+def test_contrastive_loss_groups_with_label_smoothing_spread_over_kept_pairs():
+  image = jnp.array([[1.0, 0, 0], [0.8, 0.6, 0], [0, 0, 1.0]])
+  text = jnp.array([[0.6, 0.8, 0], [0.8, 0.6, 0], [0, 0, 1.0]])
+  ids, scale, smoothing = jnp.array([0, 1, 2]), jnp.float32(10.0), 0.1
+  grouped, _ = losses.contrastive_loss(image, text, scale, ids, label_smoothing=smoothing,
+                                       group_ids_b=jnp.array([5, 5, 7]))
+  # By hand: pairs (0, 1) and (1, 0) leave the softmax and get no smoothing mass; each row's
+  # mass spreads over the entries it keeps (2, 2 and 3 of them).
+  logits = np.asarray(scale * (image @ text.T), np.float64)
+  kept = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 1]], bool)
+  logits[~kept] = -np.inf
+  targets = (1 - smoothing) * np.eye(3) + smoothing * kept / kept.sum(1, keepdims=True)
+  log_p_rows = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  log_p_cols = logits - np.log(np.exp(logits).sum(0, keepdims=True))
+  i2t = -np.sum(np.where(kept, targets * log_p_rows, 0.0), 1)
+  t2i = -np.sum(np.where(kept.T, targets * log_p_cols.T, 0.0), 1)
+  np.testing.assert_allclose(float(grouped), 0.5 * (i2t.mean() + t2i.mean()), rtol=1e-5)
+
+
 def _fake_cohort(root):
   """One 8x8-mask-pixel slide: left half stroma (region r1), right half tumour (region r2)."""
   masks = root / "masks"
