@@ -56,11 +56,11 @@ the test splits (2026-12-03, one 2-core machine; runs are bit-identical on one m
 
 "Recipe before" is the same recipe on an encoder that counted every other sentence as a
 negative (``quickstart --joint`` until 2026-12-02; 0.886-0.956 on seeds 0 and 7-12, 0.919 on
-held-out seed 13). Seeds 16 and 17 are cohorts no choice saw. 0.85 holds on all eight; the region loss adds 0.004-0.041 on six and is
-0.004 and 0.005 below its ablation on seeds 15 and 16. The heatmap stays
-within 0.03 of its encoder's own alignment. Zero-shot diagnosis (chance 0.25) comes from 11-13
-test slides; ``--joint`` is for localization. The 1920-step encoder takes 11-49 min of the command on
-2 cores.
+held-out seed 13). Seeds 16 and 17 are cohorts no choice saw. 0.85 holds on all eight; the
+region loss adds 0.004-0.041 on six and is 0.004 and 0.005 below its ablation on seeds 15 and
+16. The heatmap stays within 0.03 of its encoder's own alignment. Zero-shot diagnosis (chance
+0.25) comes from 11-13 test slides; ``--joint`` is for localization. The 1920-step encoder
+takes 11-49 min of the command on 2 cores.
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
