@@ -36,8 +36,8 @@ value and output projections start at random, as in the paper, instead of at the
 ``slide_shortcut`` (True; False: with ``feature_shortcut``, the region tokens only) and
 ``named_negatives`` (False; True: a subcaption whose tissue words, ``NEGATIVE_LEXICON``, the
 slide's own caption names too is no negative for that slide; not in the paper),
-``slide_weight`` (1.0: the slide loss's weight beside the region loss's 1) and
-``region_patches`` (2: regions of 2 x 2 patches; 1: single-patch regions, which the
+``slide_weight`` (1.0: the slide loss's weight), ``region_weight`` (1.0: the region loss's)
+and ``region_patches`` (2: regions of 2 x 2 patches; 1: single-patch regions, which the
 joint-space recipe of ``quickstart --joint`` uses), ``value_gate`` (False; True: with
 ``feature_shortcut``, the value path starts at random as in the paper, beside the identity path
 behind a per-head gate that starts at 0, ``PathFlipConfig.region_value_gate``; overrides
@@ -227,7 +227,8 @@ def get_config(arg: str | None = None):
       eval_split="test",
       slide_loss=True, region_loss=True, region_attention=True, cohort_dir="",
       heatmap_method="", probe_label="", reference="", feature_shortcut=False,
-      slide_shortcut=True, named_negatives=False, slide_weight=1.0, region_patches=2,
+      slide_shortcut=True, named_negatives=False, slide_weight=1.0, region_weight=1.0,
+      region_patches=2,
       identity_values=True, value_gate=False, gate_lr=1000.0, zero_output=False,
       within_negatives=0.0, local_attention=False, lock_text=False, identity_qk=False,
       attention_positions=True)
@@ -309,7 +310,8 @@ def get_config(arg: str | None = None):
     raise ValueError(f"config arg within_negatives={args.within_negatives} needs "
                      "named_negatives=True: the pairs it adds are told apart by the subcaptions' "
                      "tissue words")
-  config.loss = dict(slide_weight=float(args.slide_weight), region_weight=1.0, temperature=0.1,
+  config.loss = dict(slide_weight=float(args.slide_weight),
+                     region_weight=float(args.region_weight), temperature=0.1,
                      label_smoothing=0.1, within_slide_weight=float(args.within_negatives))
 
   config.total_steps = args.total_steps

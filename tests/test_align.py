@@ -193,6 +193,21 @@ def test_ablations_run_from_the_same_config(features_dir, tmp_path):
   assert task.model_config.region_attention is False
 
 
+def test_loss_weights_scale_the_logged_losses(features_dir, tmp_path):
+  """config args slide_weight and region_weight: train/loss is their weighted sum."""
+  config = _config(features_dir, ",slide_weight=2,region_weight=3,total_steps=2,log_steps=2,"
+                                 "eval_split=")
+  assert (config.loss.slide_weight, config.loss.region_weight) == (2.0, 3.0)
+  assert _config(features_dir).loss.region_weight == 1.0
+  train.train_and_evaluate(config, str(tmp_path / "w"))
+  rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+  row = next(r for r in rows if "train/loss" in r)
+  assert row["train/region_loss"] > 0 and row["train/slide_loss"] > 0
+  np.testing.assert_allclose(row["train/loss"],
+                             2 * row["train/slide_loss"] + 3 * row["train/region_loss"],
+                             rtol=1e-5)
+
+
 def test_sentences_come_from_a_decompose_captions_file(features_dir, tmp_path):
   path = tmp_path / "sentences.jsonl"
   with open(path, "w") as f:
