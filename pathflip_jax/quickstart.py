@@ -61,9 +61,9 @@ negative (``quickstart --joint`` until 2026-12-02; 0.886-0.956 on seeds 0 and 7-
 held-out seed 13). Seeds 16-19 are cohorts no choice saw. 0.85 holds on all ten; the region
 loss adds 0.004-0.041 on six and is 0.004-0.009 below its ablation on seeds 15, 16, 18 and 19,
 less than one training seed moves either (up to 0.019; README, "How much one training seed
-moves it"). The heatmap stays within 0.04 of its encoder's own alignment. Zero-shot diagnosis (chance
-0.25) comes from 11-13 test slides; ``--joint`` is for localization. The 1920-step encoder
-takes 11-49 min of the command on 2 cores.
+moves it"). The heatmap stays within 0.04 of its encoder's own alignment. Zero-shot
+diagnosis (chance 0.25) comes from 11-13 test slides; ``--joint`` is for localization. The
+1920-step encoder takes 11-49 min of the command on 2 cores.
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
