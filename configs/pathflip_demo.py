@@ -59,7 +59,11 @@ key projections are the identity and stay so, frozen with the layer norms before
 False, with ``local_attention``: the attention reads each region's own pooled patches without
 its position embedding, ``PathFlipConfig.local_region_positions``); the last four are
 not in the paper, and ``quickstart --joint`` runs them since 2026-12-02 (README, "The joint space
-kept").
+kept"). ``max_sentences`` (3, the paper's rule: a training subcaption is a run or a random pick
+of 1 to ``max_sentences`` of the caption's sentences, ``captions.sample_subcaption_indices``;
+subcaptions are cut at 64 tokens, about two of the demo's sentences; with ``quickstart --joint``
+one-sentence subcaptions lowered localization on all five cohorts tried, README "Also tried on
+the cohorts where the ablation wins").
 
 Model: the paper's, narrowed. A 2-layer Q-Former (width 128, 8 queries, cross-attention into the
 patches in layer 0) reads each slide's patch features (all of them: slide token; each region of
@@ -231,7 +235,7 @@ def get_config(arg: str | None = None):
       region_patches=2,
       identity_values=True, value_gate=False, gate_lr=1000.0, zero_output=False,
       within_negatives=0.0, local_attention=False, lock_text=False, identity_qk=False,
-      attention_positions=True)
+      attention_positions=True, max_sentences=3)
   config = config_args.ml_collections.ConfigDict()
   config.stage = "align"
   config.seed = args.seed
@@ -248,12 +252,15 @@ def get_config(arg: str | None = None):
   config.tokenizer_type = "bpe"
   config.dtype = "float32"
 
+  if args.max_sentences < 1:
+    raise ValueError(f"config arg max_sentences={args.max_sentences}: expected >= 1")
   if args.region_patches < 1:
     raise ValueError(f"config arg region_patches={args.region_patches}: expected >= 1")
   # Evaluation keeps up to 256 patches' worth of regions per slide, whatever their size.
   config.data = dict(region_patches=args.region_patches, num_regions=24,
                      eval_num_regions=max(1, 256 // args.region_patches ** 2),
-                     num_subcaptions=8, max_sentences=3, caption_len=192, subcaption_len=64,
+                     num_subcaptions=8, max_sentences=args.max_sentences, caption_len=192,
+                     subcaption_len=64,
                      buckets=(64, 256, 1024, 4096, 16384, 65536), max_patches=65536,
                      patch_dropout=0.1,
                      negative_lexicon=NEGATIVE_LEXICON if args.named_negatives else {})

@@ -208,6 +208,27 @@ def test_loss_weights_scale_the_logged_losses(features_dir, tmp_path):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_sentences", [1, 3])
+def test_max_sentences_bounds_the_training_subcaptions(features_dir, tmp_path, max_sentences):
+  """config arg max_sentences: every sampled subcaption is 1..max_sentences caption sentences,
+  and the longest ones are drawn (the test captions have three sentences)."""
+  config = _config(features_dir, f",max_sentences={max_sentences}")
+  task = align.AlignTask(config, str(tmp_path / "w"))
+  sample = task.train_transform()
+  rng = np.random.default_rng(0)
+  counts = set()
+  for i in range(4):
+    example = sample.random_map(task.train_source()[i], rng)
+    for tokens in example["subcaptions"]:
+      counts.add(task.tokenizer.decode(tokens).count(". ") + 1)
+  assert counts == set(range(1, max_sentences + 1))
+
+
+def test_max_sentences_must_be_positive():
+  with pytest.raises(ValueError, match="max_sentences=0"):
+    pathflip_demo.get_config("max_sentences=0")
+
+
 def test_sentences_come_from_a_decompose_captions_file(features_dir, tmp_path):
   path = tmp_path / "sentences.jsonl"
   with open(path, "w") as f:
