@@ -136,9 +136,10 @@ seeds 13 / 14 (0.849 on 14, its encoder's own 0.846), against 0.89 / 0.87 / 0.90
 12; on held-out seed 15 0.793 against 0.796 without the region loss (README, "Within-slide
 negatives with the held match"). On the features of a patch encoder trained with
 ``tissue_negatives=False`` (``quickstart --joint`` since 2026-12-03): 0.95 / 0.94 / 0.92 / 0.96
-/ 0.92 / 0.94 on seeds 0 / 7 / 8 / 12 / 14 / 15 and 0.89 / 0.96 on held-out seeds 16 / 17,
-against 0.94 / 0.90 / 0.91 / 0.94 / 0.92 / 0.94 / 0.89 / 0.93 without the region loss (README,
-"Same-tissue sentences are no negatives").
+/ 0.92 / 0.94 on seeds 0 / 7 / 8 / 12 / 14 / 15 and 0.89 / 0.96 / 0.93 / 0.88 / 0.95 / 0.93
+on held-out seeds 16-21, against 0.94 / 0.90 / 0.91 / 0.94 / 0.92 / 0.94 / 0.89 / 0.93 / 0.93 /
+0.89 / 0.91 / 0.93 without the region loss: lower on eight of the twelve (README, "Same-tissue
+sentences are no negatives").
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,

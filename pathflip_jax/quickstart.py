@@ -55,12 +55,14 @@ the test splits (2026-12-03, one 2-core machine; runs are bit-identical on one m
   --seed 17 (held out)  0.957   0.928              0.937          0.79       -
   --seed 18 (held out)  0.925   0.934              0.931          0.75       -
   --seed 19 (held out)  0.884   0.893              0.916          0.65       -
+  --seed 20 (held out)  0.946   0.906              0.953          0.12       -
+  --seed 21 (held out)  0.930   0.929              0.941          0.88       -
 
 "Recipe before" is the same recipe on an encoder that counted every other sentence as a
 negative (``quickstart --joint`` until 2026-12-02; 0.886-0.956 on seeds 0 and 7-12, 0.919 on
-held-out seed 13). Seeds 16-19 are cohorts no choice saw. 0.85 holds on all ten; the region
-loss adds 0.004-0.041 on six and is 0.004-0.009 below its ablation on seeds 15, 16, 18 and 19,
-less than one training seed moves either (up to 0.019; README, "How much one training seed
+held-out seed 13). Seeds 16-21 are cohorts no choice saw. 0.85 holds on all twelve; the region
+loss adds 0.001-0.041 on eight and is 0.004-0.009 below its ablation on seeds 15, 16, 18 and 19,
+less than one training seed moves either (up to 0.022; README, "How much one training seed
 moves it"). The heatmap stays within 0.04 of its encoder's own alignment. Zero-shot
 diagnosis (chance 0.25) comes from 11-13 test slides; ``--joint`` is for localization. The
 1920-step encoder takes 11-49 min of the command on 2 cores.
