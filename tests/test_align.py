@@ -214,11 +214,11 @@ def test_max_sentences_bounds_the_training_subcaptions(features_dir, tmp_path, m
   and the longest ones are drawn (the test captions have three sentences)."""
   config = _config(features_dir, f",max_sentences={max_sentences}")
   task = align.AlignTask(config, str(tmp_path / "w"))
-  sample = task.train_transform()
+  sample, source = task.train_transform(), task.train_source()
   rng = np.random.default_rng(0)
   counts = set()
   for i in range(4):
-    example = sample.random_map(task.train_source()[i], rng)
+    example = sample.random_map(source[i], rng)
     for tokens in example["subcaptions"]:
       counts.add(task.tokenizer.decode(tokens).count(". ") + 1)
   assert counts == set(range(1, max_sentences + 1))
