@@ -12,9 +12,9 @@ Pipeline and command (2 CPU cores; ``W`` is the workdir):
 Args (``--config configs/patch_clip_demo.py:key=value,...``): ``cohort_dir``, ``patches_dir``
 (defaults: runs/demo/cohort and runs/demo/patches), ``total_steps``, ``batch_size``, ``lr``,
 ``workers``, ``size`` (``demo`` or ``test``: a tiny model for the test suite), ``eval_split``
-(``val``; ``test`` for the held-out numbers), ``tissue_negatives`` (True; False: two sentences
-that describe the same tissue type are no negatives for each other's patches, what
-``quickstart --joint`` trains its 1920-step encoder with; README, "Same-tissue sentences are no
+(``val``; ``test`` for the held-out numbers), ``tissue_negatives`` (True; False: two sentences that
+describe the same tissue type are no negatives for each other's patches, what ``quickstart --joint``
+trains its 1920-step encoder with; docs/experiments/localization.md, "Same-tissue sentences are no
 negatives").
 
 A ViT (224-px input: the 256-px, 0.5 µm/px patches cropped and resized; 32-px tokens, 49 of
@@ -33,15 +33,14 @@ Expected (default 48-slide cohort, seed 0; measured on 2 CPU cores: 9 min 20 s w
   majority class 0.509
   zero-shot from prompts: balanced accuracy 0.734 (chance 0.20), accuracy 0.457
 Benign glands are the hard class for the probe (1 of 12 val patches right): they share stroma's
-pink; the class token only starts to separate them late in the run. With ``total_steps=960``
-(4 min 18 s on a later 2-core machine, against ~1 min for 240 there): linear probe 0.983
-(balanced 0.97), zero-shot balanced accuracy 0.78 (accuracy 0.84), and the encoder's own
-text-prompted lesion localization 0.95 on the test split (0.79 at 240 steps). PathFLIP trained
-on those features does not localize better (README, "Heatmaps, localization and evaluation"), so the
-quickstart keeps 240. With ``total_steps=1920`` (``quickstart --joint``) zero-shot balanced
-accuracy is 0.685 on the val splits of seeds 14 and 15, and 0.74-1.00 on eight cohorts with
-``tissue_negatives=False`` (0.983 and 0.953 on seeds 14 and 15; README, "Same-tissue sentences
-are no negatives").
+pink; the class token only starts to separate them late in the run. With ``total_steps=960`` (4 min
+18 s on a later 2-core machine, against ~1 min for 240 there): linear probe 0.983 (balanced 0.97),
+zero-shot balanced accuracy 0.78 (accuracy 0.84), and the encoder's own text-prompted lesion
+localization 0.95 on the test split (0.79 at 240 steps). PathFLIP trained on those features does not
+localize better (README, "Heatmaps, localization and evaluation"), so the quickstart keeps 240. With
+``total_steps=1920`` (``quickstart --joint``) zero-shot balanced accuracy is 0.685 on the val splits
+of seeds 14 and 15, and 0.74-1.00 on eight cohorts with ``tissue_negatives=False`` (0.983 and 0.953
+on seeds 14 and 15; docs/experiments/localization.md, "Same-tissue sentences are no negatives").
 """
 
 from pathflip_jax import config_args

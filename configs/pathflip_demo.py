@@ -57,13 +57,14 @@ at that tower, ``LOCKED_TEXT``) and ``identity_qk`` (False; True: one region hea
 key projections are the identity and stay so, frozen with the layer norms before them,
 ``PathFlipConfig.region_identity_qk`` and ``HELD_MATCH``) and ``attention_positions`` (True;
 False, with ``local_attention``: the attention reads each region's own pooled patches without
-its position embedding, ``PathFlipConfig.local_region_positions``); the last four are
-not in the paper, and ``quickstart --joint`` runs them since 2026-12-02 (README, "The joint space
-kept"). ``max_sentences`` (3, the paper's rule: a training subcaption is a run or a random pick
-of 1 to ``max_sentences`` of the caption's sentences, ``captions.sample_subcaption_indices``;
-subcaptions are cut at 64 tokens, about two of the demo's sentences; with ``quickstart --joint``
-one-sentence subcaptions lowered localization on all five cohorts tried, README "Also tried on
-the cohorts where the ablation wins").
+its position embedding, ``PathFlipConfig.local_region_positions``); the last four are not in the
+paper, and ``quickstart --joint`` runs them since 2026-12-02 (docs/experiments/localization.md, "The
+joint space kept"). ``max_sentences`` (3, the paper's rule: a training subcaption is a run or a
+random pick of 1 to ``max_sentences`` of the caption's sentences,
+``captions.sample_subcaption_indices``; subcaptions are cut at 64 tokens, about two of the demo's
+sentences; with ``quickstart --joint`` one-sentence subcaptions lowered localization on all five
+cohorts tried, docs/experiments/localization.md, "Also tried on the cohorts where the ablation
+wins").
 
 Model: the paper's, narrowed. A 2-layer Q-Former (width 128, 8 queries, cross-attention into the
 patches in layer 0) reads each slide's patch features (all of them: slide token; each region of
@@ -78,10 +79,10 @@ Measured (default 48-slide cohort, seed 0, features from configs/patch_clip_demo
 later one. Test split, 13 slides: zero-shot diagnosis balanced accuracy 0.88 with seed=0, 0.81
 with seed=1 (chance 0.25, majority class 0.31), macro AUC 0.94 / 0.86; slide -> caption R@1
 0.23 / 0.15 (chance 0.077), R@5 0.69 / 0.77 (chance 0.38). The errors are carcinoma vs carcinoma
-with necrosis (necrosis covers 1-5 patches of a demo slide). lr 3e-4 was chosen on cohorts made
-with --seed 1 and 2 and on seed 0's val split, two training seeds each: mean zero-shot 0.76
-(0.50-1.00 over the six runs) against 0.63 with 1e-3 (README, "Stage align"; measured before
-the region attention's text queries were layer-normed).
+with necrosis (necrosis covers 1-5 patches of a demo slide). lr 3e-4 was chosen on cohorts made with
+--seed 1 and 2 and on seed 0's val split, two training seeds each: mean zero-shot 0.76 (0.50-1.00
+over the six runs) against 0.63 with 1e-3 (README, "Alignment (PathFLIP)"; measured before the
+region attention's text queries were layer-normed).
 
 Localization (``cohort_dir=runs/demo/cohort``; or afterwards ``python -m pathflip_jax.evaluate
 --config <same config> --workdir W``), seed 0, test split, patch-level AUROC per slide (chance
@@ -91,55 +92,11 @@ lean away from the queried tissue); the ``region_loss=False`` ablation 0.43. Met
 were chosen on the val split. Lesion FROC (mean sensitivity at 1/4-8 false positives per
 slide): 0.36, against 0.15 without the region loss. For scale, ``reference=runs/demo/patch_clip``
 (the patch encoder's own text alignment, trained with patch-level supervision): 0.79, FROC 0.67.
-With features of a 960-step patch encoder and ``text_init=<that run>,feature_shortcut=True,
-lr=1e-4``: 0.855, but 0.857 without the region loss and 0.89 at initialisation, and zero-shot
-diagnosis 0.75; adding ``named_negatives=True``: 0.873 (0.91 with ``slide_shortcut=False``);
-with ``named_negatives=True,slide_weight=2`` 0.896 against 0.854 without the region loss (and
-above its ablation on the three dev runs too), zero-shot still 0.75; on a held-out cohort
-(``quickstart --seed 3 --joint``) 0.81 against 0.85 without the region loss, on ``--seed 4``
-0.82 against 0.73 (README, "Starting
-from the patch encoder's joint space"). With ``region_patches=1`` as well: 0.93 / 0.90 / 0.93
-/ 0.88 / 0.88 on the seed 0 / 3 / 4 / 5 / 6 test splits,
-but 0.95 / 0.81 / 0.93 / 0.90 / 0.73 without the region loss; with
-``identity_values=False`` too (the value path from scratch, as in the paper) 0.89 / 0.91 / 0.76
-/ 0.79 on seeds 0 / 3 / 5 / 6, and 0.31-0.57 without the region loss (README, "The value path
-from scratch"); with ``value_gate=True`` instead (random start plus the identity path behind a
-gate that starts at 0; ``quickstart --joint`` since 2026-12-01) 0.94 / 0.93 / 0.91 / 0.88 / 0.80
-on seeds 0 / 3 / 4 / 5 / 6, against 0.57 / 0.53 / 0.69 / 0.31 / 0.51 without the region loss
-(the same as from scratch: the gate stays shut; README, "The identity path behind a shut
-gate"); with ``zero_output=True`` as well (``quickstart --joint`` since the night of 2026-12-01)
-0.90 / 0.91 / 0.91 / 0.89 / 0.87 on seeds 0 / 3 / 4 / 5 / 6 but 0.71 / 0.63 on seeds 7 / 8
-(cohorts no run had seen), against a flat heatmap, 0.50, without the region loss (README, "The
-output projection at 0"); adding ``within_negatives=1``: 0.88 / 0.89 / 0.87 / 0.76 / 0.83 /
-0.73 on seeds 0 / 3 / 4 / 6 / 7 / 8, with zero-shot diagnosis lower on five of the six, so it is
-not in the recipe; on ``--seed 9`` (new) the recipe scores 0.80; adding ``local_attention=True``
-instead: 0.92 / 0.90 / 0.91 / 0.86 / 0.86 / 0.79 / 0.69 / 0.76 on seeds 0 / 3 / 4 / 5 / 6 / 7 / 8
-/ 9 against the recipe's 0.90 / 0.91 / 0.91 / 0.89 / 0.87 / 0.71 / 0.63 / 0.80 (README, "Region
-attention before the slide context"), so it is not in the recipe either. On the features of a
-1920-step patch encoder instead (``quickstart --joint`` since 2026-12-02) the recipe scores
-0.90 / 0.85 / 0.83 / 0.76 on seeds 6 / 7 / 8 / 9 (README, "A patch encoder trained 8x longer").
-Adding ``lock_text=True,identity_qk=True,local_attention=True`` (``quickstart --joint`` since
-the afternoon of 2026-12-02; after the tiler's pen-filter fix, one machine): 0.96 / 0.87 / 0.87 /
-0.92 / 0.89 on seeds 0 / 7 / 8 / 9 / 10 (10 held out) against 0.83 / 0.92 / 0.86 / 0.80 / 0.86
-for the recipe before on the same features, and 0.83 on held-out seed 11 (necrosis 0.56), with
-a flat heatmap without the region loss, and zero-shot diagnosis lower on four of the five
-(README, "The joint space kept"). With the match then held (``identity_qk`` freezes query, key
-and their norms; the heatmap reads the attention weights) and ``attention_positions=False``
-(``quickstart --joint`` since the evening of 2026-12-02): 0.94 / 0.89 / 0.89 / 0.91 / 0.86 /
-0.97 on seeds 0 / 7 / 8 / 9 / 10 / 11 and 0.92 on held-out seed 12, against 0.89 / 0.87 / 0.90
-/ 0.87 / 0.83 / 0.93 / 0.92 without the region loss, which now reads the encoder's tokens
-through the same held attention instead of a flat map (README, "The match held at the
-identity"). Adding ``within_negatives=1`` (``quickstart --joint`` since the night of 2026-12-02):
-0.94 / 0.89 / 0.91 / 0.92 / 0.89 / 0.96 / 0.92 on seeds 0 / 7-12 and 0.92 / 0.85 on held-out
-seeds 13 / 14 (0.849 on 14, its encoder's own 0.846), against 0.89 / 0.87 / 0.90 / 0.87 /
-0.83 / 0.93 / 0.92 / 0.90 / 0.81 without the region loss: never below it, level on seeds 8 and
-12; on held-out seed 15 0.793 against 0.796 without the region loss (README, "Within-slide
-negatives with the held match"). On the features of a patch encoder trained with
-``tissue_negatives=False`` (``quickstart --joint`` since 2026-12-03): 0.95 / 0.94 / 0.92 / 0.96
-/ 0.92 / 0.94 on seeds 0 / 7 / 8 / 12 / 14 / 15 and 0.89 / 0.96 / 0.93 / 0.88 / 0.95 / 0.93
-on held-out seeds 16-21, against 0.94 / 0.90 / 0.91 / 0.94 / 0.92 / 0.94 / 0.89 / 0.93 / 0.93 /
-0.89 / 0.91 / 0.93 without the region loss: lower on eight of the twelve (README, "Same-tissue
-sentences are no negatives").
+``quickstart --joint`` runs an opt-in recipe on the features of a 1920-step patch encoder
+(``quickstart.JOINT_RECIPE``; not the paper's model): 0.871-0.975 mean lesion AUROC on 19 runs over
+16 cohorts (test splits), with its ``region_loss=False`` ablation lower on 10 of them (README,
+"Heatmaps, localization and evaluation"). How each of its switches came in, with its numbers:
+docs/experiments/localization.md.
 
 Biomarker probe (``probe_label=biomarker``; the demo's label is mostly chance, weakly tied to
 tumour-infiltrating lymphocytes), seed 0, 26 training / 13 test slides: linear probe AUC 0.71,
@@ -329,14 +286,15 @@ def get_config(arg: str | None = None):
                       weight_decay=0.05, grad_clip_norm=5.0)
   if config.model.region_value_gate:
     # One scalar per head, moved ~lr per step by Adam: at lr alone it could not pass ~0.03 in
-    # a demo run, while the projected values it competes with are ~0.05 a channel (README, "The
-    # identity path behind a shut gate": 10x and 100x fell short on held-out cohorts).
+    # a demo run, while the projected values it competes with are ~0.05 a channel
+    # (docs/experiments/localization.md, "The identity path behind a shut gate": 10x and 100x
+    # fell short on held-out cohorts).
     config.optim.lr_multipliers = {"^region_attention/value_gate$": float(args.gate_lr)}
   frozen = LOCKED_TEXT if args.lock_text else ()
   if args.identity_qk and args.region_attention:
     # Trained, the projections drift from the match: the region loss scores only the attended
     # mean, and seed 11's necrosis heatmap fell to 0.56 while its tokens' cosine with the text
-    # held 0.97 (README, "The match held at the identity").
+    # held 0.97 (docs/experiments/localization.md, "The match held at the identity").
     frozen += HELD_MATCH
   if frozen:
     config.optim.frozen = frozen

@@ -23,7 +23,7 @@ training example shows the regions without the slide token), ``flip`` (1: mirror
 examples, region positions and location words together), ``visual_noise`` (Gaussian noise on
 training visual tokens, in units of each token's RMS) and ``truth_tokens`` ("", or the demo cohort
 directory: a diagnostic that replaces every visual token by its region's true tissue fractions,
-to measure the decoder's ceiling from perfect visual tokens; README, "Instruction tuning").
+to measure the decoder's ceiling from perfect visual tokens; docs/experiments/instruct.md).
 
 Measured (default 48-slide cohort, seed 0, after the seed-0 align run; 2 CPU cores; 49-54 s
 with evaluations on a fast 2-core machine). Test split, 13 slides, 59 multiple-choice questions:

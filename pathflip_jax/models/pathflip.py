@@ -72,15 +72,17 @@ class PathFlipConfig:
     local_region_positions: with ``local_region_attention``, True: the tokens the attention
       reads carry their region's position embedding, as the context's inputs do; False (not in
       the paper): they are the region's own pooled patches only, so a text matches a region by
-      what it shows and not by where it lies (README, "The match held at the identity").
+      what it shows and not by where it lies (docs/experiments/localization.md, "The match held
+      at the identity").
     region_identity_qk: not in the paper. The text-conditioned attention's query and key
       projections start as the identity, so its logits start as the dot product of the
       layer-normed text and region embeddings (over 1/sqrt(head width)): with one region head,
       a cosine-like attention in the joint space, which points at the regions that the text
       already matches when both sides start in the patch encoder's joint space
       (``feature_shortcut``, ``local_region_attention`` and a text branch frozen at that
-      encoder's text tower; README, "The joint space kept"). configs/pathflip_demo.py holds
-      them there (``HELD_MATCH``; README, "The match held at the identity").
+      encoder's text tower; docs/experiments/localization.md, "The joint space kept").
+      configs/pathflip_demo.py holds them there (``HELD_MATCH``; docs/experiments/localization.md,
+      "The match held at the identity").
   """
 
   qformer: qformer_lib.QFormerConfig
