@@ -79,6 +79,10 @@ def index() -> str:
            "the code by `docs/generate.py`). The on-disk layout of what they write is in "
            "`WORKSPACE.md`.", ""]
   lines += [f"- [`python -m {m}`]({m.split('.')[-1]}.md): {role}" for m, role in ENTRY_POINTS]
+  lines += ["", "Development logs (written by hand): [localization](experiments/localization.md) "
+            "(how the `quickstart --joint` recipe came to be, every variant tried) and "
+            "[instruction tuning](experiments/instruct.md) (what was tried against the VQA "
+            "target)."]
   return "\n".join(lines) + "\n"
 
 
