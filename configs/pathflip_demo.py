@@ -94,7 +94,7 @@ slide): 0.36, against 0.15 without the region loss. For scale, ``reference=runs/
 (the patch encoder's own text alignment, trained with patch-level supervision): 0.79, FROC 0.67.
 ``quickstart --joint`` runs an opt-in recipe on the features of a 1920-step patch encoder
 (``quickstart.JOINT_RECIPE``; not the paper's model): 0.871-0.975 mean lesion AUROC on 19 runs over
-16 cohorts (test splits), with its ``region_loss=False`` ablation lower on 10 of them (README,
+16 cohorts (test splits), with its ``region_loss=False`` ablation lower on 10 of the runs (README,
 "Heatmaps, localization and evaluation"). How each of its switches came in, with its numbers:
 docs/experiments/localization.md.
 
