@@ -93,8 +93,8 @@ were chosen on the val split. Lesion FROC (mean sensitivity at 1/4-8 false posit
 slide): 0.36, against 0.15 without the region loss. For scale, ``reference=runs/demo/patch_clip``
 (the patch encoder's own text alignment, trained with patch-level supervision): 0.79, FROC 0.67.
 ``quickstart --joint`` runs an opt-in recipe on the features of a 1920-step patch encoder
-(``quickstart.JOINT_RECIPE``; not the paper's model): 0.871-0.975 mean lesion AUROC on 19 runs over
-16 cohorts (test splits), with its ``region_loss=False`` ablation lower on 10 of the runs (README,
+(``quickstart.JOINT_RECIPE``; not the paper's model): 0.871-0.981 mean lesion AUROC on 21 runs over
+18 cohorts (test splits), with its ``region_loss=False`` ablation lower on 11 of the runs (README,
 "Heatmaps, localization and evaluation"). How each of its switches came in, with its numbers:
 docs/experiments/localization.md.
 

@@ -41,10 +41,10 @@ sentences are no negatives"):
 The report, then stage 12, adds a table: the recipe beside its no-region-loss ablation and the
 paper's model, on the same test slides. Without the region loss the held attention reads the
 encoder's own tokens, so the ablation measures what the region loss adds. Measured (mean lesion
-AUROC, test splits, training seed 0, stages 1-2 and 8-11 of this command; 19 runs over 16 cohort
+AUROC, test splits, training seed 0, stages 1-2 and 8-11 of this command; 21 runs over 18 cohort
 seeds on three 2-core machines, 2026-12-03; README, "The opt-in joint-space recipe", has the
-table): the recipe scores 0.871-0.975, at least 0.85 on every run, and its ablation is lower on
-10 of the 19 (by up to 0.054; higher by up to 0.043 on the others). Both stay near the patch
+table): the recipe scores 0.871-0.981, at least 0.85 on every run, and its ablation is lower on
+11 of the 21 (by up to 0.054; higher by up to 0.043 on the others). Both stay near the patch
 encoder's own alignment (the recipe within 0.042 of it), so which one is ahead depends on the
 cohort. Zero-shot diagnosis (chance 0.25) is 0.12-0.92 from 11-14 test slides; ``--joint`` is for
 localization. The 1920-step encoder takes 11-49 min of the command on 2 cores.
