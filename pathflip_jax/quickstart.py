@@ -23,15 +23,15 @@ model: slide and region tokens start in the joint image-text space of the patch 
 longer, named negatives drop a subcaption whose tissue the slide's own caption names, regions are
 single patches, and the text-conditioned attention adds, to its value path (value projection random,
 output projection 0 at the start), the identity path behind a per-head gate that starts at 0. It
-keeps the attention in that joint space: the Q-Former's text branch is the encoder's text tower,
-frozen (``lock_text``); the attention has one head whose query and key are held at the identity with
-their norms (``identity_qk``), so its weights are the text-region match and the heatmap reads them;
-and it reads each region's own patches, before the slide context and without the region's position
-(``local_attention``, ``attention_positions=False``). A slide's own subcaptions that name disjoint
-tissues are negatives for each other (``within_negatives=1``). That patch encoder does not count
-another sentence of the same tissue type as a negative (``tissue_negatives=False``)
-(docs/experiments/localization.md, "Starting from the patch encoder's joint space" to "Same-tissue
-sentences are no negatives"):
+starts the attention in that joint space: the Q-Former's text branch is the encoder's text tower,
+frozen (``lock_text``); the attention has one head whose query and key projections start at the
+identity (``identity_qk``; the region loss trains them, ``hold_match=False``), and it reads each
+region's own patches before the slide context (``local_attention``). The heatmap reads each
+region's contribution to the match of a text and its text-conditioned embedding. A slide's own
+subcaptions that name disjoint tissues are negatives for each other (``within_negatives=1``). That
+patch encoder does not count another sentence of the same tissue type as a negative
+(``tissue_negatives=False``) (docs/experiments/localization.md, "Starting from the patch encoder's
+joint space" to "The match trained again, read by contribution"):
 
   8  joint_patch_clip  the patch encoder trained 8x longer     W/joint/patch_clip
   9  joint_features    its features                            W/joint/features
@@ -39,15 +39,14 @@ sentences are no negatives"):
   11 joint_ablation    the same with region_loss=False         W/joint/align_no_region_loss
 
 The report, then stage 12, adds a table: the recipe beside its no-region-loss ablation and the
-paper's model, on the same test slides. Without the region loss the held attention reads the
-encoder's own tokens, so the ablation measures what the region loss adds. Measured (mean lesion
-AUROC, test splits, training seed 0, stages 1-2 and 8-11 of this command; 21 runs over 18 cohort
-seeds on three 2-core machines, 2026-12-03; README, "The opt-in joint-space recipe", has the
-table): the recipe scores 0.871-0.981, at least 0.85 on every run, and its ablation is lower on
-11 of the 21 (by up to 0.054; higher by up to 0.043 on the others). Both stay near the patch
-encoder's own alignment (the recipe within 0.042 of it), so which one is ahead depends on the
-cohort. Zero-shot diagnosis (chance 0.25) is 0.12-0.92 from 11-14 test slides; ``--joint`` is for
-localization. The 1920-step encoder takes 11-49 min of the command on 2 cores.
+paper's model, on the same test slides. Only the region loss trains the value path, its gate and
+the match, so without it the text-conditioned embedding stays empty and the ablation's heatmap is
+flat (0.500). Measured (mean lesion AUROC, test splits, stages 1-2 and 8-11 of this command, 11
+cohort seeds on a 2-core machine, 2026-12-03; README, "The opt-in joint-space recipe", has the
+table): the recipe scores 0.802-0.974 (mean 0.905), at least 0.85 on 9 of the 11; the
+patch encoder's own alignment scores higher on every one (mean 0.942). Zero-shot diagnosis
+(chance 0.25) is 0.17-0.88 from 11-14 test slides; ``--joint`` is for localization. The 1920-step
+encoder takes 11-49 min of the command on 2 cores.
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
@@ -72,7 +71,7 @@ SIZES = {
 # The joint-space recipe's align args, the same at every size.
 JOINT_RECIPE = ("feature_shortcut=True,named_negatives=True,slide_weight=2,region_patches=1,"
                 "value_gate=True,zero_output=True,lock_text=True,identity_qk=True,"
-                "local_attention=True,attention_positions=False,within_negatives=1")
+                "hold_match=False,local_attention=True,within_negatives=1")
 # Per size: (patch_clip args, align args beside the size's own and JOINT_RECIPE).
 JOINT = {
     "demo": ("total_steps=1920,tissue_negatives=False", "lr=1e-4"),

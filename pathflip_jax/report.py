@@ -123,7 +123,8 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
       qk += (", and the heatmap reads its weights: without the region loss they read the "
              "encoder's own tokens)" if method == "attention" else ")")
     else:
-      qk = "start as the identity (the attention starts as the match of text and region)"
+      qk = ("start as the identity and only the region loss trains them (the attention starts "
+            "as the match of text and region in the joint space)")
     values += (f", with {'one head' if heads == 1 else f'{heads} heads'} whose query and key "
                f"projections {qk}")
   # What config arg lock_text freezes (configs/pathflip_demo.py LOCKED_TEXT) includes these two;
