@@ -269,12 +269,13 @@ def get_config(arg: str | None = None):
   config.model.region_identity_qk = bool(args.identity_qk)
   if args.identity_qk:
     config.model.region_heads = 1
+  # The match stays at the identity (frozen below) unless hold_match=False lets the loss train it.
+  held_match = bool(args.identity_qk and args.hold_match)
   # With the match held at the identity the attention weights are the joint space's own
   # text-region match, so the heatmap reads them. Otherwise the weights alone lean away from the
   # queried tissue, and the heatmap reads each region's contribution, which only the region loss
   # can make (docstring numbers).
-  heatmap_method = args.heatmap_method or (
-      "attention" if args.identity_qk and args.hold_match else "contribution")
+  heatmap_method = args.heatmap_method or ("attention" if held_match else "contribution")
   config.slide_loss = args.slide_loss
   config.region_loss = args.region_loss
   config.region_attention = args.region_attention
@@ -298,7 +299,7 @@ def get_config(arg: str | None = None):
     # fell short on held-out cohorts).
     config.optim.lr_multipliers = {"^region_attention/value_gate$": float(args.gate_lr)}
   frozen = LOCKED_TEXT if args.lock_text else ()
-  if args.identity_qk and args.region_attention and args.hold_match:
+  if held_match and args.region_attention:
     # Trained, the projections can drift from the match: the region loss scores only the
     # attended mean, and on an earlier recipe seed 11's necrosis heatmap fell to 0.56 while its
     # tokens' cosine with the text held 0.97 (docs/experiments/localization.md, "The match held
