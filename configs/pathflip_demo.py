@@ -270,6 +270,9 @@ def get_config(arg: str | None = None):
   if args.identity_qk:
     config.model.region_heads = 1
   # The match stays at the identity (frozen below) unless hold_match=False lets the loss train it.
+  if not args.hold_match and not args.identity_qk:
+    raise ValueError("config arg hold_match=False needs identity_qk=True: only the identity "
+                     "match is held, any other query and key projections train anyway")
   held_match = bool(args.identity_qk and args.hold_match)
   # With the match held at the identity the attention weights are the joint space's own
   # text-region match, so the heatmap reads them. Otherwise the weights alone lean away from the

@@ -479,6 +479,8 @@ def test_identity_qk_starts_the_attention_at_the_normed_match():
   ablation = config_args.load_config(
       "configs/pathflip_demo.py:size=test,identity_qk=True,region_attention=False")
   assert not ablation.optim.get("frozen")  # no attention, nothing to hold
+  with pytest.raises(ValueError, match="hold_match=False needs identity_qk=True"):
+    config_args.load_config("configs/pathflip_demo.py:size=test,hold_match=False")
   plain = pathflip.PathFlip(_tiny_config(region_heads=1), rngs=nnx.Rngs(0))
   model = pathflip.PathFlip(_tiny_config(region_heads=1, region_identity_qk=True),
                             rngs=nnx.Rngs(0))
