@@ -98,8 +98,8 @@ were chosen on the val split. Lesion FROC (mean sensitivity at 1/4-8 false posit
 slide): 0.36, against 0.15 without the region loss. For scale, ``reference=runs/demo/patch_clip``
 (the patch encoder's own text alignment, trained with patch-level supervision): 0.79, FROC 0.67.
 ``quickstart --joint`` runs an opt-in recipe on the features of a 1920-step patch encoder
-(``quickstart.JOINT_RECIPE``; not the paper's model): 0.802-0.974 mean lesion AUROC on 13 cohorts
-(test splits; at least 0.85 on 11), against a flat ``region_loss=False`` ablation (README,
+(``quickstart.JOINT_RECIPE``; not the paper's model): 0.802-0.974 mean lesion AUROC on 14 cohorts
+(test splits; at least 0.85 on 12), against a flat ``region_loss=False`` ablation (README,
 "Heatmaps, localization and evaluation"). How each of its switches came in, with its numbers:
 docs/experiments/localization.md.
 

@@ -41,10 +41,10 @@ joint space" to "The match trained again, read by contribution"):
 The report, then stage 12, adds a table: the recipe beside its no-region-loss ablation and the
 paper's model, on the same test slides. Only the region loss trains the value path, its gate and
 the match, so without it the text-conditioned embedding stays empty and the ablation's heatmap is
-flat (0.500). Measured (mean lesion AUROC, test splits, stages 1-2 and 8-11 of this command, 13
-cohort seeds on a 2-core machine, 2026-12-03; README, "The opt-in joint-space recipe", has the
-table): the recipe scores 0.802-0.974 (mean 0.907), at least 0.85 on 11 of the 13; the patch
-encoder's own alignment scores higher on 12 of them (mean 0.940). Zero-shot diagnosis
+flat (0.500). Measured (mean lesion AUROC, test splits, stages 1-2 and 8-11 of this command, 14
+cohort seeds on 2-core machines, 2026-12-03; README, "The opt-in joint-space recipe", has the
+table): the recipe scores 0.802-0.974 (mean 0.906), at least 0.85 on 12 of the 14; the patch
+encoder's own alignment scores higher on 13 of them (mean 0.941). Zero-shot diagnosis
 (chance 0.25) is 0.17-0.88 from 11-14 test slides; ``--joint`` is for localization. The 1920-step
 encoder takes 11-49 min of the command on 2 cores.
 
