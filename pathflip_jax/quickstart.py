@@ -46,7 +46,7 @@ cohort seeds on 2-core machines, 2026-12-03; README, "The opt-in joint-space rec
 table): the recipe scores 0.802-0.974 (mean 0.906), at least 0.85 on 12 of the 14; the patch
 encoder's own alignment scores higher on 13 of them (mean 0.941). Zero-shot diagnosis
 (chance 0.25) is 0.17-0.88 from 11-14 test slides; ``--joint`` is for localization. The 1920-step
-encoder takes 11-49 min of the command on 2 cores.
+encoder takes 15-49 min of the command on 2 cores.
 
 ``--size test`` runs the same stages with a 12-slide cohort and tiny models in about a minute
 (what the test suite and the quickstart Colab run); its numbers mean nothing.
