@@ -7,6 +7,10 @@ Layout of a workdir::
   W/checkpoints/<step>/meta    step, wall time, the metrics of that step (JSON)
   W/best/<step>/...            the same for the best evaluation so far (``best_metric``)
 
+A run trained with ``config.checkpoint.use_best`` has W/best as its result: loading the workdir's
+model (``load_params``, ``model_from_checkpoint``, ``python -m pathflip_jax.evaluate``) reads the
+checkpoint its best evaluation chose, while resuming still continues from W/checkpoints.
+
 Saves are asynchronous (arrays are copied to host before ``save`` returns, so the train state can
 be donated to the next step right away); a save is complete only once Orbax has renamed its
 temporary directory, so a killed run never leaves a checkpoint that half-restores. Restoring
@@ -75,6 +79,21 @@ class Checkpointer:
     clean = {k: float(v) for k, v in metrics.items()}
     return self.best.save(step, args=_save_args(state, None, step, clean), metrics=clean)
 
+  def best_step(self) -> int | None:
+    """The step of the best checkpoint kept (None without ``best_metric`` or before a save)."""
+    if self.best is None:
+      return None
+    self.best.wait_until_finished()
+    return self.best.best_step()
+
+  def restore_best(self, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state, meta) of the best checkpoint kept."""
+    step = self.best_step()
+    if step is None:
+      raise FileNotFoundError(f"{self.workdir}/best holds no checkpoint: no evaluation gave "
+                              f"config.checkpoint.best_metric={self.best_metric!r}")
+    return restore_from(self.best, abstract_state, None, step)
+
   def restore(self, abstract_state: Any, data_iterator: Any = None,
               step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """(state, meta) of checkpoint ``step`` (default: latest); the iterator is set in place."""
@@ -101,11 +120,37 @@ def _save_args(state, data_iterator, step, metrics):
   return ocp.args.Composite(**items)
 
 
-def _manager(path: str) -> ocp.CheckpointManager:
-  """A read-only manager over ``path``: a workdir, its checkpoints/ or best/ folder."""
+def uses_best(workdir: str) -> bool:
+  """Whether the run in ``workdir`` was trained with ``config.checkpoint.use_best``."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    checkpoint = json.load(f).get("checkpoint") or {}
+  return bool(checkpoint.get("use_best"))
+
+
+def model_dir(path: str) -> str:
+  """Where the model of the run in ``path`` lies: W/best for a run trained with
+  ``config.checkpoint.use_best``, else W/checkpoints; a checkpoint folder as given."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    return path
+  if uses_best(path):
+    best = os.path.join(path, "best")
+    if not os.path.isdir(best):
+      raise FileNotFoundError(f"{best} not found: {path} was trained with "
+                              "config.checkpoint.use_best but holds no best checkpoint")
+    return best
+  return os.path.join(path, "checkpoints")
+
+
+def _manager(path: str, model: bool = True) -> ocp.CheckpointManager:
+  """A read-only manager over ``path``: a workdir, its checkpoints/ or best/ folder. For a
+  workdir, ``model``: the folder holding the run's model (``model_dir``); else checkpoints/."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
+    path = model_dir(path) if model else os.path.join(path, "checkpoints")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
   with _quiet_read_only():
@@ -116,17 +161,18 @@ def _manager(path: str) -> ocp.CheckpointManager:
 
 
 def checkpoint_steps(path: str) -> list[int]:
-  """The complete checkpoint steps of a workdir (or its checkpoints/ folder), ascending; a
-  folder without one is an error that names it."""
+  """The complete checkpoint steps of a workdir's model folder (``model_dir``) or of a checkpoint
+  folder, ascending; a folder without one is an error that names it."""
   return sorted(int(s) for s in _manager(path).all_steps())
 
 
 def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
                  data_iterator: Any = None, step: int | None = None
                  ) -> tuple[Any, dict[str, Any]]:
-  """Restores state (onto ``abstract_state``'s shardings) and, if given, the data iterator."""
+  """Restores state (onto ``abstract_state``'s shardings) and, if given, the data iterator; a
+  workdir given by path restores from its checkpoints/ (to continue training it)."""
   if isinstance(manager, str):
-    manager = _manager(manager)
+    manager = _manager(manager, model=False)
   step = manager.latest_step() if step is None else step
   # Explicit restore args: each array is read straight into the target's sharding (the mesh of
   # this run, whatever the mesh of the run that saved it).

@@ -3,6 +3,9 @@ r"""Evaluates a trained run: every evaluator its config lists, on a checkpoint o
   python -m pathflip_jax.evaluate --config configs/<name>.py[:key=value,...] --workdir W \
       [--step S] [--only name,...] [--output_dir D]
 
+Without ``--step`` it evaluates the run's model: its latest checkpoint, or the best one for a run
+trained with ``config.checkpoint.use_best``.
+
 The config is the one the run was trained with (its ``evals`` section chooses the evaluators by
 ``type``; add or change evaluators with config args). Writes ``D/<name>.json`` per evaluator
 (its metrics, the checkpoint step, the workdir and the evaluator's config) and ``D/metrics.md``,
@@ -28,7 +31,8 @@ from pathflip_jax import (checkpointing, config_args, evaluators as evaluators_l
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
              only: list[str] | None = None, output_dir: str = "") -> dict[str, dict[str, Any]]:
-  """{evaluator name: metrics} of the run in ``workdir`` at ``step`` (latest if None)."""
+  """{evaluator name: metrics} of the run in ``workdir`` at ``step`` (None: the run's model,
+  its latest checkpoint or, if it trained with ``config.checkpoint.use_best``, its best)."""
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"{workdir}/checkpoints not found: --workdir {workdir} holds no "
@@ -49,14 +53,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
   task = tasks.build(config, workdir)
   task.mesh = mesh
   built = evaluators_lib.build(evals, task, mesh)
-  steps = checkpointing.checkpoint_steps(workdir)
+  # The run's model (its best checkpoint if it trained with config.checkpoint.use_best), or
+  # any step kept in W/checkpoints.
+  source = checkpointing.model_dir(workdir)
+  steps = checkpointing.checkpoint_steps(source)
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise ValueError(f"--step {step}: {workdir} has checkpoints at steps {steps}")
+    source = os.path.join(workdir, "checkpoints")
+    kept = checkpointing.checkpoint_steps(source)
+    if step not in kept:
+      raise ValueError(f"--step {step}: {workdir} has checkpoints at steps {kept}")
   model = checkpointing.model_from_checkpoint(lambda: task.create_model(nnx.Rngs(config.seed)),
-                                             workdir, step)
-  print(f"[evaluate] {workdir} step {step}: {len(built)} evaluators -> {output_dir}",
+                                             source, step)
+  print(f"[evaluate] {source} step {step}: {len(built)} evaluators -> {output_dir}",
         file=sys.stderr, flush=True)
   results: dict[str, dict[str, Any]] = {}
   for evaluator in built:
@@ -65,6 +75,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     seconds = time.time() - t0
     results[evaluator.name] = values
     record = {"evaluator": evaluator.name, "type": evals[evaluator.name].type, "step": step,
+              "checkpoint": source,
               "workdir": workdir, "seconds": round(seconds, 2), "metrics": values,
               "config": evals[evaluator.name].to_dict()}
     with open(os.path.join(output_dir, f"{evaluator.name}.json"), "w") as f:
@@ -89,7 +100,8 @@ def main(argv=None) -> None:
   parser.add_argument("--config", required=True,
                       help="configs/<name>.py[:key=value,...]: the config the run trained with")
   parser.add_argument("--workdir", required=True, help="the run's workdir")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the run's model: the latest "
+                      "checkpoint, or the best one if it trained with checkpoint.use_best)")
   parser.add_argument("--only", default="", help="comma-separated evaluator names to run")
   parser.add_argument("--output_dir", default="", help="default: WORKDIR/eval")
   args = parser.parse_args(argv)

@@ -69,6 +69,26 @@ def _region_side(config: dict[str, Any]) -> str:
   return "single patches" if side == 1 else f"{side} x {side} patches"
 
 
+def _chosen_checkpoints(recipe: dict[str, Any], ablation: dict[str, Any],
+                        recipe_config: dict[str, Any]) -> str:
+  """A sentence on which checkpoint each run's numbers are from, for runs whose model is the
+  best checkpoint by a validation metric (``config.checkpoint.use_best``); "" otherwise."""
+  checkpoint = recipe_config.get("checkpoint", {})
+  metric = checkpoint.get("best_metric")
+  if not (checkpoint.get("use_best") and metric and "checkpoint_step" in recipe):
+    return ""
+  evaluator = recipe_config.get("evals", {}).get(metric.split("/", 1)[0], {})
+  split = evaluator.get("split", "another")
+  steps = f"step {recipe['checkpoint_step']} of {recipe.get('step', '?')}"
+  if metric in recipe:
+    steps += f", {recipe[metric]:.3f} there"
+  if "checkpoint_step" in ablation:
+    steps += f"; the ablation's chosen the same way: step {ablation['checkpoint_step']}"
+  return (f" Each run's model is the checkpoint whose heatmaps localized the lesions best on the "
+          f"{split} split during training ({metric}; the recipe's: {steps}), so the test split "
+          "chooses nothing.")
+
+
 def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]:
   """The ``quickstart --joint`` table: the recipe, its no-region-loss ablation and the paper's
   model (``paper_model``: W/align's results) on the same test slides; [] if it was not run."""
@@ -150,13 +170,14 @@ def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]
   if within:
     negatives += (f" while a slide's own subcaptions that name disjoint tissues are negatives "
                   f"(weight {within:g}) for the embeddings each other's attention drew")
+  chosen = _chosen_checkpoints(recipe, ablation, recipe_config)
   return (["## Joint-space recipe and its region-loss ablation (`--joint`)", "",
            "Not the paper's model: slide and region tokens start in the joint image-text space "
            f"of a patch encoder {longer} (W/joint/patch_clip), {negatives}, and regions "
            f"are {_region_side(recipe_config)} (the paper's model above: "
            f"{_region_side(paper_config)}). The text-conditioned attention's value and output "
-           f"projections {values}.{encoder_text} Same test slides and prompts as above; the "
-           "last column repeats the paper's model.", ""]
+           f"projections {values}.{encoder_text}{chosen} Same test slides and prompts as above; "
+           "the last column repeats the paper's model.", ""]
           + markdown_table(["metric", "recipe", "recipe, region_loss=False",
                             "paper's model", "chance"], rows))
 

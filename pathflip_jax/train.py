@@ -9,7 +9,10 @@ everything here is shared.
 Writes into W (see WORKSPACE.md): ``config.json`` (the resolved config), ``checkpoints/<step>``
 (Orbax: params, optimizer state, step, data-iterator position), ``best/<step>`` (optional),
 ``metrics.jsonl`` (train scalars every ``log_steps``, evaluator metrics), ``results.json`` (the
-final evaluation) and the tokenizer a stage trained, if any.
+final evaluation) and the tokenizer a stage trained, if any. With ``config.checkpoint.use_best``
+the run's model is the best checkpoint by ``config.checkpoint.best_metric`` (early stopping on a
+validation metric): the final evaluation is of that checkpoint, ``results.json`` names its
+``checkpoint_step``, and later stages, ``evaluate`` and ``infer`` load it.
 
 Resume order: the latest checkpoint in W, else ``config.resume`` (another run's workdir), else
 ``config.model_init`` (parameters matching ``config.model_init_include`` copied from another
@@ -215,6 +218,21 @@ def _evaluate(evaluators, make_model: Callable[[], nnx.Module], step: int, total
   return out
 
 
+def _check_best_metric(config: ml_collections.ConfigDict) -> bool:
+  """Checks ``config.checkpoint.best_metric`` / ``use_best``; returns ``use_best``."""
+  best_metric = config.checkpoint.get("best_metric") or ""
+  use_best = bool(config.checkpoint.get("use_best", False))
+  if use_best and not best_metric:
+    raise ValueError("config.checkpoint.use_best=True needs config.checkpoint.best_metric (the "
+                     "evaluation metric that chooses the checkpoint)")
+  evaluator = best_metric.split("/", 1)[0]
+  if best_metric and evaluator not in (config.get("evals") or {}):
+    raise ValueError(f"config.checkpoint.best_metric={best_metric!r}: {evaluator!r} is not an "
+                     f"evaluator of config.evals ({sorted(config.get('evals') or {})}); expected "
+                     "'<evaluator>/<metric>'")
+  return use_best
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -259,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{optim.describe(state['params'], config.optim)}", file=sys.stderr)
 
   # Checkpoints and resume.
+  use_best = _check_best_metric(config)
   ckpt = checkpointing.Checkpointer(
       workdir, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
       best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
@@ -274,6 +293,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,), out_shardings=(shardings, None))
 
   evaluators = evaluators_lib.build(config.get("evals"), task, mesh)
+  if use_best and jax.process_count() > 1:
+    raise ValueError("config.checkpoint.use_best needs the evaluators during training, which a "
+                     "multi-process run skips; train without it and choose a step with "
+                     "python -m pathflip_jax.evaluate --step")
   if evaluators and jax.process_count() > 1:
     # Evaluators feed every process the whole split; on several hosts evaluate the checkpoint
     # afterwards on one (python -m pathflip_jax.evaluate).
@@ -284,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = Progress(micro_steps, start, config.progress_seconds)
   window: list[dict[str, float]] = []
   eval_metrics: dict[str, float] = {}
+  checkpoint_step = micro_steps
   try:
     for step in range(start + 1, micro_steps + 1):
       batch = input_pipeline.to_global(next(train_iter), mesh)
@@ -308,20 +332,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                micro_steps, config.log_steps, final)
       if eval_metrics:
         writer.write(step, eval_metrics)
-        if config.checkpoint.best_metric:
+        if config.checkpoint.best_metric in eval_metrics:
           ckpt.save_best(step, state, eval_metrics)
       if step % config.checkpoint.every == 0 or final:
         ckpt.save(step, state, train_iter, eval_metrics)
-    if start >= micro_steps:  # nothing left to train: evaluate what the checkpoint holds
-      eval_metrics = _evaluate(evaluators, lambda: nnx.merge(graphdef, state["params"]), start,
-                               micro_steps, config.log_steps, True)
+    final_done = start < micro_steps
+    if use_best and ckpt.best_step() != micro_steps:
+      # The run's model is the checkpoint its best evaluation chose: evaluate that one.
+      state, meta = ckpt.restore_best(checkpointing.abstract(state, shardings))
+      checkpoint_step, final_done = int(meta["step"]), False
+      value = meta["metrics"][config.checkpoint.best_metric]
+      print(f"[train] the run's model is its best checkpoint, step {checkpoint_step} "
+            f"({config.checkpoint.best_metric} {value:.4f}); evaluating it",
+            file=sys.stderr, flush=True)
+    if not final_done:  # evaluate what the checkpoint holds
+      eval_metrics = _evaluate(evaluators, lambda: nnx.merge(graphdef, state["params"]),
+                               checkpoint_step, micro_steps, config.log_steps, True)
   finally:
     ckpt.close()
     writer.close()
     close = getattr(train_iter, "close", None)
     if close is not None:
       close()
-  results = {"step": micro_steps, "origin": origin, **eval_metrics}
+  results = {"step": micro_steps, "origin": origin, "checkpoint_step": checkpoint_step,
+             **eval_metrics}
   if primary:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1, sort_keys=True)

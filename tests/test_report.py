@@ -80,3 +80,23 @@ def test_joint_section_names_within_slide_negatives(tmp_path, loss, words):
       json.dumps({"localization/mean_lesion_auroc": 0.9}))
   (tmp_path / "joint" / "align" / "config.json").write_text(json.dumps({"loss": loss}))
   assert words in "\n".join(report.joint_recipe_section(str(tmp_path), {}))
+
+
+def test_joint_section_names_the_chosen_checkpoints(tmp_path):
+  metric = "val_localization/mean_lesion_auroc"
+  for name, results in (("align", {"localization/mean_lesion_auroc": 0.9, "step": 600,
+                                   "checkpoint_step": 150, metric: 0.93}),
+                        ("align_no_region_loss", {"localization/mean_lesion_auroc": 0.5,
+                                                  "step": 600, "checkpoint_step": 50})):
+    os.makedirs(tmp_path / "joint" / name)
+    (tmp_path / "joint" / name / "results.json").write_text(json.dumps(results))
+  config = {"checkpoint": {"use_best": True, "best_metric": metric},
+            "evals": {"val_localization": {"type": "localization", "split": "val"}}}
+  (tmp_path / "joint" / "align" / "config.json").write_text(json.dumps(config))
+  text = "\n".join(report.joint_recipe_section(str(tmp_path), {}))
+  assert ("the lesions best on the val split during training (val_localization/mean_lesion_auroc;"
+          " the recipe's: step 150 of 600, 0.930 there; the ablation's chosen the same way: "
+          "step 50), so the test split chooses nothing.") in text
+  config["checkpoint"]["use_best"] = False
+  (tmp_path / "joint" / "align" / "config.json").write_text(json.dumps(config))
+  assert "chooses nothing" not in "\n".join(report.joint_recipe_section(str(tmp_path), {}))

@@ -177,6 +177,52 @@ def test_best_checkpoint_keeps_the_best_metric(tmp_path):
   assert sorted(os.listdir(tmp_path / "best")) == ["2"]
 
 
+def test_use_best_makes_the_best_checkpoint_the_runs_model(tmp_path, monkeypatch):
+  from pathflip_jax import evaluate, evaluators
+  monkeypatch.setitem(evaluators.TYPES, "toy", "tests.toy_task")
+  config = toy_task.get_config("total_steps=12,checkpoint_every=4")
+  config.evals = {"probe": dict(type="toy", every=4, scores=[0.2, 0.9, 0.5, 0.0])}
+  config.checkpoint.best_metric = "probe/scripted"
+  config.checkpoint.use_best = True
+  result = train.train_and_evaluate(config, str(tmp_path))
+  # Steps 4, 8 and 12 score 0.2, 0.9 and 0.5: step 8 is the run's model and its final evaluation.
+  assert result["checkpoint_step"] == 8 and result["step"] == 12
+  assert sorted(os.listdir(tmp_path / "best")) == ["8"]
+  logged = {r["step"]: r for r in metric_writer.read_metrics(str(tmp_path))
+            if "probe/weight_sum" in r}
+  assert result["probe/weight_sum"] == pytest.approx(logged[8]["probe/weight_sum"])
+  assert result["probe/weight_sum"] != pytest.approx(logged[12]["probe/weight_sum"])
+  # Loading the workdir reads the best checkpoint; resuming it continues from the latest.
+  best = checkpointing.load_params(str(tmp_path))
+  np.testing.assert_array_equal(best["out/kernel"],
+                                checkpointing.load_params(str(tmp_path / "best"))["out/kernel"])
+  assert not np.allclose(best["out/kernel"],
+                         checkpointing.load_params(str(tmp_path / "checkpoints"))["out/kernel"])
+  tx, _ = optim.make_optimizer(config.optim, 12)
+  _, state, shardings = train.create_train_state(lambda: toy_task.ToyModel(nnx.Rngs(0)), tx,
+                                                 sharding.make_mesh())
+  _, meta = checkpointing.restore_from(str(tmp_path), checkpointing.abstract(state, shardings))
+  assert meta["step"] == 12
+  # evaluate: the best checkpoint by default, any kept step on request.
+  config.evals.probe.scores = [0.0]
+  default = evaluate.evaluate(config, str(tmp_path), output_dir=str(tmp_path / "e8"))
+  assert default["probe"]["weight_sum"] == pytest.approx(logged[8]["probe/weight_sum"])
+  with open(tmp_path / "e8" / "probe.json") as f:
+    assert json.load(f)["step"] == 8
+  latest = evaluate.evaluate(config, str(tmp_path), step=12, output_dir=str(tmp_path / "e12"))
+  assert latest["probe"]["weight_sum"] == pytest.approx(logged[12]["probe/weight_sum"])
+
+
+def test_best_metric_config_errors_name_the_key(tmp_path):
+  config = toy_task.get_config("total_steps=2")
+  config.checkpoint.use_best = True
+  with pytest.raises(ValueError, match="config.checkpoint.best_metric"):
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+  config.checkpoint.best_metric = "probe/scripted"
+  with pytest.raises(ValueError, match="'probe' is not an evaluator of config.evals"):
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+
+
 def test_unknown_stage_and_bad_batch_are_named():
   config = toy_task.get_config()
   config.stage = "nope"

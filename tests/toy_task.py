@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -69,6 +70,25 @@ class ToyTask:
 
   def dummy_batch(self, n: int):
     return {"x": np.zeros((n, DIM), np.float32), "y": np.zeros((n, DIM), np.float32)}
+
+
+class Evaluator:
+  """A toy evaluator (``type="toy"`` once a test registers this module): ``scripted``, the
+  config's ``scores`` in call order (so a test knows which step is best), and ``weight_sum``, a
+  fingerprint of the model's parameters."""
+
+  def __init__(self, config: ml_collections.ConfigDict, task: ToyTask, mesh):
+    del task, mesh
+    self.every = config.get("every", 0)
+    self.scores = list(config.scores)
+    self.calls = 0
+
+  def run(self, model: ToyModel) -> dict[str, float]:
+    score = self.scores[min(self.calls, len(self.scores) - 1)]
+    self.calls += 1
+    weights = nnx.state(model, nnx.Param)
+    return {"scripted": float(score),
+            "weight_sum": float(sum(np.asarray(w).sum() for w in jax.tree.leaves(weights)))}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
