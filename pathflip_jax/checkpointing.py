@@ -166,6 +166,12 @@ def checkpoint_steps(path: str) -> list[int]:
   return sorted(int(s) for s in _manager(path).all_steps())
 
 
+def model_checkpoint(path: str) -> str:
+  """The checkpoint folder ``load_params(path)`` reads: ``model_dir``'s latest step."""
+  manager = _manager(path)
+  return os.path.join(str(manager.directory), str(manager.latest_step()))
+
+
 def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
                  data_iterator: Any = None, step: int | None = None
                  ) -> tuple[Any, dict[str, Any]]:

@@ -271,7 +271,7 @@ def write_page(output_dir: str, summary: dict[str, Any]) -> str:
            ".bar{background:#c0392b;height:10px}</style>",
            f"<h1>{e(summary['slide_id'])}</h1>",
            f"<p>{e(summary['slide'])}<br>{summary['num_patches']} tissue patches; run "
-           f"{e(summary['workdir'])}</p>",
+           f"{e(summary['workdir'])} (checkpoint {e(summary['align_checkpoint'])})</p>",
            "<img src='thumbnail.png' alt='thumbnail'>"]
   zs = summary.get("zero_shot")
   if zs:
@@ -333,7 +333,8 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
     raise InferError(f"cannot read slide {slide_path} ({e.reason}): {e.message}") from None
 
   from pathflip_jax.tasks import instruct as instruct_task  # pylint: disable=import-outside-toplevel
-  _log(f"loading the align run {align_dir}")
+  align_checkpoint = checkpointing.model_checkpoint(align_dir)
+  _log(f"loading the align run {align_dir} (checkpoint {align_checkpoint})")
   task, model = instruct_task.load_align_run(align_dir)
   heatmap_method = heatmap_method or default_heatmap_method(task.config)
   identity, features_dir = task.shards.identity, task.config.features_dir
@@ -364,6 +365,11 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
   summary: dict[str, Any] = {
       "slide_id": slide_id, "slide": os.path.abspath(slide_path), "workdir": workdir,
       "align_workdir": align_dir, "instruct_workdir": instruct_dir,
+      # Which checkpoint of each run made these outputs (a run trained with
+      # checkpoint.use_best: W/best, the one its val evaluation chose).
+      "align_checkpoint": align_checkpoint,
+      "instruct_checkpoint": (checkpointing.model_checkpoint(instruct_dir)
+                              if instruct_dir else None),
       "width": slide.info.width, "height": slide.info.height, "mpp": slide.info.mpp,
       "num_patches": int(len(tiles["coords"])),
       "patch_size_level0": tiles["patch_size_level0"],

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data_prep import extract_features
-from pathflip_jax import config_args, heatmaps, infer
+from pathflip_jax import checkpointing, config_args, heatmaps, infer
 from pathflip_jax.data import slides
 from tests import runs as runs_lib
 
@@ -82,6 +82,11 @@ def test_infer_on_a_real_slide_and_a_held_out_demo_slide(runs, demo_cohort, cmu_
   assert [a["question"] for a in summary["answers"]] == [
       "What is the diagnosis?", "Which tissue is present? | fat | tumour | necrosis"]
   assert summary["instruct_workdir"] == str(runs / "instruct")
+  # The checkpoints that made the outputs: each run's latest (neither trained with use_best).
+  for run in ("align", "instruct"):
+    steps = checkpointing.checkpoint_steps(str(runs / run))
+    assert summary[f"{run}_checkpoint"] == str(runs / run / "checkpoints" / str(steps[-1]))
+  assert summary["align_checkpoint"] in page
 
   manifest = [json.loads(line) for line in open(demo_cohort / "manifest.jsonl")]
   held_out = next(row for row in manifest if row["split"] != "train")

@@ -194,6 +194,7 @@ def test_use_best_makes_the_best_checkpoint_the_runs_model(tmp_path, monkeypatch
   assert result["probe/weight_sum"] != pytest.approx(logged[12]["probe/weight_sum"])
   # Loading the workdir reads the best checkpoint; resuming it continues from the latest.
   best = checkpointing.load_params(str(tmp_path))
+  assert checkpointing.model_checkpoint(str(tmp_path)) == str(tmp_path / "best" / "8")
   np.testing.assert_array_equal(best["out/kernel"],
                                 checkpointing.load_params(str(tmp_path / "best"))["out/kernel"])
   assert not np.allclose(best["out/kernel"],
