@@ -333,11 +333,12 @@ def get_config(arg: str | None = None):
         shots=(1, 2, 4, 8), draws=10,
         prompts=BIOMARKER_PROMPTS if args.probe_label == "biomarker" else {})
   # The demo cohort's label maps make text-prompted localization measurable.
+  localization = dict(type="localization", cohort_dir=args.cohort_dir, method=heatmap_method,
+                      queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,
+                      positive_fraction=0.5)
   if args.cohort_dir and args.eval_split:
-    config.evals.localization = dict(
-        type="localization", split=args.eval_split, cohort_dir=args.cohort_dir,
-        method=heatmap_method, queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,
-        positive_fraction=0.5, froc=True, reference=args.reference)
+    config.evals.localization = dict(localization, split=args.eval_split, froc=True,
+                                     reference=args.reference)
   # The run's model is its checkpoint that localizes best on another split (early stopping on
   # label maps the test split does not see).
   if args.select_split:
@@ -350,10 +351,8 @@ def get_config(arg: str | None = None):
     if args.select_every < 1:
       raise ValueError(f"config arg select_every={args.select_every}: expected >= 1")
     name = f"{args.select_split}_localization"
-    config.evals[name] = dict(
-        type="localization", split=args.select_split, cohort_dir=args.cohort_dir,
-        method=heatmap_method, queries=TISSUES, lesions=LESIONS, prompts=TISSUE_PROMPTS,
-        positive_fraction=0.5, froc=False, reference="", every=args.select_every)
+    config.evals[name] = dict(localization, split=args.select_split, froc=False, reference="",
+                              every=args.select_every)
     config.checkpoint.best_metric = f"{name}/mean_lesion_auroc"
     config.checkpoint.use_best = True
   config.resume = ""

@@ -100,8 +100,9 @@ def main(argv=None) -> None:
   parser.add_argument("--config", required=True,
                       help="configs/<name>.py[:key=value,...]: the config the run trained with")
   parser.add_argument("--workdir", required=True, help="the run's workdir")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the run's model: the latest "
-                      "checkpoint, or the best one if it trained with checkpoint.use_best)")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: the run's model: the latest checkpoint, or "
+                           "the best one if it trained with checkpoint.use_best)")
   parser.add_argument("--only", default="", help="comma-separated evaluator names to run")
   parser.add_argument("--output_dir", default="", help="default: WORKDIR/eval")
   args = parser.parse_args(argv)
