@@ -278,6 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Checkpoints and resume.
   use_best = _check_best_metric(config)
+  best_evaluator = (config.checkpoint.best_metric or "").split("/", 1)[0]
   ckpt = checkpointing.Checkpointer(
       workdir, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
       best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
@@ -332,7 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                micro_steps, config.log_steps, final)
       if eval_metrics:
         writer.write(step, eval_metrics)
-        if config.checkpoint.best_metric in eval_metrics:
+        # Only steps where the metric's evaluator ran (evaluators can have their own ``every``);
+        # there save_best names a metric that evaluator does not give.
+        if best_evaluator and any(k.startswith(best_evaluator + "/") for k in eval_metrics):
           ckpt.save_best(step, state, eval_metrics)
       if step % config.checkpoint.every == 0 or final:
         ckpt.save(step, state, train_iter, eval_metrics)

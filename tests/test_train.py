@@ -214,7 +214,8 @@ def test_use_best_makes_the_best_checkpoint_the_runs_model(tmp_path, monkeypatch
   assert latest["probe"]["weight_sum"] == pytest.approx(logged[12]["probe/weight_sum"])
 
 
-def test_best_metric_config_errors_name_the_key(tmp_path):
+def test_best_metric_config_errors_name_the_key(tmp_path, monkeypatch):
+  from pathflip_jax import evaluators
   config = toy_task.get_config("total_steps=2")
   config.checkpoint.use_best = True
   with pytest.raises(ValueError, match="config.checkpoint.best_metric"):
@@ -222,6 +223,12 @@ def test_best_metric_config_errors_name_the_key(tmp_path):
   config.checkpoint.best_metric = "probe/scripted"
   with pytest.raises(ValueError, match="'probe' is not an evaluator of config.evals"):
     train.train_and_evaluate(config, str(tmp_path / "b"))
+  # A metric its evaluator does not give is named at the first step that evaluator runs.
+  monkeypatch.setitem(evaluators.TYPES, "toy", "tests.toy_task")
+  config.evals = {"probe": dict(type="toy", every=2, scores=[0.5])}
+  config.checkpoint.best_metric = "probe/scriptd"
+  with pytest.raises(KeyError, match="best_metric='probe/scriptd'"):
+    train.train_and_evaluate(config, str(tmp_path / "c"))
 
 
 def test_unknown_stage_and_bad_batch_are_named():
