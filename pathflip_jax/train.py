@@ -218,8 +218,9 @@ def _evaluate(evaluators, make_model: Callable[[], nnx.Module], step: int, total
   return out
 
 
-def _check_best_metric(config: ml_collections.ConfigDict) -> bool:
-  """Checks ``config.checkpoint.best_metric`` / ``use_best``; returns ``use_best``."""
+def _check_best_metric(config: ml_collections.ConfigDict) -> tuple[bool, str]:
+  """Checks ``config.checkpoint.best_metric`` / ``use_best``; returns ``use_best`` and the
+  evaluator that gives the metric ("" without one)."""
   best_metric = config.checkpoint.get("best_metric") or ""
   use_best = bool(config.checkpoint.get("use_best", False))
   if use_best and not best_metric:
@@ -230,7 +231,7 @@ def _check_best_metric(config: ml_collections.ConfigDict) -> bool:
     raise ValueError(f"config.checkpoint.best_metric={best_metric!r}: {evaluator!r} is not an "
                      f"evaluator of config.evals ({sorted(config.get('evals') or {})}); expected "
                      "'<evaluator>/<metric>'")
-  return use_best
+  return use_best, evaluator
 
 
 # --------------------------------------------------------------------------- the loop
@@ -277,8 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{optim.describe(state['params'], config.optim)}", file=sys.stderr)
 
   # Checkpoints and resume.
-  use_best = _check_best_metric(config)
-  best_evaluator = (config.checkpoint.best_metric or "").split("/", 1)[0]
+  use_best, best_evaluator = _check_best_metric(config)
   ckpt = checkpointing.Checkpointer(
       workdir, keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
       best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save)
