@@ -86,7 +86,7 @@ FEATURE_DIM = 512         # CONCH v1 features, as the paper
 IMPLS = ("torch", "unchunked", "jax")
 LARGE_N = 50_000          # from here on, --large_repeats (one 100k forward takes tens of seconds)
 _RESULT = "SLIDE_ENCODER_RESULT "
-TEXT_BRANCH = {"token_embed", "pos_embed", "text_mlp", "text_mlp_norm"}  # QFormer attributes
+TEXT_BRANCH = {"text_embed", "text_mlp", "text_mlp_norm"}  # QFormer attributes
 
 
 # --------------------------------------------------------------------------- memory
@@ -126,7 +126,7 @@ def _paper_model_config(impl: str, n: int):
   config = config_args.load_config(PAPER_CONFIG)
   model_config = align.model_config(config, config.vocab_size, 0, FEATURE_DIM)
   if impl == "unchunked":
-    # Attention.chunked runs the plain softmax whenever the keys fit in one chunk.
+    # MultiHeadAttention.chunked runs the plain softmax whenever the keys fit in one chunk.
     qformer_config = dataclasses.replace(model_config.qformer,
                                          kv_chunk=max(n, model_config.qformer.kv_chunk))
     model_config = dataclasses.replace(model_config, qformer=qformer_config)

@@ -3,7 +3,7 @@
 Launch (defaults: ViT-S/16 with random weights, the demo's stand-in until an encoder is trained
 or imported):
 
-  python -m data_prep.extract_features --patches runs/demo/patches --output_dir runs/demo/features \
+  python -m data_prep.extract_features --patches runs/quickstart/patches --output_dir runs/quickstart/features \
       --config configs/extract_features.py
 
 With UNI weights (timm format, a local file; ViT-L/16 with layer scale, trained at 224 px, so
@@ -15,7 +15,7 @@ With UNI weights (timm format, a local file; ViT-L/16 with layer scale, trained 
 With the demo's own patch encoder, trained by ``configs/patch_clip_demo.py`` in workdir W (its
 ViT, input size and normalisation are read from W; patches are resized to the input size):
 
-  python -m data_prep.extract_features --patches runs/demo/patches --output_dir runs/demo/features \
+  python -m data_prep.extract_features --patches runs/quickstart/patches --output_dir runs/quickstart/features \
       --config configs/extract_features.py:checkpoint=W
 
 Args (``key=value`` after the colon):
@@ -36,9 +36,8 @@ Args (``key=value`` after the colon):
   dtype          "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32" or "bfloat16"
   slides_per_shard, max_shard_mb   a feature shard is committed when either is reached
 
-Expected on the demo cohort (48 small slides, ~1,500 patches at 256 px): one feature record of
-384-d float16 features per tiled slide; on 2 CPU cores ViT-S/16 runs at a few hundred patches/s
-end to end (see benchmarks/patch_encoder.py).
+Expected: one feature record of float16 features per tiled slide (384-d for ViT-S/16);
+benchmarks/patch_encoder.py measures the throughput beside timm and a CLAM-style loop.
 """
 
 from pathflip_jax import config_args

@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any, Iterator
 
+from pathflip_jax import progress as progress_lib
 from pathflip_jax.data import captions
 from pathflip_jax.data import manifest
 
@@ -219,7 +220,8 @@ def run(argv=None) -> dict[str, Any]:
   _log(f"{source}: {len(rows)} slides; {len(rows) - len(todo)} already in {output}; "
        f"{len(todo)} to do with backend {backend.name!r}")
 
-  start = last_report = time.time()
+  start = time.time()
+  progress = progress_lib.Progress(len(todo), "slides", "decompose_captions", PROGRESS_EVERY)
   written = failed = fell_back = 0
   failures = None
   try:
@@ -242,13 +244,7 @@ def run(argv=None) -> dict[str, Any]:
           failures.flush()
           failed += 1
           _log(f"slide {row['slide_id']!r} failed: {error}")
-        now = time.time()
-        finished = written + failed
-        if now - last_report >= PROGRESS_EVERY and finished < len(todo):
-          rate = finished / (now - start)
-          _log(f"slides {finished}/{len(todo)} | {rate:.2f}/s | "
-               f"ETA {(len(todo) - finished) / rate:.0f}s")
-          last_report = now
+        progress.update(written + failed)
   finally:
     if failures is not None:
       failures.close()

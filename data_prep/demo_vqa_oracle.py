@@ -1,8 +1,8 @@
 r"""How far the demo cohort's multiple-choice questions can be answered from the tiled patches.
 
-  python -m data_prep.demo_vqa_oracle --cohort_dir runs/demo/cohort \
-      --patches runs/demo/patches [--split test] [--predictions W2/eval/vqa_test.jsonl] \
-      [--features runs/demo/features] [--output oracle.json]
+  python -m data_prep.demo_vqa_oracle --cohort_dir runs/quickstart/cohort \
+      --patches runs/quickstart/patches [--split test] [--predictions W2/eval/vqa_test.jsonl] \
+      [--features runs/quickstart/features] [--output oracle.json]
 
 The oracle knows the exact tissue composition of every tiled patch (from the cohort's label
 maps) and nothing else, and answers each question the way the generator words it:

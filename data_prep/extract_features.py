@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import compilation_cache, config_args, input_pipeline, sharding
+from pathflip_jax import compilation_cache, config_args, input_pipeline, progress as progress_lib
+from pathflip_jax import sharding
 from pathflip_jax.data import feature_shards, patch_shards, tiling
 from pathflip_jax.models import vit
 
@@ -79,8 +80,8 @@ def build_encoder(config: ml_collections.ConfigDict, patch_size: int,
     if config.weights:
       raise ValueError("config keys 'checkpoint' and 'weights' are exclusive: give one encoder")
     # A patch_clip training run: its ViT, input size and normalisation come with it.
-    from pathflip_jax.tasks import patch_clip as patch_clip_task
-    model, clip_config, default_name = patch_clip_task.load_image_encoder(config.checkpoint)
+    from pathflip_jax import predict  # noqa: PLC0415
+    model, clip_config, default_name = predict.load_image_encoder(config.checkpoint)
     name = config.name or default_name
     source = os.path.abspath(config.checkpoint)
     weights_hash = feature_shards.weights_hash(_named_arrays(model))
@@ -225,41 +226,6 @@ class _SlideBuffer:
     self.errors: list[str] = []
 
 
-class Progress:
-  def __init__(self, total_slides: int, total_patches: int, interval: float):
-    self.total_slides, self.total_patches, self.interval = total_slides, total_patches, interval
-    self.start = self.last = time.perf_counter()
-    self.slides = self.patches = 0
-    # After the first batch (which pays for compilation and worker start-up): the steady rate.
-    self.first_batch_time: float | None = None
-    self.first_batch_patches = 0
-
-  def update(self, slides: int, patches: int, force: bool = False) -> None:
-    self.slides, self.patches = self.slides + slides, self.patches + patches
-    now = time.perf_counter()
-    if self.first_batch_time is None and patches:
-      self.first_batch_time, self.first_batch_patches = now, self.patches
-    if self.interval and (force or now - self.last >= self.interval):
-      self.last = now
-      _log(self.line())
-
-  def rate(self) -> float:
-    return self.patches / max(time.perf_counter() - self.start, 1e-9)
-
-  def steady_rate(self) -> float | None:
-    if self.first_batch_time is None or self.patches == self.first_batch_patches:
-      return None
-    return ((self.patches - self.first_batch_patches)
-            / max(time.perf_counter() - self.first_batch_time, 1e-9))
-
-  def line(self) -> str:
-    rate = self.rate()
-    left = self.total_patches - self.patches
-    eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-    return (f"slides {self.slides}/{self.total_slides} | patches {self.patches}/"
-            f"{self.total_patches} | {rate:.1f} patches/s | ETA {eta}")
-
-
 def _tiling_params(patches_dir: str) -> dict[str, Any]:
   path = os.path.join(patches_dir, "tiling.json")
   if not os.path.exists(path):
@@ -336,7 +302,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   buffers = {k: _SlideBuffer(r, b - a, encoder.feature_dim)
              for k, (r, (a, b)) in enumerate(zip(todo, ranges))}
-  progress = Progress(len(todo), len(indices), args.progress_interval)
+  # The first batch pays for compilation and worker start-up: the rate is measured after it.
+  progress = progress_lib.Progress(len(indices), "patches", "extract_features",
+                                   args.progress_interval or None, skip_first=True)
   written, failed = [], []
 
   def finish(k: int) -> None:
@@ -364,7 +332,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   def consume(batch: dict[str, Any], features: jax.Array) -> None:
     count = len(batch["slides"])
     features = np.asarray(features[:count]).astype(np.float16)
-    done = 0
     for j, k in enumerate(batch["slides"]):
       buffer = buffers[k]
       buffer.features[buffer.filled] = features[j]
@@ -374,8 +341,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       buffer.filled += 1
       if buffer.filled == buffer.num:
         finish(k)
-        done += 1
-    progress.update(done, count)
+    progress.update(progress.done + count, slides=f"{len(written) + len(failed)}/{len(todo)}")
 
   try:
     if len(indices):
@@ -398,19 +364,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   finally:
     index_rows, failure_rows = writer.close(rows)
   elapsed = time.perf_counter() - started
-  progress.update(0, 0, force=True)
   summary = {
       "slides_written": len(written), "slides_failed": len(failed),
-      "slides_skipped": len(rows) - len(todo), "patches": progress.patches,
-      "patches_per_s": progress.rate(), "steady_patches_per_s": progress.steady_rate(),
+      "slides_skipped": len(rows) - len(todo), "patches": progress.done,
+      "patches_per_s": progress.rate(include_first=True) or 0.0,
+      "steady_patches_per_s": progress.rate(),
       "seconds": elapsed, "shards": writer.written,
       "encoder": encoder.name, "feature_dim": encoder.feature_dim,
       "output_dir": os.path.abspath(args.output_dir), "failures": failure_rows,
   }
-  steady = progress.steady_rate()
+  steady = summary["steady_patches_per_s"]
   steady = f", {steady:.1f} after the first batch" if steady else ""
-  _log(f"done in {elapsed:.1f}s: {len(written)} slides written ({progress.patches} patches, "
-       f"{progress.rate():.1f} patches/s{steady}), {len(failed)} failed, "
+  _log(f"done in {elapsed:.1f}s: {len(written)} slides written ({progress.done} patches, "
+       f"{summary['patches_per_s']:.1f} patches/s{steady}), {len(failed)} failed, "
        f"{len(rows) - len(todo)} skipped -> {summary['output_dir']}")
   return summary
 

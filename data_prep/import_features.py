@@ -89,6 +89,7 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
+from pathflip_jax import progress as progress_lib
 from pathflip_jax.data import feature_shards
 from pathflip_jax.data import manifest as manifest_lib
 
@@ -628,25 +629,6 @@ def _feature_dim(output_dir: str, pending: list[SlideInput], fmt: str) -> int | 
 # --------------------------------------------------------------------------- entry point
 
 
-class Progress:
-  def __init__(self, total: int, interval: float):
-    self.total, self.interval = total, interval
-    self.done = self.patches = 0
-    self.start = self._last = time.perf_counter()
-
-  def update(self, patches: int, force: bool = False) -> None:
-    self.done += 1 if not force else 0
-    self.patches += patches
-    now = time.perf_counter()
-    if force or (self.interval > 0 and now - self._last >= self.interval):
-      self._last = now
-      elapsed = max(now - self.start, 1e-9)
-      rate = self.done / elapsed
-      eta = f"{(self.total - self.done) / rate:,.0f}s" if rate > 0 else "?"
-      _log(f"slides {self.done}/{self.total} | {rate:.1f} slides/s | {self.patches:,} patches | "
-           f"ETA {eta}")
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m data_prep.import_features", description=__doc__.split("\n\n")[0],
@@ -712,7 +694,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                           slides_per_shard=args.slides_per_shard)
   failures: dict[str, dict[str, Any]] = {}
   written: list[str] = []
-  progress = Progress(len(pending), args.progress_interval)
+  progress = progress_lib.Progress(len(pending), "slides", "import_features",
+                                   args.progress_interval or None)
+  patches_done = 0
   for slide in pending:
     patches = 0
     try:
@@ -735,9 +719,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if slide.slide_id in failures and writer is not None:
       failure = failures[slide.slide_id]
       writer.fail(slide.slide_id, failure["reason"], failure["error"], path=slide.path)
-    progress.update(patches)
-  if pending:
-    progress.update(0, force=True)
+    patches_done += patches
+    progress.update(progress.done + 1, patches=patches_done)
 
   shards: list[str] = []
   if writer is not None:
@@ -751,10 +734,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "output_dir": output_dir, "format": args.format, "encoder": args.encoder,
       "feature_dim": feature_dim, "slides_total": len(slides), "slides_written": len(written),
       "slides_skipped": len(slides) - len(pending), "slides_failed": len(failure_rows),
-      "not_in_manifest": not_in_manifest, "patches": progress.patches, "shards": shards,
+      "not_in_manifest": not_in_manifest, "patches": patches_done, "shards": shards,
       "seconds": round(elapsed, 2), "failures": failure_rows,
   }
-  _log(f"done in {elapsed:.1f}s: {len(written)} slides imported ({progress.patches:,} patches, "
+  _log(f"done in {elapsed:.1f}s: {len(written)} slides imported ({patches_done:,} patches, "
        f"{len(shards)} shards), {summary['slides_skipped']} already there, "
        f"{len(failure_rows)} failed -> {output_dir}")
   for failure in failure_rows:

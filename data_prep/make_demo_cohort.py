@@ -16,9 +16,9 @@ Writes (see WORKSPACE.md):
   D/contact_sheet.png, D/thumbnails.png, D/cohort.json
   D/tfds/demo_cohort/1.0.0/          the slide-level records as a TFDS ArrayRecord dataset
 
-Deterministic for a seed (slide i draws from the generator seeded [seed, i]). Measured on 2 cores:
-``small`` (48 slides, 2-4k px a side) in about 2 minutes; ``medium`` slides (8-18k px a side) take
-about 4.5 minutes each on one core.
+Deterministic for a seed (slide i draws from the generator seeded [seed, i]). ``small`` slides
+are 2-4k px a side, ``medium`` ones 8-18k px; the quickstart's stage times (docs/results.md) say
+how long the default cohort takes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from pathflip_jax import progress as progress_lib
 from pathflip_jax.data import demo_cohort_tfds, qupath, synthetic_he as he, tissue
 from pathflip_jax.data.pyramid_tiff import write_pyramidal_tiff
 
@@ -487,6 +488,7 @@ def run(argv=None) -> dict[str, Any]:
           for i, (sid, pid, dx, split) in enumerate(plan)]
   start = time.time()
   slides: list[dict[str, Any]] = [None] * len(jobs)
+  progress = progress_lib.Progress(len(jobs), "slides", "make_demo_cohort", interval_s=0)
   # spawn, not fork: a parent that has imported JAX (a notebook, the tests) is multithreaded.
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.workers),
@@ -494,9 +496,7 @@ def run(argv=None) -> dict[str, Any]:
     futures = {pool.submit(make_slide, job): i for i, job in enumerate(jobs)}
     for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
       slides[futures[future]] = future.result()
-      elapsed = time.time() - start
-      print(f"[make_demo_cohort] slides {done}/{len(jobs)} | {elapsed:.0f}s | ETA "
-            f"{elapsed / done * (len(jobs) - done):.0f}s", file=sys.stderr, flush=True)
+      progress.update(done)
   with open(os.path.join(out, "manifest.jsonl"), "w") as f:
     for s in slides:
       f.write(json.dumps({k: s[k] for k in ("slide_id", "path", "patient_id", "split",

@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pathflip_jax import config_args
+from pathflip_jax import progress as progress_lib
 from pathflip_jax.data import manifest as manifest_lib
 from pathflip_jax.data import patch_shards, qupath, records, slides, tiling
 
@@ -451,19 +452,21 @@ def write_indexes(output_dir: str, rows: Sequence[dict]) -> tuple[list[dict], li
 
 
 class Progress(threading.Thread):
-  """Prints slides done / total, patches/s and ETA by watching the output directory, which works
-  whatever runner executes the pipeline, as long as the directory is shared."""
+  """Prints patches cut / estimated total, slides done, patches/s and ETA by watching the output
+  directory, which works whatever runner executes the pipeline, as long as the directory is
+  shared."""
 
   def __init__(self, output_dir: str, tasks: Sequence[SlideTask], interval: float = 5.0,
-               stream=sys.stderr):
+               stream=None):
     super().__init__(daemon=True)
     self._dir = output_dir
     self._keys = {t.key for t in tasks}
     self._interval = interval
-    self._stream = stream
     self._stop = threading.Event()
     self._start = time.time()
-    self._patches_at_start = self._count()[1]
+    # Patches of slides staged by an interrupted run are not this run's work: not in the rate.
+    self._progress = progress_lib.Progress(None, "patches", "tile_slides", interval,
+                                           start=self._count()[1], stream=stream)
 
   def _count(self) -> tuple[int, int, int, int]:
     """(slides done, patches cut, patches planned, slides planned or failed) for this run."""
@@ -497,20 +500,17 @@ class Progress(threading.Thread):
         done += len(counts) == plan["num_batches"]
     return done, cut, planned, planned_slides
 
-  def line(self) -> str:
+  def report(self) -> None:
+    """Counts what is on disk now and prints the line."""
     done, cut, planned, planned_slides = self._count()
-    elapsed = max(time.time() - self._start, 1e-6)
-    rate = (cut - self._patches_at_start) / elapsed
-    total_estimate = planned + (len(self._keys) - planned_slides) * (
-        planned / planned_slides if planned_slides else 0)
-    remaining = max(total_estimate - cut, 0)
-    eta = f"{remaining / rate:,.0f}s" if rate > 0 and planned_slides else "?"
-    return (f"[tile_slides] slides {done}/{len(self._keys)} | patches {cut:,} | "
-            f"{rate:,.0f} patches/s | ETA {eta}")
+    # Slides not planned yet are guessed at the mean of the planned ones.
+    self._progress.total = round(planned + (len(self._keys) - planned_slides) * (
+        planned / planned_slides)) if planned_slides else None
+    self._progress.update(cut, force=True, slides=f"{done}/{len(self._keys)}")
 
   def run(self) -> None:
     while not self._stop.wait(self._interval):
-      print(self.line(), file=self._stream, flush=True)
+      self.report()
 
   def stop(self) -> None:
     self._stop.set()
@@ -615,7 +615,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
       if progress:
         progress.stop()
-        print(progress.line(), file=sys.stderr, flush=True)
+        progress.report()
   slide_rows, failure_rows = write_indexes(output_dir, rows)
   staging = os.path.join(output_dir, STAGING_DIR)
   if os.path.isdir(staging) and not os.listdir(staging):

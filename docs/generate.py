@@ -1,5 +1,5 @@
-"""Writes docs/<entry point>.md from each command's own docstring and argparse help, so the
-pages list exactly the flags the code accepts.
+"""Writes docs/<entry point>.md from each command's own docstring and ``--help``, so the pages
+list exactly the flags the code accepts.
 
   python docs/generate.py            rewrite the pages
   python docs/generate.py --check    exit 1 (naming the pages) when a page is out of date
@@ -28,7 +28,7 @@ ENTRY_POINTS = (
     ("data_prep.import_features", "TRIDENT / CLAM / SlideChat features -> feature shards"),
     ("data_prep.decompose_captions", "reports -> region-level sentences (rule or LLM)"),
     ("data_prep.train_tokenizer", "a SentencePiece tokenizer from captions"),
-    ("data_prep.benchmarks", "public benchmark files -> manifests and questions"),
+    ("data_prep.public_benchmarks", "public benchmark files -> manifests and questions"),
     ("pathflip_jax.train", "every training stage (patch_clip, align, instruct)"),
     ("pathflip_jax.evaluate", "every evaluator of a config on a checkpoint"),
     ("data_prep.demo_vqa_oracle", "the demo questions' ceiling: answers from exact patch tissue"),
@@ -67,7 +67,7 @@ def page(module_name: str, role: str) -> str:
   doc = (module.__doc__ or "").strip()
   return "\n".join([
       f"# `python -m {module_name}`: {role}", "",
-      "<!-- Written by docs/generate.py from the module docstring and its argparse help; "
+      "<!-- Written by docs/generate.py from the module docstring and its --help; "
       "edit those, then run `python docs/generate.py`. -->", "",
       "## What it does", "", "```", doc, "```", "",
       "## Flags", "", "```", _help(module_name), "```", ""])
@@ -79,10 +79,9 @@ def index() -> str:
            "the code by `docs/generate.py`). The on-disk layout of what they write is in "
            "`WORKSPACE.md`.", ""]
   lines += [f"- [`python -m {m}`]({m.split('.')[-1]}.md): {role}" for m, role in ENTRY_POINTS]
-  lines += ["", "Development logs (written by hand): [localization](experiments/localization.md) "
-            "(how the `quickstart --joint` recipe came to be, every variant tried) and "
-            "[instruction tuning](experiments/instruct.md) (what was tried against the VQA "
-            "target)."]
+  lines += ["", "Measured numbers: [results.md](results.md), written by `docs/results.py` from a "
+            "named quickstart run. History of what was tried, with the commit where removed "
+            "code last lived: [experiments/](experiments/README.md)."]
   return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,10 @@ be donated to the next step right away); a save is complete only once Orbax has 
 temporary directory, so a killed run never leaves a checkpoint that half-restores. Restoring
 takes an abstract target (shapes, dtypes and the *current* mesh's shardings), so a run saved on
 8 devices restores onto 1 and vice versa.
+
+Layout: each checkpoint's meta records ``layout`` (:data:`LAYOUT`); reading a checkpoint of an
+earlier layout (or the config of a run whose checkpoints are) stops with :class:`LayoutError`,
+which says that the run predates the layout and what to do.
 """
 
 from __future__ import annotations
@@ -38,6 +42,34 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from pathflip_jax import optim
+
+# The parameter and config layout checkpoints are written in. 2: the shared layers of
+# models/layers.py (renamed ViT and text-tower attention parameters) and the experiment
+# switches retired; checkpoints of git 0d3432e and earlier record none (layout 1).
+LAYOUT = 2
+LAYOUT_NOTE = ("the layout of 2026-12-07 (the shared layers of models/layers.py; the experiment "
+               "switches retired, docs/experiments/README.md)")
+
+
+class LayoutError(ValueError):
+  """A checkpoint, or the config of a run, written in an earlier layout."""
+
+
+def checkpoint_layout(step_dir: str) -> int:
+  """The layout a checkpoint folder (``.../checkpoints/<step>``) was written in."""
+  path = os.path.join(step_dir, "meta", "metadata")
+  if not os.path.exists(path):
+    return 1
+  with open(path) as f:
+    return int(json.load(f).get("layout", 1))
+
+
+def check_layout(step_dir: str, source: str = "") -> None:
+  """Raises :class:`LayoutError` for a checkpoint of an earlier layout: its parameters (and the
+  config that built them) no longer mean what they did, so nothing of it is loaded."""
+  if checkpoint_layout(step_dir) < LAYOUT:
+    raise LayoutError(f"{source or step_dir} predates {LAYOUT_NOTE}; it does not load with "
+                      "this version: retrain it, or use it with git commit 0d3432e")
 
 
 class Checkpointer:
@@ -112,9 +144,9 @@ class Checkpointer:
 
 
 def _save_args(state, data_iterator, step, metrics):
-  items = {"state": ocp.args.PyTreeSave(state),
-           "meta": ocp.args.JsonSave({"step": int(step), "time": time.time(),
-                                      "metrics": {k: float(v) for k, v in (metrics or {}).items()}})}
+  meta = {"step": int(step), "time": time.time(), "layout": LAYOUT,
+          "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
+  items = {"state": ocp.args.PyTreeSave(state), "meta": ocp.args.JsonSave(meta)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   return ocp.args.Composite(**items)
@@ -180,6 +212,9 @@ def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
   if isinstance(manager, str):
     manager = _manager(manager, model=False)
   step = manager.latest_step() if step is None else step
+  # A checkpoint of an earlier layout would fail inside Orbax with a message about tree
+  # structure; this says what it is instead.
+  check_layout(os.path.join(str(manager.directory), str(step)))
   # Explicit restore args: each array is read straight into the target's sharding (the mesh of
   # this run, whatever the mesh of the run that saved it).
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
@@ -249,6 +284,7 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
   """
   manager = _manager(path)
   step = manager.latest_step() if step is None else step
+  check_layout(os.path.join(str(manager.directory), str(step)))
   state_dir = os.path.join(str(manager.directory), str(step), "state")
   with _quiet_read_only():
     metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
@@ -277,6 +313,11 @@ def run_config(workdir: str, stage: str | Sequence[str], name: str = ""
                             "(python -m pathflip_jax.train --workdir ...)")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(checkpoints) if s.isdigit()) \
+      if os.path.isdir(checkpoints) else []
+  if steps:
+    check_layout(os.path.join(checkpoints, str(steps[-1])), f"{name} ({path})")
   if config.get("stage") not in stages:
     wanted = (f"a {stages[0]!r} run" if len(stages) == 1 else
               "a run of stage " + " or ".join(repr(s) for s in stages))

@@ -1,21 +1,20 @@
 r"""Evaluates a trained run: every evaluator its config lists, on a checkpoint of the run.
 
-  python -m pathflip_jax.evaluate --config configs/<name>.py[:key=value,...] --workdir W \
-      [--step S] [--only name,...] [--output_dir D]
+  python -m pathflip_jax.evaluate --workdir W [--step S] [--only name,...] [--output_dir D] \
+      [--config configs/<name>.py[:arg] [--config.evals.NAME.FIELD=value ...]]
 
-Without ``--step`` it evaluates the run's model: its latest checkpoint, or the best one for a run
-trained with ``config.checkpoint.use_best``.
+Without ``--config`` the config is the one the run saved (``W/config.json``); its ``evals``
+section chooses the evaluators by ``type``. With ``--config`` (the run's config file, with
+overrides) evaluators can be added or changed. Without ``--step`` it evaluates the run's model:
+its latest checkpoint, or the best one for a run trained with ``config.checkpoint.use_best``.
 
-The config is the one the run was trained with (its ``evals`` section chooses the evaluators by
-``type``; add or change evaluators with config args). Writes ``D/<name>.json`` per evaluator
-(its metrics, the checkpoint step, the workdir and the evaluator's config) and ``D/metrics.md``,
-one Markdown table of every metric; ``D`` defaults to ``W/eval``. ``evaluate(config, workdir)``
-does the same from Python.
+Writes ``D/<name>.json`` per evaluator (its metrics, the checkpoint step, the workdir and the
+evaluator's config) and ``D/metrics.md``, one Markdown table of every metric; ``D`` defaults to
+``W/eval``. ``evaluate(config, workdir)`` does the same from Python.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,20 +22,23 @@ import time
 from typing import Any
 
 import ml_collections
-from flax import nnx
+from absl import flags
 
-from pathflip_jax import (checkpointing, config_args, evaluators as evaluators_lib, report,
-                          sharding, tasks)
+from pathflip_jax import (checkpointing, config_args, evaluators as evaluators_lib, predict,
+                          report, sharding, tasks)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str, step: int | None = None,
              only: list[str] | None = None, output_dir: str = "") -> dict[str, dict[str, Any]]:
   """{evaluator name: metrics} of the run in ``workdir`` at ``step`` (None: the run's model,
-  its latest checkpoint or, if it trained with ``config.checkpoint.use_best``, its best)."""
+  its latest checkpoint or, if it trained with ``config.checkpoint.use_best``, its best).
+  ``config`` None: the run's own (``W/config.json``)."""
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"{workdir}/checkpoints not found: --workdir {workdir} holds no "
                             "trained run (python -m pathflip_jax.train --config ... --workdir ...)")
+  if config is None:
+    config = checkpointing.run_config(workdir, tuple(tasks.STAGES), f"--workdir {workdir}")
   evals = ml_collections.ConfigDict(dict(config.get("evals") or {}))
   if only:
     unknown = sorted(set(only) - set(evals))
@@ -64,8 +66,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     kept = checkpointing.checkpoint_steps(source)
     if step not in kept:
       raise ValueError(f"--step {step}: {workdir} has checkpoints at steps {kept}")
-  model = checkpointing.model_from_checkpoint(lambda: task.create_model(nnx.Rngs(config.seed)),
-                                             source, step)
+  _, model = predict.load_run(source, step, config, task)
   print(f"[evaluate] {source} step {step}: {len(built)} evaluators -> {output_dir}",
         file=sys.stderr, flush=True)
   results: dict[str, dict[str, Any]] = {}
@@ -95,27 +96,31 @@ def markdown_table(results: dict[str, dict[str, float]], title: str = "") -> str
   return "\n".join(lines + report.markdown_table(["evaluator", "metric", "value"], rows, 4))
 
 
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "the run's workdir", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the run's model: the latest "
+                       "checkpoint, or the best one if it trained with checkpoint.use_best)",
+                       flag_values=flag_values)
+  flags.DEFINE_list("only", [], "evaluator names to run (default: all)", flag_values=flag_values)
+  flags.DEFINE_string("output_dir", "", "default: WORKDIR/eval", flag_values=flag_values)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True,
-                      help="configs/<name>.py[:key=value,...]: the config the run trained with")
-  parser.add_argument("--workdir", required=True, help="the run's workdir")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step (default: the run's model: the latest checkpoint, or "
-                           "the best one if it trained with checkpoint.use_best)")
-  parser.add_argument("--only", default="", help="comma-separated evaluator names to run")
-  parser.add_argument("--output_dir", default="", help="default: WORKDIR/eval")
-  args = parser.parse_args(argv)
+  config, args = config_args.parse_command_line(
+      argv, "python -m pathflip_jax.evaluate", __doc__.split("\n\n")[0], _define_flags,
+      config_required=False)
+  if not args.workdir:
+    raise SystemExit("python -m pathflip_jax.evaluate: --workdir is required")
   from pathflip_jax import compilation_cache  # pylint: disable=import-outside-toplevel
   compilation_cache.enable()
-  config = config_args.load_config(args.config)
-  only = [x.strip() for x in args.only.split(",") if x.strip()] or None
   try:
-    results = evaluate(config, args.workdir, args.step, only, args.output_dir)
+    results = evaluate(config, args.workdir, args.step, args.only or None, args.output_dir)
   except (FileNotFoundError, ValueError, KeyError) as e:
-    raise SystemExit(f"[evaluate] {e}") from None
+    # A KeyError's str() quotes its message.
+    raise SystemExit(f"[evaluate] {e.args[0] if isinstance(e, KeyError) else e}") from None
   print(json.dumps(results, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":
-  main()
+  from pathflip_jax import evaluate as evaluate_module
+  evaluate_module.main()

@@ -1,10 +1,11 @@
 """Text-prompted heatmaps of a slide: a score per patch, a PNG overlay, QuPath GeoJSON.
 
-For each text query the alignment model scores every patch (``PathFlip.patch_heatmap``: the
-query's score of each region times the region Q-Former's attention over that region's patches,
-DESIGN.md section 2.4). Patches are addressed by their level-0 top-left corners, so the same
-scores draw over a thumbnail (``render_overlay``) and export to QuPath as detections
-(``geojson``) whatever the slide's magnification.
+For each text query the alignment model scores every patch (``PathFlip.patch_heatmap``: each
+region's share of the query's match with its text-conditioned region embedding, times the region
+Q-Former's attention over that region's patches, DESIGN.md section 2.4). Patches are addressed
+by their level-0 top-left corners, so the same scores draw over a thumbnail
+(``render_overlay``) and export to QuPath as detections (``geojson``) whatever the slide's
+magnification.
 """
 
 from __future__ import annotations
@@ -21,19 +22,10 @@ from scipy import ndimage
 
 from pathflip_jax.data import qupath, tissue
 
-METHODS = ("attention", "contribution")
-# What a localization evaluator whose config names no ``method`` scores heatmaps with.
-EVALUATOR_DEFAULT_METHOD = "attention"
-
-
-def localization_method(run_config: Mapping) -> str | None:
-  """The heatmap method a run's localization evaluator scores with (its ``method``, else the
-  evaluator's default); None if ``run_config.evals`` lists no localization evaluator.
-  ``run_config``: a run's config, a ConfigDict or its config.json as a dict."""
-  for evaluator in dict(run_config.get("evals") or {}).values():
-    if evaluator.get("type") == "localization":
-      return str(evaluator.get("method") or EVALUATOR_DEFAULT_METHOD)
-  return None
+# How a region scores a text (``PathFlip.patch_heatmap``): its share of the text's match with its
+# text-conditioned embedding (the default, what localization is evaluated with), or the
+# text-conditioned attention's weights alone.
+METHODS = ("contribution", "attention")
 
 
 class HeatmapScorer:
@@ -42,7 +34,7 @@ class HeatmapScorer:
   One compiled function per padded slide length (the example buckets keep these few).
   """
 
-  def __init__(self, method: str = EVALUATOR_DEFAULT_METHOD):
+  def __init__(self, method: str = METHODS[0]):
     if method not in METHODS:
       raise ValueError(f"heatmap method {method!r}: expected one of {METHODS}")
     self.method = method

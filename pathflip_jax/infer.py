@@ -1,7 +1,7 @@
 r"""One slide file in, PathFLIP's outputs out: zero-shot diagnosis, caption, answers, heatmaps.
 
   python -m pathflip_jax.infer --workdir W --slide FILE [--query "..."]... [--question "..."]... \
-      --output_dir O [--mpp 0.5] [--heatmap_method attention] [--extract_config C]
+      --output_dir O [--mpp 0.5] [--heatmap_method contribution] [--extract_config C]
 
 ``W`` is a finished run: an instruct run (all outputs) or an align run (no caption or answers).
 The slide is tiled in-process with the tiling parameters its features were made with (the Beam
@@ -9,9 +9,9 @@ job's planning and reading code), its patches are embedded by the same patch enc
 (``features.json``'s ``encoder_config``, checked against the recorded weights hash), and the
 align run's model encodes it. A question with options (``"Which tissue is present? | fat |
 necrosis | tumour | stroma"``) is asked as multiple choice, one without as an open question.
-Without ``--query`` the class names of the zero-shot task are the queries. Without
-``--heatmap_method`` the heatmaps read the region scores the run's localization evaluator was
-configured with (``contribution`` when its config lists none).
+Without ``--query`` the class names of the zero-shot task are the queries. The heatmaps read each
+region's contribution to a query's match (what localization is evaluated with);
+``--heatmap_method attention`` reads the text-conditioned attention weights instead.
 
 Writes to ``O``:
 
@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from pathflip_jax import checkpointing, config_args, heatmaps, sharding, tasks
+from pathflip_jax import checkpointing, config_args, heatmaps, predict, sharding
 from pathflip_jax.data import instructions as ins
 from pathflip_jax.data import slide_examples, slides, tiling, tissue
 from pathflip_jax.evaluators import common
@@ -220,9 +220,7 @@ def ask(instruct_dir: str, visual: dict[str, np.ndarray], questions: Sequence[st
   caption_tokens = next((e.max_new_tokens for e in evals.values()
                          if e.get("type") == "captioning"), 256)
   answer_tokens = next((e.max_new_tokens for e in evals.values() if e.get("type") == "vqa"), 48)
-  task = tasks.build(config, instruct_dir)
-  model = checkpointing.model_from_checkpoint(lambda: task.create_model(nnx.Rngs(0)),
-                                              instruct_dir)
+  task, model = predict.load_run(instruct_dir, config=config)
   if len(visual["tokens"]) > task.sequence.max_visual:
     raise InferError(f"the slide has {len(visual['tokens'])} visual tokens; the instruct run "
                      f"takes at most {task.sequence.max_visual}")
@@ -305,23 +303,17 @@ def write_page(output_dir: str, summary: dict[str, Any]) -> str:
   return path
 
 
-def default_heatmap_method(config: Any) -> str:
-  """The heatmap method an align run's config evaluates localization with
-  (:func:`heatmaps.localization_method`), "contribution" if it lists no localization evaluator."""
-  return heatmaps.localization_method(config) or "contribution"
-
-
 def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str] = (),
           questions: Sequence[str] = (), mpp: float | None = None,
-          heatmap_method: str = "", extract_config: str = "") -> dict[str, Any]:
-  """Runs everything on one slide; returns the summary (also ``output_dir/summary.json``).
-  ``heatmap_method`` "": the align run's localization method (:func:`default_heatmap_method`)."""
+          heatmap_method: str = heatmaps.METHODS[0], extract_config: str = ""
+          ) -> dict[str, Any]:
+  """Runs everything on one slide; returns the summary (also ``output_dir/summary.json``)."""
   t0 = time.time()
   workdir = os.path.abspath(workdir)
   align_dir, instruct_dir = resolve_runs(workdir)
   if questions and instruct_dir is None:
     raise InferError(f"--question needs an instruct run; {workdir} is an align run")
-  if heatmap_method and heatmap_method not in heatmaps.METHODS:
+  if heatmap_method not in heatmaps.METHODS:
     raise InferError(f"--heatmap_method {heatmap_method!r}: expected one of {heatmaps.METHODS}")
   questions = list(questions)
   for q in questions:
@@ -335,8 +327,7 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
   from pathflip_jax.tasks import instruct as instruct_task  # pylint: disable=import-outside-toplevel
   align_checkpoint = checkpointing.model_checkpoint(align_dir)
   _log(f"loading the align run {align_dir} (checkpoint {align_checkpoint})")
-  task, model = instruct_task.load_align_run(align_dir)
-  heatmap_method = heatmap_method or default_heatmap_method(task.config)
+  task, model = predict.load_align(align_dir, name=f"--workdir {workdir}")
   identity, features_dir = task.shards.identity, task.config.features_dir
   params = tiling_params(identity, features_dir)
   _, embed = build_patch_encoder(identity, features_dir, params.patch_size, extract_config)
@@ -420,9 +411,9 @@ def main(argv=None) -> None:
                       help="a question; 'question | option | option ...' for multiple choice")
   parser.add_argument("--mpp", type=float, default=None,
                       help="µm per pixel of the slide's level 0, overriding its metadata")
-  parser.add_argument("--heatmap_method", default=None, choices=heatmaps.METHODS,
-                      help="region scores the heatmaps read; default: the run's localization "
-                           "evaluator's (contribution if none)")
+  parser.add_argument("--heatmap_method", default=heatmaps.METHODS[0], choices=heatmaps.METHODS,
+                      help="region scores the heatmaps read: each region's contribution to the "
+                           "query's match (default), or the attention weights alone")
   parser.add_argument("--extract_config", default="",
                       help="configs/extract_features.py:... (when features.json cannot say)")
   args = parser.parse_args(argv)
@@ -430,7 +421,7 @@ def main(argv=None) -> None:
   compilation_cache.enable()
   try:
     summary = infer(args.workdir, args.slide, args.output_dir, args.query, args.question,
-                    args.mpp, args.heatmap_method or "", args.extract_config)
+                    args.mpp, args.heatmap_method, args.extract_config)
   except InferError as e:
     raise SystemExit(f"[infer] {e}") from None
   print(json.dumps({k: summary[k] for k in ("slide_id", "zero_shot", "caption", "answers",

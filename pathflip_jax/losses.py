@@ -25,18 +25,13 @@ AttendFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def contrastive_loss(image_bd: jax.Array, text_bd: jax.Array, scale: jax.Array,
-                     text_ids_b: jax.Array | None = None, label_smoothing: float = 0.0,
-                     group_ids_b: jax.Array | None = None
+                     text_ids_b: jax.Array | None = None, label_smoothing: float = 0.0
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric InfoNCE between unit-norm image and text embeddings (CLIP).
 
   ``text_ids_b`` marks pairs that share the same text: every image whose text is identical to
   text j counts text j as a positive (the target spreads evenly over them), instead of pushing
   away from its own caption's duplicates. Many demo patches share one region's sentence.
-
-  ``group_ids_b`` (optional) marks pairs that are neither positives nor negatives: an image and
-  a text of the same group but different texts leave each other's softmax (e.g. two sentences
-  that describe the same tissue type are no negatives for each other's patches).
 
   Returns the loss and metrics: ``i2t_accuracy``/``t2i_accuracy`` (argmax hits a positive).
   """
@@ -46,26 +41,15 @@ def contrastive_loss(image_bd: jax.Array, text_bd: jax.Array, scale: jax.Array,
     positive_bb = jnp.eye(b, dtype=bool)
   else:
     positive_bb = text_ids_b[:, None] == text_ids_b[None, :]
-  kept_bb = None
-  if group_ids_b is not None:
-    kept_bb = (group_ids_b[:, None] != group_ids_b[None, :]) | positive_bb
-    logits_bb = jnp.where(kept_bb, logits_bb, -1e9)
 
-  def targets(positive_xy: jax.Array, kept_xy: jax.Array | None) -> jax.Array:
-    """Each row's target distribution; smoothing mass only on the pairs its softmax keeps
-    (mass on a pair that left it would meet its -1e9 log-probability)."""
+  def targets(positive_xy: jax.Array) -> jax.Array:
     target_xy = positive_xy / positive_xy.sum(axis=1, keepdims=True)
     if not label_smoothing:
       return target_xy
-    if kept_xy is None:
-      return (1.0 - label_smoothing) * target_xy + label_smoothing / b
-    return ((1.0 - label_smoothing) * target_xy
-            + label_smoothing * kept_xy / kept_xy.sum(axis=1, keepdims=True))
+    return (1.0 - label_smoothing) * target_xy + label_smoothing / b
 
-  kept_t = None if kept_bb is None else kept_bb.T
-  i2t = -jnp.sum(targets(positive_bb, kept_bb) * jax.nn.log_softmax(logits_bb, axis=1), axis=1)
-  t2i = -jnp.sum(targets(positive_bb.T, kept_t) * jax.nn.log_softmax(logits_bb, axis=0).T,
-                 axis=1)
+  i2t = -jnp.sum(targets(positive_bb) * jax.nn.log_softmax(logits_bb, axis=1), axis=1)
+  t2i = -jnp.sum(targets(positive_bb.T) * jax.nn.log_softmax(logits_bb, axis=0).T, axis=1)
   loss = 0.5 * (i2t.mean() + t2i.mean())
   hit_i2t = jnp.take_along_axis(positive_bb, jnp.argmax(logits_bb, axis=1)[:, None], 1)
   hit_t2i = jnp.take_along_axis(positive_bb.T, jnp.argmax(logits_bb, axis=0)[:, None], 1)
@@ -159,16 +143,16 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
-def _pair_sums(positive: jax.Array, negative: jax.Array, logits: jax.Array,
-               weight: float = 1.0) -> dict[str, jax.Array]:
-  """Sigmoid-loss sums over (text, embedding) pairs of any shape: ``weight`` times the loss of
-  the positive (label +1) and negative (-1) pairs, and the counts, hits and logit sums behind the
-  region metrics."""
+def _pair_sums(positive: jax.Array, negative: jax.Array, logits: jax.Array
+               ) -> dict[str, jax.Array]:
+  """Sigmoid-loss sums over (text, embedding) pairs of any shape: the loss of the positive
+  (label +1) and negative (-1) pairs, and the counts, hits and logit sums behind the region
+  metrics."""
   label = jnp.where(positive, 1.0, -1.0).astype(logits.dtype)
   nll = -jax.nn.log_sigmoid(label * logits)
   f32 = jnp.float32
   return {
-      "loss": weight * jnp.sum(jnp.where(positive | negative, nll, 0.0)),
+      "loss": jnp.sum(jnp.where(positive | negative, nll, 0.0)),
       "positive_count": positive.sum(dtype=f32),
       "negative_count": negative.sum(dtype=f32),
       "positive_hits": (positive & (logits > 0)).sum(dtype=f32),
@@ -181,9 +165,7 @@ def _pair_sums(positive: jax.Array, negative: jax.Array, logits: jax.Array,
 def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
                   region_valid_bm: jax.Array, sub_bke: jax.Array, sub_valid_bk: jax.Array,
                   picked_ce: jax.Array, picked_valid_c: jax.Array, slide_ids_b: jax.Array,
-                  scale: jax.Array, bias: jax.Array, caption_concepts_b: jax.Array,
-                  picked_concepts_c: jax.Array, sub_concepts_bk: jax.Array,
-                  within_slide_weight: float) -> dict[str, jax.Array]:
+                  scale: jax.Array, bias: jax.Array) -> dict[str, jax.Array]:
   """Sums (not means) of the region loss and metrics over slides ``b`` against picks ``c``."""
   b, k, e = sub_bke.shape
   c = picked_ce.shape[0]
@@ -199,29 +181,10 @@ def _region_terms(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
   positive_bt = jnp.concatenate([sub_valid_bk, jnp.zeros((b, c), bool)], axis=1)
   # A slide's own pick duplicates one of its positives: not a negative for itself.
   negative_bc = picked_valid_c[None, :] & (slide_ids_b[:, None] != jnp.arange(c)[None, :])
-  # A pick that names only what the slide's own caption names is no evidence against the slide.
-  named_bc = (picked_concepts_c[None, :] != 0) & (
-      (picked_concepts_c[None, :] & ~caption_concepts_b[:, None]) == 0)
-  negative_bc &= ~named_bc
   negative_bt = jnp.concatenate([jnp.zeros((b, k), bool), negative_bc], axis=1)
   positive_bt &= slide_valid_b[:, None]
   negative_bt &= slide_valid_b[:, None]
-  sums = _pair_sums(positive_bt, negative_bt, logits_bt)
-  if within_slide_weight:
-    # Text i of slide b against the embedding its subcaption j drew from b's regions: when i and
-    # j name disjoint tissues, attending to what j names must not also answer i. Without this no
-    # pair tells two tissues of the same slide apart (other slides' picks of them are no
-    # negatives under named-negative masking), and a query can settle on its co-occurring tissue.
-    z_bke = z_bte[:, :k]
-    cross_bij = jnp.einsum("bie,bje->bij", _l2_normalize(sub_bke), _l2_normalize(z_bke))
-    cross_logits_bij = scale * cross_bij + bias
-    named_bk = sub_valid_bk & (sub_concepts_bk != 0) & slide_valid_b[:, None]
-    cross_negative_bij = (named_bk[:, :, None] & named_bk[:, None, :]
-                          & ((sub_concepts_bk[:, :, None] & sub_concepts_bk[:, None, :]) == 0))
-    cross = _pair_sums(jnp.zeros_like(cross_negative_bij), cross_negative_bij, cross_logits_bij,
-                       within_slide_weight)
-    sums = {name: value + cross[name] for name, value in sums.items()}
-  return sums
+  return _pair_sums(positive_bt, negative_bt, logits_bt)
 
 
 def _region_metrics(sums: dict[str, jax.Array], num_slides: int
@@ -239,10 +202,7 @@ def _region_metrics(sums: dict[str, jax.Array], num_slides: int
 def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.Array,
                         region_valid_bm: jax.Array, sub_bke: jax.Array, sub_valid_bk: jax.Array,
                         negative_pick_b: jax.Array, scale: jax.Array, bias: jax.Array,
-                        mesh: Mesh | None = None, caption_concepts_b: jax.Array | None = None,
-                        sub_concepts_bk: jax.Array | None = None,
-                        within_slide_weight: float = 0.0
-                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Sigmoid (SigLIP) loss between subcaptions and their text-conditioned region embeddings.
 
   Shape letters: ``b`` slides (the global batch when ``mesh`` is None, a device's slides inside
@@ -259,12 +219,6 @@ def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.A
   out. Loss: ``-sum log_sigmoid(label * logit)`` over the kept pairs, divided by the global
   number of slides.
 
-  ``caption_concepts_b`` / ``sub_concepts_bk`` (bit sets of tissue words; 0 = none named): a
-  pick whose concepts the slide's caption all names is no negative for that slide.
-  ``within_slide_weight`` (not in the paper; 0 = off): also b's own subcaption i against the
-  embedding b's subcaption j drew, for i and j that both name concepts and share none, as
-  negatives with this weight (a Python number: it selects the computation).
-
   ``attend`` must be a pure function of its arguments (an NNX module split by the caller, or a
   text-independent pooling for the ablation). It also runs on slides without a valid region, with
   their padding regions unmasked (so a -inf mask gives no NaN); those outputs are discarded. With
@@ -277,45 +231,35 @@ def region_sigmoid_loss(attend: AttendFn, attend_params: Any, regions_bme: jax.A
   ``region_negative_accuracy`` (kept negatives with logit < 0), ``region_positive_logit`` and
   ``region_negative_logit`` (mean logits); 0 when there is no such pair.
   """
-  def picks(sub_bke, sub_valid_bk, sub_concepts_bk, negative_pick_b):
+  def picks(sub_bke, sub_valid_bk, negative_pick_b):
     rows = jnp.arange(sub_bke.shape[0])
-    return (sub_bke[rows, negative_pick_b], sub_valid_bk[rows, negative_pick_b],
-            sub_concepts_bk[rows, negative_pick_b])
+    return sub_bke[rows, negative_pick_b], sub_valid_bk[rows, negative_pick_b]
 
-  if caption_concepts_b is None:
-    caption_concepts_b = jnp.zeros(sub_valid_bk.shape[:1], jnp.int32)
-  if sub_concepts_bk is None:
-    sub_concepts_bk = jnp.zeros(sub_valid_bk.shape, jnp.int32)
-  (regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b, caption_concepts_b,
-   sub_concepts_bk) = map(jnp.asarray, (regions_bme, region_valid_bm, sub_bke, sub_valid_bk,
-                                        negative_pick_b, caption_concepts_b, sub_concepts_bk))
+  regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b = map(
+      jnp.asarray, (regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b))
   dtype = jnp.result_type(sub_bke)
   scale = jnp.asarray(scale, dtype)
   bias = jnp.asarray(bias, dtype)
   num_slides = regions_bme.shape[0]
   if mesh is None:
-    picked_ce, picked_valid_c, picked_concepts_c = picks(sub_bke, sub_valid_bk, sub_concepts_bk,
-                                                         negative_pick_b)
+    picked_ce, picked_valid_c = picks(sub_bke, sub_valid_bk, negative_pick_b)
     sums = _region_terms(attend, attend_params, regions_bme, region_valid_bm, sub_bke,
                          sub_valid_bk, picked_ce, picked_valid_c, jnp.arange(num_slides),
-                         scale, bias, caption_concepts_b, picked_concepts_c, sub_concepts_bk,
-                         within_slide_weight)
+                         scale, bias)
     return _region_metrics(sums, num_slides)
 
-  def local(attend_params, regions_lme, region_valid_lm, sub_lke, sub_valid_lk, pick_l,
-            caption_concepts_l, sub_concepts_lk, scale, bias):
-    picked = picks(sub_lke, sub_valid_lk, sub_concepts_lk, pick_l)
+  def local(attend_params, regions_lme, region_valid_lm, sub_lke, sub_valid_lk, pick_l, scale,
+            bias):
     # Only the picks travel: one subcaption per slide, not the slides' regions.
-    picked_ce, picked_valid_c, picked_concepts_c = (
-        jax.lax.all_gather(x, sharding.BATCH_AXES, tiled=True) for x in picked)
+    picked_ce, picked_valid_c = (jax.lax.all_gather(x, sharding.BATCH_AXES, tiled=True)
+                                 for x in picks(sub_lke, sub_valid_lk, pick_l))
     sums = _region_terms(attend, attend_params, regions_lme, region_valid_lm, sub_lke,
                          sub_valid_lk, picked_ce, picked_valid_c,
-                         _global_rows(regions_lme.shape[0]), scale, bias, caption_concepts_l,
-                         picked_concepts_c, sub_concepts_lk, within_slide_weight)
+                         _global_rows(regions_lme.shape[0]), scale, bias)
     return jax.lax.psum(sums, sharding.BATCH_AXES)
 
   batch = P(sharding.BATCH_AXES)
-  fn = _batch_map(mesh, local, (P(), batch, batch, batch, batch, batch, batch, batch, P(), P()))
+  fn = _batch_map(mesh, local, (P(), batch, batch, batch, batch, batch, P(), P()))
   sums = fn(attend_params, regions_bme, region_valid_bm, sub_bke, sub_valid_bk, negative_pick_b,
-            caption_concepts_b, sub_concepts_bk, scale, bias)
+            scale, bias)
   return _region_metrics(sums, num_slides)

@@ -11,7 +11,7 @@ Config fields (``config.optim``; every one has a default, so ``ConfigDict()`` is
   optimizer       "adamw" | "adam" | "sgd" | "lion"                           ("adamw")
   lr              peak learning rate, > 0                                     (1e-3)
   schedule        "cosine" | "linear" | "constant" | "rsqrt"                  ("cosine")
-  warmup_steps    linear warmup from 0 to ``lr``, 0 <= warmup <= total        (0)
+  warmup_steps    linear warmup from 0 to ``lr``, >= 0; cut to total_steps    (0)
   end_lr          final learning rate of "cosine" and "linear"                (0.0)
   b1, b2, eps     Adam/Lion moments; b2 defaults to 0.999 (Adam), 0.99 (Lion) (0.9, -, 1e-8)
   momentum        SGD momentum, 0 = plain SGD                                 (0.0)
@@ -20,17 +20,14 @@ Config fields (``config.optim``; every one has a default, so ``ConfigDict()`` is
   no_decay        regexes of params never decayed (besides all ndim < 2)      (:data:`NO_DECAY`)
   frozen          regexes of params that are never updated                    (())
   trainable       regexes; when given, params matching none are frozen        (())
-  lr_multipliers  {regex: factor}: a matching param's updates (learning rate and
-                  decoupled decay alike) times factor > 0                     ({})
   grad_clip_norm  clip the global norm of the trainable grads, 0 = off        (0.0)
   grad_accum_steps  micro-steps per optimizer step (``optax.MultiSteps``)     (1)
 
 Patterns are Python regexes matched with ``re.search`` against the path string. A parameter is
 trained iff it matches some ``trainable`` pattern (when any are given) and no ``frozen`` pattern;
 a ``frozen`` or ``trainable`` pattern that matches no parameter is an error (a typo would
-otherwise silently train, or freeze, the wrong parameters), and so is an ``lr_multipliers``
-pattern that matches no parameter or shares one with another pattern. Unknown fields and unknown
-values raise ``ValueError`` naming ``optim.<field>``.
+otherwise silently train, or freeze, the wrong parameters). Unknown fields and unknown values
+raise ``ValueError`` naming ``optim.<field>``.
 
 Gradient accumulation: with ``grad_accum_steps = k`` the trainer calls ``tx.update`` once per
 micro-batch; every k-th call applies the mean gradient and the others return zero updates.
@@ -56,7 +53,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
 FIELDS = ("optimizer", "lr", "schedule", "warmup_steps", "end_lr", "b1", "b2", "eps", "momentum",
           "nesterov", "weight_decay", "no_decay", "frozen", "trainable", "grad_clip_norm",
-          "grad_accum_steps", "lr_multipliers")
+          "grad_accum_steps")
 
 _TRAIN, _FROZEN = "train", "frozen"
 
@@ -143,46 +140,6 @@ def decay_mask(tree: Any, *, exclude_patterns: Sequence[str] = NO_DECAY) -> Any:
       tree)
 
 
-def lr_multiplier_tree(tree: Any, multipliers: Sequence[tuple[str, float]]) -> Any:
-  """Each leaf's learning-rate factor: that of the ``(regex, factor)`` whose regex searches its
-  path, else 1. Raises ``ValueError`` naming ``optim.lr_multipliers`` for a pattern that matches
-  no leaf, or a leaf two patterns match (a config dict has no order to settle it by)."""
-  regexes = [(re.compile(p), f) for p, f in multipliers]
-  paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-  unused = [r.pattern for r, _ in regexes if not any(r.search(p) for p in paths)]
-  if unused:
-    raise ValueError(f"optim.lr_multipliers patterns {unused} match no trained parameter "
-                     f"(parameters: {_abbreviate(paths)})")
-  for path in paths:
-    matching = [r.pattern for r, _ in regexes if r.search(path)]
-    if len(matching) > 1:
-      raise ValueError(f"optim.lr_multipliers patterns {matching} all match {path!r}")
-
-  def factor(path: str) -> float:
-    return next((f for r, f in regexes if r.search(path)), 1.0)
-
-  return jax.tree_util.tree_map_with_path(lambda path, _: factor(param_path(path)), tree)
-
-
-def scale_by_lr_multipliers(multipliers: Sequence[tuple[str, float]]
-                            ) -> optax.GradientTransformation:
-  """Multiplies each parameter's update by its :func:`lr_multiplier_tree` factor (stateless).
-  Chained after AdamW this is a per-parameter learning rate: Adam's update is invariant to the
-  gradient's scale, so scaling the gradient instead would do nothing."""
-
-  def init(params):
-    lr_multiplier_tree(params, multipliers)  # checks the patterns against the tree
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    factors = lr_multiplier_tree(updates, multipliers)
-    return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype),
-                        updates, factors), state
-
-  return optax.GradientTransformation(init, update)
-
-
 def _abbreviate(items: Sequence[str], limit: int = 8) -> str:
   shown = ", ".join(items[:limit])
   return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
@@ -218,20 +175,6 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ValueError(f"unknown optimizer fields {['optim.' + k for k in unknown]}; "
                      f"known: {', '.join(FIELDS)}")
-
-
-def _multipliers(config: ml_collections.ConfigDict) -> tuple[tuple[str, float], ...]:
-  """``optim.lr_multipliers`` as ``((regex, factor), ...)``, checked."""
-  value = config.get("lr_multipliers", {})
-  if not hasattr(value, "items"):
-    raise ValueError(f"optim.lr_multipliers must map regexes to factors, got {value!r}")
-  items = tuple(value.items())
-  _compile([p for p, _ in items], "lr_multipliers")
-  for pattern, factor in items:
-    if isinstance(factor, bool) or not isinstance(factor, (int, float, np.number)) \
-        or not math.isfinite(factor) or factor <= 0:
-      raise ValueError(f"optim.lr_multipliers[{pattern!r}]={factor!r}: must be a number > 0")
-  return tuple((p, float(f)) for p, f in items)
 
 
 def _choice(config: ml_collections.ConfigDict, name: str, default: str,
@@ -280,7 +223,9 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
     raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
   kind = _choice(config, "schedule", "cosine", SCHEDULES)
   lr = _number(config, "lr", 1e-3, lambda v: v > 0, "> 0")
-  warmup = _int(config, "warmup_steps", 0, low=0, high=total_steps)
+  # A warmup longer than the run is cut to the run, so a short run of a long run's config
+  # (--config.total_steps=5) trains without editing the schedule.
+  warmup = min(_int(config, "warmup_steps", 0, low=0), total_steps)
   end_lr = _number(config, "end_lr", 0.0, lambda v: 0 <= v <= lr,
                    f"in [0, optim.lr={lr}]")
   decay_steps = max(total_steps - warmup, 1)  # warmup == total: decay is never reached
@@ -352,12 +297,8 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
   frozen = _patterns(config, "frozen", ())
   trainable = _patterns(config, "trainable", ())
 
-  multipliers = _multipliers(config)
-
   tx = _base_optimizer(config, schedule, weight_decay,
                        lambda params: decay_mask(params, exclude_patterns=no_decay))
-  if multipliers:
-    tx = optax.chain(tx, scale_by_lr_multipliers(multipliers))
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   if frozen or trainable:
@@ -395,6 +336,5 @@ def describe(tree: Any, config: ml_collections.ConfigDict) -> str:
   lines += [f"{name:<24}{len(s):>8}{sum(s):>16,}" for name, s in groups.items()]
   lines.append(f"optimizer={config.get('optimizer', 'adamw')} weight_decay={weight_decay} "
                f"frozen={list(frozen)}"
-               + (f" trainable={list(trainable_patterns)}" if trainable_patterns else "")
-               + "".join(f" lr x{f:g} for /{p}/" for p, f in _multipliers(config)))
+               + (f" trainable={list(trainable_patterns)}" if trainable_patterns else ""))
   return "\n".join(lines)

@@ -11,8 +11,6 @@ import json
 import os
 from typing import Any, Sequence
 
-from pathflip_jax import heatmaps
-
 
 def _load(path: str) -> dict[str, Any]:
   if not os.path.exists(path):
@@ -62,136 +60,18 @@ def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
                for k in order])
 
 
-def _region_side(config: dict[str, Any]) -> str:
-  side = config.get("data", {}).get("region_patches")
-  if side is None:
-    return "of a size its config.json does not record"
-  return "single patches" if side == 1 else f"{side} x {side} patches"
-
-
-def _chosen_checkpoints(recipe: dict[str, Any], ablation: dict[str, Any],
-                        recipe_config: dict[str, Any]) -> str:
-  """A sentence on which checkpoint each run's numbers are from, for runs whose model is the
-  best checkpoint by a validation metric (``config.checkpoint.use_best``); "" otherwise."""
-  checkpoint = recipe_config.get("checkpoint", {})
-  metric = checkpoint.get("best_metric")
-  if not (checkpoint.get("use_best") and metric and "checkpoint_step" in recipe):
-    return ""
-  evaluator = recipe_config.get("evals", {}).get(metric.split("/", 1)[0], {})
-  split = evaluator.get("split", "another")
-  steps = f"step {recipe['checkpoint_step']} of {recipe.get('step', '?')}"
-  if metric in recipe:
-    steps += f", {recipe[metric]:.3f} there"
-  if "checkpoint_step" in ablation:
-    steps += f"; the ablation's chosen the same way: step {ablation['checkpoint_step']}"
-  return (f" Each run's model is the checkpoint whose heatmaps localized the lesions best on the "
-          f"{split} split during training ({metric}; the recipe's: {steps}), so the test split "
-          "chooses nothing.")
-
-
-def joint_recipe_section(workdir: str, paper_model: dict[str, Any]) -> list[str]:
-  """The ``quickstart --joint`` table: the recipe, its no-region-loss ablation and the paper's
-  model (``paper_model``: W/align's results) on the same test slides; [] if it was not run."""
-  recipe = _load(os.path.join(workdir, "joint", "align", "results.json"))
-  ablation = _load(os.path.join(workdir, "joint", "align_no_region_loss", "results.json"))
-  if not recipe:
-    return []
-  recipe_config = _load(os.path.join(workdir, "joint", "align", "config.json"))
-  paper_config = _load(os.path.join(workdir, "align", "config.json"))
-  queries = sorted(k.split("/")[-1] for k in recipe if k.startswith("localization/auroc/"))
-  items = ([("**lesion AUROC (mean)**", "localization/mean_lesion_auroc", 0.5)]
-           + [(f"AUROC: {q.replace('_', ' ')}", f"localization/auroc/{q}", 0.5) for q in queries]
-           + [("lesion FROC (mean)", "localization/mean_lesion_froc", None),
-              ("lesion best Dice (mean)", "localization/mean_lesion_dice", None),
-              ("zero-shot diagnosis, balanced accuracy", "zero_shot/balanced_accuracy",
-               "zero_shot/chance_balanced_accuracy"),
-              ("slide to text R@1", "retrieval/slide_to_text_r@1", "retrieval/chance_r@1")])
-  rows = []
-  for label, key, baseline in items:
-    if isinstance(baseline, str):
-      baseline = recipe.get(baseline)
-    rows.append((label, recipe.get(key), ablation.get(key), paper_model.get(key), baseline))
-  model = recipe_config.get("model", {})
-  method = heatmaps.localization_method(recipe_config)
-  if model.get("region_value_gate") and model.get("region_output_zero_init"):
-    values = ("start at random and at 0 respectively, beside the identity path behind a "
-              "per-head gate that starts at 0 (only the region loss trains any of them"
-              + (": without it the heatmap stays flat, AUROC 0.5)" if method == "contribution"
-                 else ")"))
-  elif model.get("region_value_gate"):
-    values = ("start at random, as in the paper, beside the identity path behind a per-head "
-              "gate that starts at 0 (only the region loss trains either)")
-  else:
-    values = {True: "start as the identity (so the untrained attention already reads the patch "
-                    "encoder's alignment)",
-              False: "start at random, as in the paper (only the region loss trains them)"}.get(
-                  model.get("identity_region_values"),
-                  "start as the run's config.json does not record")
-  if model.get("local_region_attention"):
-    own = ("the region's own patches, without its place"
-           if model.get("local_region_positions") is False else
-           "the region's own patches and place")
-    values += (", and it reads each region's token as it enters the slide-context Transformer "
-               f"({own}), not as it leaves it")
-  frozen = set(recipe_config.get("optim", {}).get("frozen") or ())
-  if model.get("region_identity_qk"):
-    heads = model.get("region_heads", 8)
-    # configs/pathflip_demo.py HELD_MATCH freezes the query projection among others.
-    if "^region_attention/attention/(q|k)_(kernel|bias)$" in frozen:
-      qk = ("are held at the identity (the attention is the match of text and region in the "
-            "joint space")
-      qk += (", and the heatmap reads its weights: without the region loss they read the "
-             "encoder's own tokens)" if method == "attention" else ")")
-    else:
-      qk = ("start as the identity and only the region loss trains them (the attention starts "
-            "as the match of text and region in the joint space)")
-    values += (f", with {'one head' if heads == 1 else f'{heads} heads'} whose query and key "
-               f"projections {qk}")
-  # What config arg lock_text freezes (configs/pathflip_demo.py LOCKED_TEXT) includes these two;
-  # another frozen set is not a locked text branch.
-  if {"^qformer/token_embed$", "^text_proj/"} <= frozen:
-    values += ("; the Q-Former's text branch stays frozen at the patch encoder's text tower "
-               "(config arg lock_text)")
-  encoder_config = _load(os.path.join(workdir, "joint", "patch_clip", "config.json"))
-  encoder_steps = encoder_config.get("total_steps")
-  default_steps = _load(os.path.join(workdir, "patch_clip", "config.json")).get("total_steps")
-  longer = (f"trained {encoder_steps} steps instead of {default_steps}"
-            if encoder_steps and default_steps else "trained longer")
-  if encoder_config.get("tissue_negatives") is False:
-    longer += (", where two sentences that describe one tissue type are no negatives for each "
-               "other's patches (config arg tissue_negatives=False)")
-  encoder = recipe.get("localization/reference/mean_lesion_auroc")
-  encoder_text = ("" if encoder is None else
-                  f" On these slides that patch encoder's own text alignment scores {encoder:.3f}"
-                  " mean lesion AUROC.")
-  within = float(recipe_config.get("loss", {}).get("within_slide_weight") or 0.0)
-  negatives = ("a subcaption whose tissue the slide's own caption names is no negative for that "
-               "slide")
-  if within:
-    negatives += (f" while a slide's own subcaptions that name disjoint tissues are negatives "
-                  f"(weight {within:g}) for the embeddings each other's attention drew")
-  chosen = _chosen_checkpoints(recipe, ablation, recipe_config)
-  return (["## Joint-space recipe and its region-loss ablation (`--joint`)", "",
-           "Not the paper's model: slide and region tokens start in the joint image-text space "
-           f"of a patch encoder {longer} (W/joint/patch_clip), {negatives}, and regions "
-           f"are {_region_side(recipe_config)} (the paper's model above: "
-           f"{_region_side(paper_config)}). The text-conditioned attention's value and output "
-           f"projections {values}.{encoder_text}{chosen} Same test slides and prompts as above; "
-           "the last column repeats the paper's model.", ""]
-          + markdown_table(["metric", "recipe", "recipe, region_loss=False",
-                            "paper's model", "chance"], rows))
-
-
 def render(workdir: str, examples: Sequence[dict[str, Any]],
-           vqa_oracle: dict[str, dict[str, Any]] | None = None) -> str:
+           vqa_oracle: dict[str, dict[str, Any]] | None = None,
+           title: str = "# PathFLIP quickstart report") -> str:
   """REPORT.md's text for a quickstart workdir (``vqa_oracle``: data_prep.demo_vqa_oracle's
-  result on the test split, with the model's accuracy per category)."""
+  result on the test split, with the model's accuracy per category; ``title``: the first line,
+  "" for none)."""
   align = _load(os.path.join(workdir, "align", "results.json"))
   instruct = _load(os.path.join(workdir, "instruct", "results.json"))
   patch = _load(os.path.join(workdir, "patch_clip", "results.json"))
   timings = _load(os.path.join(workdir, "timings.json"))
   cohort = _load(os.path.join(workdir, "cohort", "cohort.json"))
-  lines = ["# PathFLIP quickstart report", ""]
+  lines = [title, ""] if title else []
   if cohort:
     lines += [f"Demo cohort: {cohort.get('num_slides')} slides (seed {cohort.get('seed')}), "
               f"splits {cohort.get('splits')}. All metrics are on the **test** split; the "
@@ -235,8 +115,6 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
                          loc.get("reference/mean_lesion_froc"), None)]
                        if "reference/mean_lesion_auroc" in loc else [])
                     + [("chance", 0.5, None, None, None)])
-
-  lines += joint_recipe_section(workdir, align)
 
   probe = {k.split("/", 1)[1]: v for k, v in align.items() if k.startswith("probe/")}
   if probe:

@@ -1,6 +1,10 @@
 r"""The trainer: one entry point for every stage (``config.stage``).
 
-  python -m pathflip_jax.train --config configs/patch_clip_demo.py[:key=value,...] --workdir W
+  python -m pathflip_jax.train --config configs/pathflip_demo.py[:arg] [--config.a.b=value ...] \
+      --workdir W
+
+``--config`` is an ml_collections config file (``configs/``); ``--config.total_steps=5``,
+``--config.optim.lr=3e-4`` and the like override single fields (``config_args``).
 
 Reading order: mesh -> data -> model/optimizer -> sharding -> step -> checkpoint -> evaluators
 -> loop. What a stage trains (its data, model and loss) comes from ``pathflip_jax/tasks``;
@@ -22,7 +26,6 @@ checkpoint left off, with the same data order.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,11 +38,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathflip_jax import (checkpointing, config_args, evaluators as evaluators_lib,
-                          input_pipeline, metric_writer, optim, sharding, tasks)
+                          input_pipeline, metric_writer, optim, progress as progress_lib,
+                          sharding, tasks)
 
 TrainState = dict[str, Any]   # {"params": nnx.State, "opt_state": optax state, "step": int32}
 
@@ -148,43 +153,6 @@ def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpointing.Check
 
 
 # --------------------------------------------------------------------------- logging
-
-
-class Progress:
-  """One line with step, loss, steps/s and ETA, at most every ``seconds``."""
-
-  def __init__(self, total: int, start: int, seconds: float):
-    self.total, self.start, self.seconds = total, start, seconds
-    self.t0 = self.last = time.time()
-    self.steady_t0: float | None = None
-    self.steady_step = start
-
-  def update(self, step: int, loss: float, force: bool = False) -> None:
-    now = time.time()
-    if self.steady_t0 is None:  # the first step includes compilation: rate from step 2 on
-      self.steady_t0, self.steady_step = now, step
-      return
-    if not force and now - self.last < self.seconds:
-      return
-    self.last = now
-    done = step - self.steady_step
-    rate = done / max(now - self.steady_t0, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
-    print(f"[train] step {step}/{self.total} | loss {loss:.4f} | {rate:.2f} steps/s | "
-          f"ETA {_duration(eta)} | {_duration(now - self.t0)} elapsed", file=sys.stderr,
-          flush=True)
-
-  def steps_per_second(self, step: int) -> float:
-    if self.steady_t0 is None or step <= self.steady_step:
-      return float("nan")
-    return (step - self.steady_step) / max(time.time() - self.steady_t0, 1e-9)
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -305,7 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           "python -m pathflip_jax.evaluate on one host afterwards", file=sys.stderr)
     evaluators = []
   writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=primary)
-  progress = Progress(micro_steps, start, config.progress_seconds)
+  # The first step compiles: the rate (and ETA) is measured from it on.
+  progress = progress_lib.Progress(micro_steps, "steps", "train", config.progress_seconds,
+                                   start=start, skip_first=True)
   window: list[dict[str, float]] = []
   eval_metrics: dict[str, float] = {}
   checkpoint_step = micro_steps
@@ -322,10 +292,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "(it restores); lower config.optim.lr, set config.optim.grad_clip_norm, or check "
             "the input data.")
       window.append(metrics)
-      progress.update(step, metrics["loss"], force=step == micro_steps)
+      progress.update(step, loss=metrics["loss"])
       if step % config.log_steps == 0 or step == micro_steps:
         means = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
-        means["train/steps_per_second"] = progress.steps_per_second(step)
+        rate = progress.rate()
+        means["train/steps_per_second"] = float("nan") if rate is None else rate
         writer.write(step, means)
         window = []
       final = step == micro_steps
@@ -365,18 +336,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
+def _define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "the run's directory (created; a re-run resumes there)",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("jax_distributed", False,
+                    "multi-host: jax.distributed.initialize() first; on Cloud TPU pods and SLURM "
+                    "its settings are detected, elsewhere give the three below",
+                    flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "processes in all", flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=flag_values)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True,
-                      help="configs/<name>.py[:key=value,...] (ml_collections config file)")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--jax_distributed", action="store_true",
-                      help="multi-host: jax.distributed.initialize() first; on Cloud TPU pods "
-                           "and SLURM its settings are detected, elsewhere give the three below")
-  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-  parser.add_argument("--num_processes", type=int, default=None)
-  parser.add_argument("--process_id", type=int, default=None)
-  args = parser.parse_args(argv)
+  config, args = config_args.parse_command_line(
+      argv, "python -m pathflip_jax.train", __doc__.split("\n\n")[0], _define_flags)
+  if not args.workdir:
+    raise SystemExit("python -m pathflip_jax.train: --workdir is required")
   if args.jax_distributed:
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
@@ -385,10 +362,10 @@ def main(argv=None) -> None:
           file=sys.stderr, flush=True)
   from pathflip_jax import compilation_cache  # pylint: disable=import-outside-toplevel
   compilation_cache.enable()
-  config = config_args.load_config(args.config)
   try:
     results = train_and_evaluate(config, args.workdir)
-  except NonFiniteLossError as e:
+  except (NonFiniteLossError, FileNotFoundError, checkpointing.LayoutError) as e:
+    # Input the run cannot use (the message names the file or config key), not a bug.
     raise SystemExit(f"[train] {e}") from None
   print(json.dumps(results, indent=1, sort_keys=True))
 

@@ -29,9 +29,9 @@ from jupyter_client.manager import AsyncKernelManager
 
 import configs
 import numpy as np
-from pathflip_jax import checkpointing, config_args, quickstart
+from pathflip_jax import config_args, predict, quickstart
 from pathflip_jax.evaluators import localization
-from pathflip_jax.tasks import align, patch_clip as patch_clip_task
+from pathflip_jax.tasks import align
 
 COLABS = pathlib.Path(__file__).resolve().parent.parent / "colabs"
 # notebook -> whether it promises figures (at least one image output)
@@ -149,14 +149,14 @@ def test_localization_reference_is_the_patch_encoders_own_cosine(quickstart_work
   assert 0.0 <= results["localization/reference/mean_lesion_auroc"] <= 1.0
   spec = pathlib.Path(configs.__file__).parent / "pathflip_demo.py"
   args = quickstart.Quickstart(str(workdir), size="test").align_config_args()
-  config = config_args.load_config(f"{spec}:{args},workers=0")
+  config = config_args.load_config(f"{spec}:{args}", {"input.worker_count": 0})
   assert config.evals.localization.reference == str(workdir / "patch_clip")
   task = align.AlignTask(config, str(workdir / "align"))
   evaluator = localization.Evaluator(config.evals.localization, task, None)
   slide_id, _, _, scores = next(evaluator.reference_heatmaps())
   element = task.source(evaluator.split)[0]
   assert slide_id == element["text"].slide_id
-  model, tokenizer, text_len = patch_clip_task.load_patch_clip(str(workdir / "patch_clip"))
+  model, tokenizer, text_len = predict.load_patch_clip(str(workdir / "patch_clip"))
   query = evaluator.queries[0]
   prompts = config.evals.localization.prompts[query]
   text = np.asarray(model.encode_texts(tokenizer.encode_batch(prompts, text_len))).mean(0)
@@ -164,7 +164,7 @@ def test_localization_reference_is_the_patch_encoders_own_cosine(quickstart_work
   expected = (patches @ text) / (np.linalg.norm(patches, axis=1) * np.linalg.norm(text))
   np.testing.assert_allclose(scores[0], expected, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="stage is 'align'.* must be a 'patch_clip' run"):
-    patch_clip_task.load_patch_clip(str(workdir / "align"))
+    predict.load_patch_clip(str(workdir / "align"))
 
 
 TABLES = ("## Patch encoder", "## Zero-shot diagnosis", "## Slide - caption retrieval",
@@ -211,89 +211,3 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   assert "stage 6/8 instruct ..." in captured.err
   assert os.path.getmtime(workdir / "align" / "results.json") == stamp
   assert (workdir / "instruct" / "results.json").exists()
-
-
-def test_readme_by_hand_joint_commands_match_the_quickstart():
-  """README's by-hand commands for the joint recipe carry the args ``--joint`` runs."""
-  readme = (COLABS.parent / "README.md").read_text()
-  block = readme[readme.index("By hand (what `quickstart --joint` runs"):]
-  block = block[:block.index("```\n\n")]
-  assert f"{quickstart.JOINT_RECIPE},{quickstart.JOINT['demo'][1]} " in block
-  assert f"patches_dir=W/patches,{quickstart.JOINT['demo'][0]} " in block
-
-
-def test_quickstart_joint_adds_the_recipe_and_its_ablation(quickstart_workdir, capsys):
-  """``--joint`` on a finished workdir runs only its four stages (a longer patch encoder, its
-  features, the recipe and the recipe without the region loss) and the report, which then
-  compares them on the same test slides. (After the resume test: it adds to the shared
-  workdir.)"""
-  workdir = quickstart_workdir
-  align_stamp = os.path.getmtime(workdir / "align" / "results.json")
-  capsys.readouterr()
-  quickstart.main(["--workdir", str(workdir), "--size", "test", "--joint"])
-  err = capsys.readouterr().err
-  for stage in ("cohort", "tiles", "patch_clip", "features", "align", "instruct", "heatmaps"):
-    assert re.search(rf"stage \d+/12 {stage}: already complete, skipped", err), stage
-  for stage in ("joint_patch_clip", "joint_features", "joint_align", "joint_ablation"):
-    assert re.search(rf"stage \d+/12 {stage}: done", err), stage
-  assert os.path.getmtime(workdir / "align" / "results.json") == align_stamp
-
-  recipe = json.load(open(workdir / "joint" / "align" / "config.json"))
-  ablation = json.load(open(workdir / "joint" / "align_no_region_loss" / "config.json"))
-  assert recipe["model"]["feature_shortcut"] and recipe["loss"]["slide_weight"] == 2.0
-  assert recipe["text_init"] == str(workdir / "joint" / "patch_clip")
-  assert recipe["features_dir"] == str(workdir / "joint" / "features")
-  assert recipe["region_loss"] and not ablation["region_loss"]
-  assert recipe["data"]["region_patches"] == ablation["data"]["region_patches"] == 1
-  for run in (recipe, ablation):  # random values, output at 0, the identity path gated shut
-    assert run["model"]["region_value_gate"] and not run["model"]["identity_region_values"]
-    assert run["model"]["region_output_zero_init"]
-    # The attention reads the regions (and their places) before the slide context, from one
-    # head whose query and key start at the identity and are trained, with the text branch
-    # frozen at the patch encoder's text tower.
-    assert run["model"]["local_region_attention"] and run["model"]["region_identity_qk"]
-    assert run["model"]["local_region_positions"]
-    assert run["model"]["region_heads"] == 1 and run["model"]["qformer"]["depth"] == 1
-    assert "^text_proj/" in run["optim"]["frozen"]
-    assert not any("region_attention" in pattern for pattern in run["optim"]["frozen"])
-  # What only the region loss trains: the ablation's heatmap is flat.
-  assert recipe["evals"]["localization"]["method"] == "contribution"
-  # A slide's own subcaptions naming disjoint tissues are negatives for each other's draws.
-  assert recipe["loss"]["within_slide_weight"] == 1.0
-  trained = checkpointing.load_params(str(workdir / "joint" / "align"))
-  # The match starts at the identity, and the region loss moves it.
-  width = trained["region_attention/attention/q_kernel"].shape[0]
-  for name in ("q_kernel", "k_kernel"):
-    kernel = trained[f"region_attention/attention/{name}"].reshape(width, width)
-    np.testing.assert_allclose(kernel, np.eye(width), atol=0.05, err_msg=name)
-    assert np.abs(kernel - np.eye(width)).max() > 0, name
-  tower = checkpointing.load_params(str(workdir / "joint" / "patch_clip"))
-  for name, tower_name in (("qformer/token_embed", "text/token_embed"),
-                           ("text_proj/kernel", "text_proj/kernel"),
-                           ("qformer/layers/0/text_mlp/fc1/kernel", "text/blocks/0/fc1/kernel")):
-    np.testing.assert_array_equal(trained[name], tower[tower_name], err_msg=name)
-  patch_steps = json.load(open(workdir / "patch_clip" / "config.json"))["total_steps"]
-  joint_steps = json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["total_steps"]
-  assert joint_steps == 2 * patch_steps  # test size: 8 against 4 (demo: 1920 against 240)
-  # Only the joint encoder lets sentences of one tissue type leave each other's softmax.
-  assert json.load(open(workdir / "patch_clip" / "config.json"))["tissue_negatives"]
-  assert not json.load(open(workdir / "joint" / "patch_clip" / "config.json"))["tissue_negatives"]
-
-  report = (workdir / "REPORT.md").read_text()
-  assert "## Joint-space recipe and its region-loss ablation (`--joint`)" in report
-  assert "regions are single patches (the paper's model above: 2 x 2 patches)" in report
-  assert ("value and output projections start at random and at 0 respectively, beside the "
-          "identity path behind a per-head gate that starts at 0") in report
-  assert ("with one head whose query and key projections start as the identity and only the "
-          "region loss trains them") in report
-  assert "without it the heatmap stays flat, AUROC 0.5" in report
-  assert "(the region's own patches and place), not as it leaves it" in report
-  assert "text branch stays frozen at the patch encoder's text tower" in report
-  assert "two sentences that describe one tissue type are no negatives for each other's" in report
-  assert re.search(r"that patch encoder's own text alignment scores [01]\.\d{3} mean lesion",
-                   report)
-  # recipe, ablation, the paper's model, chance.
-  assert re.search(r"\| \*\*lesion AUROC \(mean\)\*\* \| [01]\.\d{3} \| 0\.500 \| "
-                   r"[01]\.\d{3} \| 0\.500 \|", report)
-  assert re.search(r"\| zero-shot diagnosis, balanced accuracy( \| [01]\.\d{3}){3} \| 0\.250 \|",
-                   report)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from pathflip_jax import config_args, evaluate, heatmaps, train
+from pathflip_jax import evaluate, heatmaps, train
 from pathflip_jax.data import demo_annotations, feature_shards, patch_shards, slide_examples
 from pathflip_jax.evaluators import localization
 from pathflip_jax.models import pathflip, qformer
@@ -71,11 +71,8 @@ def test_patch_heatmap_is_region_score_times_patch_attention():
   np.testing.assert_allclose(np.asarray(attention)[0].sum(-1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_region_contributions_split_the_text_region_score(gate):
-  model = _model(region_value_gate=gate)
-  if gate:  # opened (it starts at 0), so the identity path's share counts
-    model.region_attention.value_gate[...] = jnp.array([0.7, -1.3])
+def test_region_contributions_split_the_text_region_score():
+  model = _model()
   batch = {k: jnp.asarray(v)[None] for k, v in _example().items()}
   tokens = jnp.asarray(_Tokens().encode_batch(["tumour", "fat"], 8))
   text, _, _, _, _, contribution, score, z = _pieces(model, batch, tokens)
@@ -157,7 +154,7 @@ class _OracleModel(nnx.Module):
     match = jnp.all(tokens_tl[:, None] == self.query_tokens[...][None], axis=-1)   # [t, q]
     return match.astype(jnp.float32) @ self.columns[...]
 
-  def patch_heatmap(self, batch, text_bte, method="attention"):
+  def patch_heatmap(self, batch, text_bte, method="contribution"):
     fractions = batch["features"].astype(jnp.float32)
     return self.sign * jnp.einsum("bnc,btc->btn", fractions, text_bte)
 
@@ -244,23 +241,29 @@ def test_localization_evaluator_scores_oracle_and_inverted_heatmaps(demo_cohort,
 @pytest.mark.slow
 def test_evaluate_cli_runs_every_evaluator_on_a_checkpoint(demo_cohort, truth_features,
                                                            tmp_path, capsys):
+  """Trained without evaluators; evaluate --config adds them (with overrides), and evaluate
+  without --config runs the ones the run's own config.json lists."""
   arg = (f"configs/pathflip_demo.py:size=test,features_dir={truth_features[0]},"
-         f"manifest={demo_cohort / 'manifest.jsonl'},cohort_dir={demo_cohort},total_steps=2,"
-         "batch_size=8,log_steps=2,workers=0,eval_split=")
+         f"manifest={demo_cohort / 'manifest.jsonl'},cohort_dir={demo_cohort}")
+  fast = ["--config.total_steps=2", "--config.log_steps=2", "--config.input.worker_count=0"]
   workdir = tmp_path / "align"
-  train.train_and_evaluate(config_args.load_config(arg), str(workdir))   # no evaluators
-  arg = arg.replace("eval_split=", "eval_split=test")
+  train.main(["--config", arg + ",eval_split=", *fast, "--workdir", str(workdir)])
+  assert not json.load(open(workdir / "config.json"))["evals"]
+  capsys.readouterr()
   with pytest.raises(SystemExit, match="--only names \\['zero-shot'\\]"):
     evaluate.main(["--config", arg, "--workdir", str(workdir), "--only", "zero-shot"])
   with pytest.raises(SystemExit, match="--step 7: .* checkpoints at steps \\[2\\]"):
     evaluate.main(["--config", arg, "--workdir", str(workdir), "--step", "7"])
-  evaluate.main(["--config", arg, "--workdir", str(workdir)])
+  with pytest.raises(SystemExit, match="config.evals is empty"):
+    evaluate.main(["--workdir", str(workdir)])     # the run's own: no evaluators
+  evaluate.main(["--config", arg, *fast, "--config.evals.localization.froc=False",
+                 "--workdir", str(workdir)])
   printed = json.loads(capsys.readouterr().out)
   assert set(printed) == {"zero_shot", "retrieval", "localization"}
   record = json.load(open(workdir / "eval" / "localization.json"))
   assert record["step"] == 2 and record["type"] == "localization"
   assert 0.0 <= record["metrics"]["mean_lesion_auroc"] <= 1.0
-  assert record["config"]["method"] == "contribution"
+  assert record["config"]["froc"] is False and "froc/tumour" not in record["metrics"]
   table = (workdir / "eval" / "metrics.md").read_text()
   assert "| localization | mean_lesion_auroc |" in table
   assert "| zero_shot | balanced_accuracy |" in table

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data_prep import extract_features
-from pathflip_jax import checkpointing, config_args, heatmaps, infer
+from pathflip_jax import checkpointing, config_args, infer
 from pathflip_jax.data import slides
 from tests import runs as runs_lib
 
@@ -23,7 +23,8 @@ def runs(demo_cohort, demo_tiles, tmp_path_factory):
                         "--config", "configs/extract_features.py:variant=vit_tiny_test,"
                         "num_workers=0,batch_size=16", "--progress_interval", "0"])
   config = config_args.load_config(
-      f"configs/pathflip_demo.py:size=test,features_dir={root / 'features'},workers=0")
+      f"configs/pathflip_demo.py:size=test,features_dir={root / 'features'}",
+      {"input.worker_count": 0})
   align_dir = str(root / "align")
   runs_lib.save_untrained_run(config, align_dir)
   config = config_args.load_config(
@@ -122,20 +123,3 @@ def test_infer_errors_name_the_input(runs, tmp_path):
                                        "stage 'align' or 'instruct'"):
     infer.main(["--workdir", str(other_stage), "--slide", str(broken),
                 "--output_dir", str(tmp_path / "o")])
-
-
-def test_default_heatmap_method_is_the_runs_localization_method():
-  """Without --heatmap_method, infer reads the region scores the run's localization evaluator
-  used: the weights for a held match (identity_qk), contributions otherwise or with no such
-  evaluator."""
-  held = config_args.load_config("configs/pathflip_demo.py:size=test,identity_qk=True,"
-                                 "cohort_dir=/c")
-  plain = config_args.load_config("configs/pathflip_demo.py:size=test,cohort_dir=/c")
-  chosen = config_args.load_config("configs/pathflip_demo.py:size=test,cohort_dir=/c,"
-                                   "heatmap_method=attention")
-  no_evaluator = config_args.load_config("configs/pathflip_demo.py:size=test")
-  assert [infer.default_heatmap_method(c) for c in (held, plain, chosen, no_evaluator)] == [
-      "attention", "contribution", "attention", "contribution"]
-  # An evaluator that names no method scores with its own default, and so does infer.
-  unnamed = {"evals": {"loc": {"type": "localization"}}}
-  assert infer.default_heatmap_method(unnamed) == heatmaps.EVALUATOR_DEFAULT_METHOD

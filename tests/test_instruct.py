@@ -117,77 +117,6 @@ def test_training_example_masks_only_the_answer(tokenizer):
 
 # ------------------------------------------------------------------------------ model
 
-def test_flip_mirrors_region_positions_and_location_words(tokenizer):
-  config = ins.SequenceConfig(max_len=100, max_visual=5, flip=True, shuffle_options=False)
-  assert (ins.swap_words("In the upper left; on the Right side. Leftover lower part.",
-                         [("left", "right"), ("upper", "lower")])
-          == "In the lower right; on the Left side. Leftover upper part.")
-  pos = np.array([[1.0, 0.5, 0.5], [0.0, 0.2, 0.9], [0.0, 0.7, 0.1]], np.float32)
-  prompt, answer, flipped = ins.flip_example("Is it upper left?", "on the left side", pos,
-                                             config, horizontal=True, vertical=False)
-  assert (prompt, answer) == ("Is it upper right?", "on the right side")
-  np.testing.assert_allclose(flipped, [[1.0, 0.5, 0.5], [0.0, 0.8, 0.9], [0.0, 0.3, 0.1]])
-  _, answer, flipped = ins.flip_example("", "in the upper left", pos, config, True, True)
-  assert answer == "in the lower right"
-  np.testing.assert_allclose(flipped[1:, 1:], 1.0 - pos[1:, 1:])
-  # In training, the four orientations all occur; the text and positions always agree.
-  item = ins.Instruction(slide=0, kind=ins.OPEN, question="Where is the fat?",
-                         answer_text="In the upper left.")
-  visual = {"tokens": np.ones((3, 4), np.float32), "positions": pos}
-  seen = set()
-  rng = np.random.default_rng(0)
-  for _ in range(40):
-    ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, rng)
-    answer = tokenizer.decode(ex["targets"][ex["loss_mask"]][:-1].tolist())
-    x_flipped, y_flipped = ex["visual_pos"][1, 1] > 0.5, ex["visual_pos"][1, 2] < 0.5
-    expected = {(False, False): "upper left", (True, False): "upper right",
-                (False, True): "lower left", (True, True): "lower right"}[(x_flipped, y_flipped)]
-    assert expected in answer
-    seen.add(expected)
-  assert len(seen) == 4
-  # Evaluation (no rng) never flips.
-  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, None)
-  np.testing.assert_array_equal(ex["visual_pos"][:3], pos)
-
-
-def test_visual_noise_is_relative_to_each_token_and_training_only(tokenizer):
-  config = ins.SequenceConfig(max_len=100, max_visual=5, visual_noise=0.5)
-  item = ins.Instruction(slide=0, kind=ins.OPEN, question="Where is the fat?", answer_text="fat")
-  tokens = np.concatenate([np.ones((1, 256)), 10 * np.ones((2, 256))]).astype(np.float32)
-  visual = {"tokens": tokens, "positions": np.zeros((3, 3), np.float32)}
-  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config,
-                            np.random.default_rng(0))
-  noise = ex["visual"][:3] - tokens
-  np.testing.assert_allclose(np.sqrt((noise ** 2).mean(-1)), [0.5, 5.0, 5.0], rtol=0.15)
-  np.testing.assert_array_equal(ex["visual"][3:], 0.0)        # padding stays zero
-  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, None)
-  np.testing.assert_array_equal(ex["visual"][:3], tokens)
-
-
-def test_slide_dropout_hides_only_the_slide_token_and_only_in_training(tokenizer):
-  config = ins.SequenceConfig(max_len=100, max_visual=5, slide_dropout=0.5,
-                              shuffle_options=False)
-  item = ins.Instruction(slide=0, kind=ins.OPEN, question="Where is the fat?", answer_text="fat")
-  tokens = np.arange(12, dtype=np.float32).reshape(3, 4)
-  pos = np.array([[1.0, 0.5, 0.5], [0.0, 0.2, 0.9], [0.0, 0.7, 0.1]], np.float32)
-  visual = {"tokens": tokens, "positions": pos}
-  rng = np.random.default_rng(0)
-  shown = []
-  for _ in range(200):
-    ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, rng)
-    v = int(ex["visual_valid"].sum())
-    assert (ex["tokens"] == tokenizer.image_id).sum() == v      # one slot per shown token
-    np.testing.assert_array_equal(ex["visual"][:v], tokens[3 - v:])
-    np.testing.assert_array_equal(ex["visual_pos"][:v, 0], [1.0] * (v == 3) + [0.0, 0.0])
-    shown.append(v)
-  assert set(shown) == {2, 3} and 0.4 < np.mean(np.array(shown) == 2) < 0.6
-  ex = ins.training_example(item, visual, ins.Template(), tokenizer, config, None)
-  assert ex["visual_valid"].sum() == 3
-  with pytest.raises(ValueError, match="data.slide_dropout"):
-    ins.SequenceConfig(slide_dropout=1.0)
-
-
-
 def test_visual_tokens_are_spliced_in_order():
   config = decoder.get_config("tiny", vocab_size=20)
   image_id = 20                                  # one past the vocabulary, as with Gemma
@@ -222,8 +151,8 @@ def align_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("instruct")
   rows = test_align.write_features(root / "features")
   config = config_args.load_config(
-      f"configs/pathflip_demo.py:size=test,features_dir={root / 'features'},total_steps=2,"
-      "batch_size=8,log_steps=2,workers=0")
+      f"configs/pathflip_demo.py:size=test,features_dir={root / 'features'}",
+      {"total_steps": 2, "log_steps": 2, "input.worker_count": 0})
   # What stage instruct reads of an align run: config.json, tokenizer, checkpoint (an untrained
   # model will do; the align stage's own training is tested in test_align.py).
   runs.save_untrained_run(config, str(root / "align"), step=2)
@@ -242,8 +171,9 @@ def align_run(tmp_path_factory):
 def _instruct_config(root, extra=""):
   return config_args.load_config(
       f"configs/pathflip_instruct_demo.py:size=test,align_workdir={root / 'align'},"
-      f"questions={root / 'questions.csv'},total_steps=3,batch_size=8,log_steps=3,"
-      f"eval_split=val,caption_tokens=8,answer_tokens=4{extra}")
+      f"questions={root / 'questions.csv'},eval_split=val{extra}",
+      {"total_steps": 3, "log_steps": 3, "evals.captioning.max_new_tokens": 8,
+       "evals.vqa.description_tokens": 8})
 
 
 @pytest.mark.slow
@@ -295,8 +225,7 @@ def test_gemma_recipe_trains_only_lora_and_projector(align_run, tmp_path):
   config = config_args.load_config(
       f"configs/pathflip_instruct_gemma.py:gemma={tmp_path / 'gemma'},"
       f"align_workdir={align_run / 'align'},questions={align_run / 'questions.csv'},"
-      "total_steps=2,batch_size=8,log_steps=2,lora_rank=2,dtype=float32,eval_split=,"
-      "caption_tokens=8,answer_tokens=4")
+      "lora_rank=2,eval_split=", {"total_steps": 2, "log_steps": 2, "dtype": "float32"})
   workdir = str(tmp_path / "w")
   results = train.train_and_evaluate(config, workdir)
   assert "decoder initialised from gemma3_text checkpoint" in results["origin"]
@@ -306,54 +235,3 @@ def test_gemma_recipe_trains_only_lora_and_projector(align_run, tmp_path):
     np.testing.assert_array_equal(trained[f"decoder/{name}"], np.asarray(value), err_msg=name)
   lora_b = [k for k in trained if "lora" in k and k.endswith("/b")]
   assert lora_b and all(np.abs(trained[k]).max() > 0 for k in lora_b)   # zero at the start
-
-
-class _StripedTruth:
-  """Stands in for ``demo_annotations.CohortAnnotations``: a patch's "tissue fractions" are its
-  column and row on the slide (so a region's mean differs from any one patch's), and the slide's
-  index in its last column."""
-
-  def __init__(self):
-    self.seen = []
-
-  def tissue_fractions(self, slide_id, coords_n2, size):
-    self.seen.append(slide_id)
-    col, row = coords_n2[:, 0] / size, coords_n2[:, 1] / size
-    out = np.zeros((len(coords_n2), 6), np.float32)
-    out[:, 0], out[:, 1], out[:, 5] = col, row, len(self.seen)
-    return out
-
-
-def test_truth_tokens_are_each_regions_mean_fractions_in_place(align_run, tmp_path):
-  from pathflip_jax import sharding
-  from pathflip_jax.tasks import instruct as instruct_task
-  align_task, model = instruct_task.load_align_run(str(align_run / "align"), "")
-  mesh = sharding.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
-  visual = instruct_task.encode_visual_tokens(align_task, model, mesh, 8)
-  truth = _StripedTruth()
-  replaced = instruct_task.truth_visual_tokens(visual, align_task, truth)
-  per_region = align_task.example_config.region_patches
-  checked = 0
-  for split, slides in replaced.items():
-    source, examples = align_task.source(split), align_task.eval_examples(split)
-    for i, (before, after) in enumerate(zip(visual[split], slides)):
-      np.testing.assert_array_equal(after["positions"], before["positions"])
-      tokens_ve = after["tokens"]
-      scale = np.sqrt(tokens_ve.shape[1])
-      coords = np.asarray(source[i]["coords"])
-      size = source[i]["patch_size_level0"]
-      cells_n2 = coords // (size * per_region)       # the fixture's grids start at (0, 0)
-      valid = np.asarray(examples[i]["region_valid"], bool)
-      assert len(tokens_ve) == 1 + valid.sum()
-      for row, cell in enumerate(np.asarray(examples[i]["region_pos"])[valid], start=1):
-        members = (cells_n2 == cell).all(axis=1)
-        expected = np.array([coords[members, 0].mean() / size, coords[members, 1].mean() / size])
-        np.testing.assert_allclose(tokens_ve[row, :2] / scale, expected, rtol=1e-5)
-        assert tokens_ve[row, 6] == 0 and not tokens_ve[row, 7:].any()
-        checked += 1
-      assert tokens_ve[0, 6] == pytest.approx(scale)                # the slide token's marker
-      assert tokens_ve[0, 5] == pytest.approx(tokens_ve[1, 5])      # one slide, one index
-  assert checked > 20 and len(truth.seen) == sum(len(v) for v in visual.values())
-  with pytest.raises(FileNotFoundError, match="not a demo cohort"):
-    instruct_task.InstructTask(_instruct_config(align_run, f",truth_tokens={tmp_path}"),
-                               str(tmp_path / "w"))

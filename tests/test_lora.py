@@ -15,10 +15,10 @@ from flax import nnx
 
 from pathflip_jax import optim
 from pathflip_jax.convert import gemma, gemma_lora, safetensors_io
-from pathflip_jax.models import decoder
+from pathflip_jax.models import decoder, lora as lora_lib
 
 TINY = decoder.get_config("tiny")
-ALL = decoder.LoraConfig(rank=2, alpha=3.0, dropout=0.25, targets=decoder.LORA_TARGETS)
+ALL = lora_lib.LoraConfig(rank=2, alpha=3.0, dropout=0.25, targets=lora_lib.LORA_TARGETS)
 # Slow XLA:CPU: compile each jitted function at the lowest backend optimisation level.
 FAST = {"xla_backend_optimization_level": 0}
 T = 7
@@ -58,14 +58,14 @@ def trained() -> decoder.Decoder:
   """``fresh`` with random non-zero ``b`` (as after some training)."""
   model = nnx.clone(fresh())
   rng = np.random.default_rng(0)
-  for adapter in decoder.lora_adapters(model).values():
+  for adapter in lora_lib.lora_adapters(model).values():
     adapter.b.set_value(jnp.asarray(rng.normal(0, 0.3, adapter.b.shape), jnp.float32))
   return model
 
 
 @functools.cache
 def merged() -> decoder.Decoder:
-  return decoder.merge_lora(trained())
+  return lora_lib.merge_lora(trained())
 
 
 def param_dict(model) -> dict[str, np.ndarray]:
@@ -97,7 +97,7 @@ def test_fresh_adapters_leave_logits_unchanged():
 
 
 def test_only_targeted_projections_get_adapters():
-  lora = decoder.LoraConfig(rank=3, alpha=1.0, targets=("q_proj", "up_proj"))
+  lora = lora_lib.LoraConfig(rank=3, alpha=1.0, targets=("q_proj", "up_proj"))
   model = nnx.eval_shape(lambda: decoder.Decoder(TINY, rngs=nnx.Rngs(0), lora=lora))
   adapters = {name: v for name, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
               if "lora" in "/".join(map(str, name))}
@@ -121,8 +121,8 @@ def test_adapter_shapes_and_logical_axes():
       "up_proj": ((d, r), ("embed", None), (r, f), (None, "mlp")),
       "down_proj": ((f, r), ("mlp", None), (r, d), (None, "embed")),
   }
-  adapters = decoder.lora_adapters(model)
-  assert list(adapters) == [(i, t) for i in range(TINY.depth) for t in decoder.LORA_TARGETS]
+  adapters = lora_lib.lora_adapters(model)
+  assert list(adapters) == [(i, t) for i in range(TINY.depth) for t in lora_lib.LORA_TARGETS]
   for (_, target), adapter in adapters.items():
     a_shape, a_axes, b_shape, b_axes = expected[target]
     assert (adapter.a.shape, adapter.b.shape) == (a_shape, b_shape), target
@@ -146,13 +146,13 @@ def test_adapter_shapes_and_logical_axes():
 ])
 def test_bad_lora_config(fields, match):
   with pytest.raises(ValueError, match=match):
-    decoder.LoraConfig(**{**dict(rank=2, alpha=4.0), **fields})
+    lora_lib.LoraConfig(**{**dict(rank=2, alpha=4.0), **fields})
 
 
 def test_lora_config_defaults_and_scale():
-  lora = decoder.LoraConfig(rank=4, alpha=8, targets=["q_proj", "down_proj"])
+  lora = lora_lib.LoraConfig(rank=4, alpha=8, targets=["q_proj", "down_proj"])
   assert lora.targets == ("q_proj", "down_proj") and lora.scale == 2.0
-  assert decoder.LoraConfig(rank=1, alpha=1.0).targets == ("q_proj", "v_proj")  # PEFT's default
+  assert lora_lib.LoraConfig(rank=1, alpha=1.0).targets == ("q_proj", "v_proj")  # PEFT's default
 
 
 # --- forward, dropout, merging ----------------------------------------------------------------
@@ -182,11 +182,11 @@ def test_merged_model_matches_adapted_model():
   # The merged model has exactly the base model's parameters (no adapters) ...
   merged_params, base_params = param_dict(merged()), param_dict(base())
   assert sorted(merged_params) == sorted(base_params)
-  assert merged().lora is None and not decoder.lora_adapters(merged())
+  assert merged().lora is None and not lora_lib.lora_adapters(merged())
   # ... and the original keeps its adapters.
-  assert len(decoder.lora_adapters(trained())) == TINY.depth * len(decoder.LORA_TARGETS)
+  assert len(lora_lib.lora_adapters(trained())) == TINY.depth * len(lora_lib.LORA_TARGETS)
   with pytest.raises(ValueError, match="no LoRA adapters"):
-    decoder.merge_lora(base())
+    lora_lib.merge_lora(base())
 
 
 # --- PEFT export / import ---------------------------------------------------------------------
@@ -232,12 +232,12 @@ def test_export_is_in_peft_layout(exported):
   assert {k: config[k] for k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules",
                                  "bias", "task_type", "base_model_name_or_path")} == {
       "peft_type": "LORA", "r": 2, "lora_alpha": 3.0, "lora_dropout": 0.25,
-      "target_modules": list(decoder.LORA_TARGETS), "bias": "none", "task_type": "CAUSAL_LM",
+      "target_modules": list(lora_lib.LORA_TARGETS), "bias": "none", "task_type": "CAUSAL_LM",
       "base_model_name_or_path": "google/gemma-3-1b-pt"}
   tensors = safetensors_io.load_file(str(exported / "adapter_model.safetensors"))
   expected = {}
   for i in range(TINY.depth):
-    for target in decoder.LORA_TARGETS:
+    for target in lora_lib.LORA_TARGETS:
       a_shape, b_shape = _peft_shapes(target)
       expected[_hf_key(i, target, "A")] = a_shape
       expected[_hf_key(i, target, "B")] = b_shape
@@ -252,7 +252,7 @@ def test_export_applied_to_hf_weights_gives_merged_kernels(exported):
   tensors = safetensors_io.load_file(str(exported / "adapter_model.safetensors"))
   entries = gemma._mapping(TINY, "gemma3_text")
   for i in range(TINY.depth):
-    for target in decoder.LORA_TARGETS:
+    for target in lora_lib.LORA_TARGETS:
       lora_a, lora_b = tensors[_hf_key(i, target, "A")], tensors[_hf_key(i, target, "B")]
       want = _hf_weight(merged(), i, target)
       np.testing.assert_allclose(_hf_weight(base(), i, target) + ALL.scale * lora_b @ lora_a,
@@ -282,10 +282,10 @@ def test_load_errors(exported, tmp_path):
   abstract = lambda lora: nnx.eval_shape(  # noqa: E731
       lambda: decoder.Decoder(TINY, rngs=nnx.Rngs(0), lora=lora))
   with pytest.raises(ValueError, match=r"adapter_config\.json: rank 2 differs.* 4"):
-    gemma_lora.load_lora_adapters(abstract(decoder.LoraConfig(rank=4, alpha=3.0,
+    gemma_lora.load_lora_adapters(abstract(lora_lib.LoraConfig(rank=4, alpha=3.0,
                                                               targets=ALL.targets)), exported)
   with pytest.raises(ValueError, match="target_modules"):
-    gemma_lora.load_lora_adapters(abstract(decoder.LoraConfig(rank=2, alpha=3.0)), exported)
+    gemma_lora.load_lora_adapters(abstract(lora_lib.LoraConfig(rank=2, alpha=3.0)), exported)
   with pytest.raises(ValueError, match="no LoRA adapters"):
     gemma_lora.load_lora_adapters(abstract(None), exported)
 
@@ -323,7 +323,7 @@ def test_optimizer_trains_only_adapters():
   before = jax.tree.map(np.asarray, params)
   after = jax.tree.map(np.asarray, one_step(params, grads))
   paths = jax.tree.leaves(optim.param_paths(params))
-  assert sum("lora" in p for p in paths) == 2 * TINY.depth * len(decoder.LORA_TARGETS)
+  assert sum("lora" in p for p in paths) == 2 * TINY.depth * len(lora_lib.LORA_TARGETS)
   for path, old, new in zip(paths, jax.tree.leaves(before), jax.tree.leaves(after)):
     if "lora" in path:
       assert not np.allclose(old, new), path

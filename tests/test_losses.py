@@ -38,18 +38,8 @@ def projected_attend(params, text_bte, regions_bme, region_valid_bm):
   return jnp.einsum("btm,bme->bte", jax.nn.softmax(scores_btm, axis=-1), v_bme)
 
 
-def hand_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias,
-                     caption_concepts=None, sub_concepts=None, within_slide_weight=0.0):
-  """The region loss with explicit loops over slides and texts (dot_attend). A pick whose
-  concepts (a set bit each) are all among the slide's caption concepts is no negative for it.
-  ``within_slide_weight``: also subcaption i of a slide against the embedding its subcaption j
-  drew, a negative of that weight when both name concepts and share none."""
-  def named(c, b):
-    if sub_concepts is None:
-      return False
-    bits = int(sub_concepts[c][pick[c]])
-    return bits != 0 and bits & ~int(caption_concepts[b]) == 0
-
+def hand_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias):
+  """The region loss with explicit loops over slides and texts (dot_attend)."""
   def attend(t, b):
     ws = [math.exp(float(np.dot(t, r))) if v else 0.0 for r, v in zip(regions[b], region_valid[b])]
     return sum(w * r for w, r in zip(ws, regions[b])) / sum(ws)
@@ -64,20 +54,11 @@ def hand_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias,
       continue
     texts = [(sub[b][k], 1.0) for k in range(len(sub[b])) if sub_valid[b][k]]
     texts += [(sub[c][pick[c]], -1.0) for c in range(num_slides)
-              if c != b and sub_valid[c][pick[c]] and not named(c, b)]
+              if c != b and sub_valid[c][pick[c]]]
     for t, label in texts:
       logit = scale * cos(t, attend(t, b)) + bias
       (pos_logits if label > 0 else neg_logits).append(logit)
       total += math.log1p(math.exp(-label * logit))  # -log sigmoid(label * logit)
-    if not within_slide_weight:
-      continue
-    for i, bits_i in enumerate(sub_concepts[b]):
-      for j, bits_j in enumerate(sub_concepts[b]):
-        if (sub_valid[b][i] and sub_valid[b][j] and bits_i and bits_j
-            and not int(bits_i) & int(bits_j)):
-          logit = scale * cos(sub[b][i], attend(sub[b][j], b)) + bias
-          neg_logits.append(logit)
-          total += within_slide_weight * math.log1p(math.exp(logit))
   return total / num_slides, {
       "region_positive_accuracy": np.mean([x > 0 for x in pos_logits]),
       "region_negative_accuracy": np.mean([x < 0 for x in neg_logits]),
@@ -98,20 +79,14 @@ def small_case():
       scale=3.0, bias=-0.5)
 
 
-def dot_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias,
-                    caption_concepts=None, sub_concepts=None, within_slide_weight=0.0):
+def dot_region_loss(regions, region_valid, sub, sub_valid, pick, scale, bias):
   return losses.region_sigmoid_loss(dot_attend, None, regions, region_valid, sub, sub_valid,
-                                    pick, scale, bias, caption_concepts_b=caption_concepts,
-                                    sub_concepts_bk=sub_concepts,
-                                    within_slide_weight=within_slide_weight)
+                                    pick, scale, bias)
 
 
-def run_region(case, fn=jax.jit(dot_region_loss, compiler_options=FAST,
-                                static_argnames="within_slide_weight")):
+def run_region(case, fn=jax.jit(dot_region_loss, compiler_options=FAST)):
   return fn(case["regions"], case["region_valid"], case["sub"], case["sub_valid"],
-            case["pick"], np.float32(case["scale"]), np.float32(case["bias"]),
-            case.get("caption_concepts"), case.get("sub_concepts"),
-            within_slide_weight=case.get("within_slide_weight", 0.0))
+            case["pick"], np.float32(case["scale"]), np.float32(case["bias"]))
 
 
 def test_region_sigmoid_loss_matches_hand_computation():
@@ -122,46 +97,6 @@ def test_region_sigmoid_loss_matches_hand_computation():
   assert set(metrics) == set(want_metrics)
   for name, want in want_metrics.items():
     np.testing.assert_allclose(metrics[name], want, rtol=1e-5, err_msg=name)
-
-
-def test_region_sigmoid_loss_keeps_no_negative_the_caption_names():
-  """Concept bits: slide 0's caption names concepts 0 and 1, so the picks of slides 2 and 3
-  (concept 1, concept 0) are no negatives for it, while slide 1's (concepts 0 and 2) still is;
-  slide 0's pick names no concept and stays a negative for every other slide."""
-  case = {**small_case(), "caption_concepts": np.array([0b011, 0b100, 0b001, 0b001], np.int32),
-          "sub_concepts": np.array([[0, 0], [0b101, 0], [0b100, 0b010], [0b001, 0]], np.int32)}
-  loss, metrics = run_region(case)
-  want_loss, want_metrics = hand_region_loss(**case)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-  for name, want in want_metrics.items():
-    np.testing.assert_allclose(metrics[name], want, rtol=1e-5, err_msg=name)
-  plain = {k: v for k, v in case.items() if "concepts" not in k}
-  assert float(loss) != pytest.approx(float(run_region(plain)[0]), rel=1e-3)
-  # No concept anywhere is the paper's loss.
-  zeros = {**case, "caption_concepts": np.zeros(4, np.int32),
-           "sub_concepts": np.zeros((4, 2), np.int32)}
-  np.testing.assert_allclose(run_region(zeros)[0], run_region(plain)[0], rtol=1e-6)
-
-
-def test_region_sigmoid_loss_within_slide_negatives():
-  """Slide 3's two subcaptions name disjoint concepts (0b100, 0b010): each is a negative against
-  the embedding the other drew, two more negatives. Slide 0's subcaptions name none, slide 1's
-  second one is invalid and slide 2 has no valid region (its disjoint pair must not count)."""
-  case = {**small_case(), "caption_concepts": np.array([0b011, 0b100, 0b110, 0b001], np.int32),
-          "sub_concepts": np.array([[0, 0], [0b101, 0b010], [0b100, 0b010], [0b100, 0b010]],
-                                   np.int32), "within_slide_weight": 0.5}
-  loss, metrics = run_region(case)
-  want_loss, want_metrics = hand_region_loss(**case)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-  for name, want in want_metrics.items():
-    np.testing.assert_allclose(metrics[name], want, rtol=1e-5, err_msg=name)
-  without = {**case, "within_slide_weight": 0.0}
-  without_loss, without_metrics = run_region(without)
-  np.testing.assert_allclose(without_loss, hand_region_loss(**without)[0], rtol=1e-5)
-  # The 2 extra negatives: each adds log(1 + e^logit) > 0 to the summed loss.
-  assert float(loss) > float(without_loss)
-  assert metrics["region_negative_logit"] != pytest.approx(
-      float(without_metrics["region_negative_logit"]), rel=1e-4)
 
 
 def test_region_sigmoid_loss_uses_only_picked_negatives_and_masks():
@@ -222,8 +157,6 @@ def make_batch():
       sub=rng.normal(size=(B, K, E)).astype(np.float32),
       sub_valid=sub_valid,
       pick=pick.astype(np.int32),
-      caption_concepts=rng.integers(0, 8, size=B).astype(np.int32),
-      sub_concepts=rng.integers(0, 8, size=(B, K)).astype(np.int32),
       params={"wq": rng.normal(size=(E, H)).astype(np.float32),
               "wk": rng.normal(size=(E, H)).astype(np.float32),
               "wv": rng.normal(size=(E, E)).astype(np.float32)},
@@ -240,8 +173,7 @@ def all_losses(mesh, with_grads):
 
   Returns ``((loss, metrics), grads)`` per loss; grads (None without ``with_grads``) wrt the
   embeddings, scale/bias and attend_params. The plain contrastive loss differs from the smoothed
-  one only in integer ids, so its gradients are left to the smoothed one. The region loss runs
-  with its within-slide negatives, the path that reads every slide's own subcaption concepts.
+  one only in integer ids, so its gradients are left to the smoothed one.
   """
   def contrastive(image, text, scale, ids, smoothed):
     kw = {"label_smoothing": 0.1, "text_ids_b": ids} if smoothed else {}
@@ -249,12 +181,9 @@ def all_losses(mesh, with_grads):
       return losses.contrastive_loss(image, text, scale, **kw)
     return losses.gathered_contrastive_loss(image, text, scale, mesh, **kw)
 
-  def region(params, regions, region_valid, sub, sub_valid, pick, scale, bias,
-             caption_concepts, sub_concepts):
+  def region(params, regions, region_valid, sub, sub_valid, pick, scale, bias):
     return losses.region_sigmoid_loss(projected_attend, params, regions, region_valid, sub,
-                                      sub_valid, pick, scale, bias, mesh=mesh,
-                                      caption_concepts_b=caption_concepts,
-                                      sub_concepts_bk=sub_concepts, within_slide_weight=1.0)
+                                      sub_valid, pick, scale, bias, mesh=mesh)
 
   def maybe_grad(f, argnums):
     if with_grads:
@@ -277,8 +206,7 @@ def run_all(batch, mesh=None, with_grads=True):
   c_args = (put(batch["image"]), put(batch["text"]), jnp.float32(10.0), put(batch["text_ids"]))
   r_args = (jax.tree.map(jnp.asarray, batch["params"]), put(batch["regions"]),
             put(batch["region_valid"]), put(batch["sub"]), put(batch["sub_valid"]),
-            put(batch["pick"]), jnp.float32(1 / 0.07), jnp.float32(-2.0),
-            put(batch["caption_concepts"]), put(batch["sub_concepts"]))
+            put(batch["pick"]), jnp.float32(1 / 0.07), jnp.float32(-2.0))
   return all_losses(mesh, with_grads)(c_args, r_args)
 
 

@@ -126,13 +126,20 @@ def test_schedule_values():
 @pytest.mark.parametrize("fields, key", [
     (dict(schedule="cosin"), "optim.schedule"),
     (dict(lr=0.0), "optim.lr"),
-    (dict(warmup_steps=11), "optim.warmup_steps"),
+    (dict(warmup_steps=-1), "optim.warmup_steps"),
     (dict(end_lr=-1.0), "optim.end_lr"),
     (dict(lerning_rate=1.0), "optim.lerning_rate"),
 ])
 def test_schedule_errors(fields, key):
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
     optim.make_schedule(cfg(**fields), total_steps=10)
+
+
+def test_warmup_longer_than_the_run_is_cut_to_it():
+  """A 5-step run of a config with 50 warmup steps warms up over its 5 steps."""
+  schedule = optim.make_schedule(cfg(lr=1.0, warmup_steps=50), total_steps=5)
+  got = jax.device_get(jax.jit(lambda s: schedule(s), compiler_options=FAST)(np.arange(6)))
+  np.testing.assert_allclose(got, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], atol=1e-6)
 
 
 # --- optimizer ----------------------------------------------------------------------------------
@@ -145,10 +152,7 @@ def test_schedule_errors(fields, key):
     (dict(grad_accum_steps=0), "optim.grad_accum_steps"),
     (dict(frozen="stem"), "optim.frozen"),
     (dict(no_decay=["("]), "optim.no_decay"),
-    (dict(lr_multipliers={"w": 0.0}), "optim.lr_multipliers"),
-    (dict(lr_multipliers={"w": "10"}), "optim.lr_multipliers"),
-    (dict(lr_multipliers={"(": 2.0}), "optim.lr_multipliers"),
-    (dict(lr_multipliers=["w"]), "optim.lr_multipliers"),
+    (dict(lr_multipliers={"w": 2.0}), "optim.lr_multipliers"),
 ])
 def test_optimizer_errors(fields, key):
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -187,31 +191,6 @@ def test_weight_decay_only_on_decay_mask():
                                -lr * wd * np.asarray(decayed(params)), atol=1e-6)
   for name in ("b", "pos_embed"):  # 1-D bias; 2-D excluded by name
     np.testing.assert_array_equal(with_wd[name], without[name])
-
-
-def test_lr_multipliers_scale_adamw_updates_per_parameter():
-  params, grads = tiny_params(), grads_like(tiny_params())
-  base = dict(lr=0.1, schedule="constant", weight_decay=0.5)
-  multipliers = ml_collections.ConfigDict({"^w$": 10.0, "^b$": 3.0})
-  [(_, [plain], _), (_, [scaled], _)] = run(
-      (optim.make_optimizer(cfg(**base), 10)[0], params, [grads]),
-      (optim.make_optimizer(cfg(lr_multipliers=multipliers, frozen=("^stem/",), **base),
-                            10)[0], params, [grads]))
-  # Adam's step and the decoupled decay both scale, as if lr were 10x (w) or 3x (b).
-  np.testing.assert_allclose(scaled["w"], 10.0 * plain["w"], rtol=1e-6)
-  np.testing.assert_allclose(scaled["b"], 3.0 * plain["b"], rtol=1e-6)
-  np.testing.assert_array_equal(scaled["pos_embed"], plain["pos_embed"])
-  np.testing.assert_array_equal(scaled["stem"]["kernel"], 0.0)
-
-
-def test_unmatched_lr_multiplier_pattern_raises_at_init():
-  tx, _ = optim.make_optimizer(cfg(lr_multipliers={"^wieghts$": 2.0}), total_steps=10)
-  with pytest.raises(ValueError, match=r"optim\.lr_multipliers.*wieghts"):
-    tx.init(tiny_params())
-  tx, _ = optim.make_optimizer(cfg(lr_multipliers={"^w$": 2.0, "^[wb]$": 3.0}), total_steps=10)
-  with pytest.raises(ValueError, match=r"optim\.lr_multipliers.*all match 'w'"):
-    tx.init(tiny_params())
-  assert "lr x2 for /^w$/" in optim.describe(tiny_params(), cfg(lr_multipliers={"^w$": 2.0}))
 
 
 def test_sgd_decoupled_decay_and_momentum():

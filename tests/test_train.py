@@ -351,3 +351,59 @@ def test_loading_another_run_is_quiet(tmp_path, caplog):
     logging.getLogger("absl").warning("a warning that matters")
   messages = [r.getMessage() for r in caplog.records]
   assert messages == ["a warning that matters"], messages
+
+
+def test_command_line_overrides_any_config_field(tmp_path, capsys):
+  """big_vision-style: --config FILE:arg, then --config.a.b=value for any field; a field the
+  config lacks is an error that names it."""
+  workdir = tmp_path / "w"
+  train.main(["--config", "tests/toy_config.py:total_steps=12",
+              "--config.total_steps=3", "--config.optim.lr=0.02", "--config.log_steps=3",
+              "--workdir", str(workdir)])
+  saved = json.load(open(workdir / "config.json"))
+  assert saved["total_steps"] == 3 and saved["optim"]["lr"] == 0.02
+  assert json.load(open(workdir / "results.json"))["step"] == 3
+  capsys.readouterr()
+  with pytest.raises(SystemExit, match="optim.lerning_rate"):
+    train.main(["--config", "tests/toy_config.py", "--config.optim.lerning_rate=1",
+                "--workdir", str(tmp_path / "x")])
+  with pytest.raises(SystemExit, match="--workdir is required"):
+    train.main(["--config", "tests/toy_config.py"])
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(["--help"])
+  assert exit_info.value.code == 0
+  usage = capsys.readouterr().out
+  assert usage.startswith("usage: python -m pathflip_jax.train --config FILE.py[:ARG]")
+  assert "jax_distributed:" in usage and "--workdir:" in usage and "--config:" in usage
+
+
+def test_demo_config_fields_follow_their_references():
+  """A shorter run of the demo config: warmup cut to the run, the checkpoint interval and the
+  final learning rate follow log_steps and lr."""
+  config = config_args.load_config("configs/pathflip_demo.py",
+                                   {"total_steps": 5, "log_steps": 2, "optim.lr": 1e-3})
+  assert config.checkpoint.every == 2 and config.optim.end_lr == pytest.approx(5e-5)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  assert float(schedule(5)) == pytest.approx(1e-3)     # warmup of 50 cut to the 5 steps
+  with pytest.raises(KeyError, match="--config.optim.lrr"):
+    config_args.load_config("configs/pathflip_demo.py", {"optim.lrr": 1.0})
+
+
+def test_runs_of_an_earlier_layout_say_they_predate_it(tmp_path):
+  """Checkpoints record their layout; one of an earlier layout (none recorded) is not loaded,
+  neither as a model, nor to resume, nor through its run's config, and the error says why."""
+  config = toy_task.get_config("total_steps=2,checkpoint_every=2")
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  meta_path = tmp_path / "run" / "checkpoints" / "2" / "meta" / "metadata"
+  assert json.load(open(meta_path))["layout"] == checkpointing.LAYOUT
+  assert checkpointing.run_config(str(tmp_path / "run"), config.stage).stage == config.stage
+  meta = json.load(open(meta_path))
+  del meta["layout"]                      # what git 0d3432e and earlier wrote
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(checkpointing.LayoutError, match="predates the layout of 2026-12-07"):
+    checkpointing.load_params(str(tmp_path / "run"))
+  with pytest.raises(checkpointing.LayoutError, match="predates .*git commit 0d3432e"):
+    checkpointing.run_config(str(tmp_path / "run"), config.stage, "--workdir W")
+  with pytest.raises(checkpointing.LayoutError, match="predates"):
+    train.train_and_evaluate(toy_task.get_config("total_steps=4,checkpoint_every=2"),
+                             str(tmp_path / "run"))

@@ -13,7 +13,7 @@ from flax import nnx
 
 from pathflip_jax import sharding
 from pathflip_jax.convert import safetensors_io, timm_vit
-from pathflip_jax.models import vit
+from pathflip_jax.models import layers, vit
 
 TINY = dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=0)
 # timm option combinations covered by the parity test (added to TINY). Each costs one XLA
@@ -201,7 +201,7 @@ def test_wrong_image_size_is_an_error():
 def test_full_size_param_counts(name, expected):
   config = vit.get_config(name)
   model = nnx.eval_shape(lambda: vit.VisionTransformer(config, rngs=nnx.Rngs(0)))
-  assert vit.count_params(model) == expected
+  assert layers.count_params(model) == expected
   assert model.out_dim == config.width
   out = nnx.eval_shape(lambda m: m(jnp.zeros((2, 224, 224, 3))), model)
   assert out.shape == (2, config.width)

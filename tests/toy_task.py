@@ -1,6 +1,6 @@
 """A tiny regression stage for testing the trainer's loop without a cohort (``stage="toy"``).
 
-y = x @ W_true over 16-d inputs drawn from the element index; the model is one ``vit.Dense``
+y = x @ W_true over 16-d inputs drawn from the element index; the model is one ``layers.Dense``
 layer (annotated ``embed`` x ``mlp``, so it shards over fsdp and model). ``config.toy_sleep``
 slows each element down so that a test can kill a run in the middle.
 """
@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax.models import vit
+from pathflip_jax.models import layers
 
 DIM = 16
 
@@ -43,8 +43,8 @@ class Noise(grain.transforms.RandomMap):
 class ToyModel(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=np.float32, param_dtype=np.float32)
-    self.hidden = vit.Dense(DIM, 4 * DIM, ("embed", "mlp"), **kw)
-    self.out = vit.Dense(4 * DIM, DIM, ("mlp", "embed"), **kw)
+    self.hidden = layers.Dense(DIM, 4 * DIM, ("embed", "mlp"), **kw)
+    self.out = layers.Dense(4 * DIM, DIM, ("mlp", "embed"), **kw)
 
   def __call__(self, x):
     return self.out(self.hidden(x))

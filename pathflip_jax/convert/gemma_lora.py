@@ -7,7 +7,7 @@
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT's
 ``save_pretrained`` writes them for a ``GemmaForCausalLM`` (or Gemma 2/3 text), so PEFT's
 ``PeftModel`` loads them from that local directory onto the Hugging Face model, and
-``merge_and_unload`` gives the same weights as ``decoder.merge_lora``.
+``merge_and_unload`` gives the same weights as ``lora_lib.merge_lora``.
 
 Tensors (float32), for each layer i and target t:
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pathflip_jax.convert import mapping as mapping_lib, safetensors_io
-from pathflip_jax.models import decoder
+from pathflip_jax.models import decoder, lora as lora_lib
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -76,7 +76,7 @@ def save_lora_adapters(model: decoder.Decoder, path: str | os.PathLike,
   tensors = {}
   # One transfer for all adapters (they may live on accelerators, possibly sharded).
   host = jax.device_get({k: (ad.a[...], ad.b[...])
-                         for k, ad in decoder.lora_adapters(model).items()})
+                         for k, ad in lora_lib.lora_adapters(model).items()})
   for (i, target), (a, b) in host.items():
     lora_a, lora_b = _peft_tensors(np.asarray(a, np.float32), np.asarray(b, np.float32))
     tensors[_key(i, target, "A")] = lora_a
@@ -101,7 +101,7 @@ def save_lora_adapters(model: decoder.Decoder, path: str | os.PathLike,
     f.write("\n")
 
 
-def read_lora_config(path: str | os.PathLike) -> decoder.LoraConfig:
+def read_lora_config(path: str | os.PathLike) -> lora_lib.LoraConfig:
   """The ``LoraConfig`` of a PEFT adapter directory (to build the model to load it into).
 
   Raises ValueError naming the file and field for a non-LoRA adapter or options the decoder does
@@ -133,7 +133,7 @@ def read_lora_config(path: str | os.PathLike) -> decoder.LoraConfig:
     raise ValueError(f"{file}: field target_modules must be a list of module names, got "
                      f"{targets!r} (regex targets are not supported)")
   try:
-    return decoder.LoraConfig(rank=cfg.get("r"), alpha=cfg.get("lora_alpha"),
+    return lora_lib.LoraConfig(rank=cfg.get("r"), alpha=cfg.get("lora_alpha"),
                               dropout=cfg.get("lora_dropout", 0.0), targets=tuple(targets))
   except ValueError as e:
     raise ValueError(f"{file}: {e}") from None
@@ -164,7 +164,7 @@ def load_lora_adapters(model: decoder.Decoder, path: str | os.PathLike) -> decod
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} does not exist")
   tensors = safetensors_io.load_file(file)
-  adapters = decoder.lora_adapters(model)
+  adapters = lora_lib.lora_adapters(model)
   problems, expected = [], {}
   for (i, target), adapter in adapters.items():
     r = adapter.a.shape[-1]

@@ -249,8 +249,8 @@ def _mapping(config: vit.ViTConfig, pos_len: int) -> dict[str, _Entry]:
       entries[f"blocks.{i}.attn.qkv.bias"] = _Entry(
           b + ("attn", "qkv_bias"), (3 * d,), lambda x: x.reshape(3, h, hd))
     entries[f"blocks.{i}.attn.proj.weight"] = _Entry(
-        b + ("attn", "proj_kernel"), (d, d), lambda w: w.T.reshape(h, hd, d))
-    entries[f"blocks.{i}.attn.proj.bias"] = _Entry(b + ("attn", "proj_bias"), (d,))
+        b + ("attn", "o_kernel"), (d, d), lambda w: w.T.reshape(h, hd, d))
+    entries[f"blocks.{i}.attn.proj.bias"] = _Entry(b + ("attn", "o_bias"), (d,))
     add(f"blocks.{i}.norm2", _norm(b + ("norm2",), d))
     add(f"blocks.{i}.mlp.fc1", _linear(b + ("mlp", "fc1"), d, m))
     add(f"blocks.{i}.mlp.fc2", _linear(b + ("mlp", "fc2"), m, d))

@@ -16,7 +16,6 @@ Imported by the training input pipeline, so only numpy and the standard library 
 
 from __future__ import annotations
 
-import functools
 import json
 import operator
 import random
@@ -99,33 +98,6 @@ def split_sentences(text: str) -> list[str]:
       if any(c.isalnum() for c in piece):
         sentences.append(piece)
   return sentences
-
-
-_NEGATION = re.compile(r"\b(?:no|not|without|negative|absent)\b", re.IGNORECASE)
-
-
-def concept_mask(text: str, lexicon: Sequence[tuple[str, Sequence[str]]]) -> int:
-  """Bit i set when ``text`` names concept i of ``lexicon`` (any of its words, whole words,
-  any case) in a sentence without a negation ("no evidence of carcinoma" names nothing)."""
-  if not lexicon:  # the default: no sentence splitting on every example
-    return 0
-  patterns = _concept_patterns(tuple(tuple(words) for _, words in lexicon))
-  mask = 0
-  for sentence in split_sentences(text) or [text]:
-    if _NEGATION.search(sentence):
-      continue
-    for i, pattern in enumerate(patterns):
-      if pattern.search(sentence):
-        mask |= 1 << i
-  return mask
-
-
-@functools.lru_cache(maxsize=8)
-def _concept_patterns(words_per_concept: tuple[tuple[str, ...], ...]) -> tuple[re.Pattern, ...]:
-  """One compiled whole-word, any-case alternation per concept (built once per lexicon, not per
-  word and sentence of every training example)."""
-  return tuple(re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
-               for words in words_per_concept)
 
 
 def sample_subcaption_indices(num_sentences: int, k: int, rng: np.random.Generator,

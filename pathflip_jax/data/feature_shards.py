@@ -28,12 +28,12 @@ import numpy as np
 from array_record.python import array_record_module
 
 from pathflip_jax.data import records
-from pathflip_jax.data.patch_shards import ShardWriter, read_jsonl, write_jsonl
+# The slide index and failure list have the names a tiling output gives them.
+from pathflip_jax.data.patch_shards import (FAILURES_FILE, SLIDES_FILE, ShardWriter, read_jsonl,
+                                            shard_files, write_jsonl)
 
 SHARD_PATTERN = "features-*.array_record"
 _SHARD_RE = re.compile(r"^features-g(\d{3})-(\d{5})\.array_record$")
-SLIDES_FILE = "slides.jsonl"
-FAILURES_FILE = "failures.jsonl"
 CONFIG_FILE = "features.json"
 STATE_DIR = "_state"
 # Columns of a patch-index row that describe the tiling output, not the slide; they are not
@@ -46,8 +46,7 @@ def shard_name(generation: int, index: int) -> str:
 
 
 def list_shards(directory: str) -> list[str]:
-  paths = sorted(glob.glob(os.path.join(directory, SHARD_PATTERN)))
-  return [p for p in paths if _SHARD_RE.match(os.path.basename(p))]
+  return shard_files(directory, SHARD_PATTERN, _SHARD_RE)
 
 
 def _sidecar(directory: str, shard: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import re
 from typing import Any, Sequence
 
 import grain
@@ -183,59 +182,10 @@ class SequenceConfig:
   max_visual: int = 65            # visual tokens per slide (slide token + regions)
   shuffle_options: bool = True
   region_dropout: float = 0.0     # fraction of region tokens dropped per epoch in training
-  # Chance that a training example shows no slide token, only the regions: the one token that
-  # names a training slide is then no key to look its answers up by, and the decoder has to
-  # read the regions (evaluation always shows it).
-  slide_dropout: float = 0.0
-  # Gaussian noise on each training example's visual tokens, in units of the token's RMS: the
-  # exact token values of a few training slides are then no key to memorise answers by.
-  visual_noise: float = 0.0
-  # Mirror training examples left-right and top-bottom at random (a slide has no canonical
-  # orientation): region x / y positions and the text's location words swap together.
-  flip: bool = False
-  flip_horizontal_words: tuple[tuple[str, str], ...] = (("left", "right"),)
-  flip_vertical_words: tuple[tuple[str, str], ...] = (("upper", "lower"), ("top", "bottom"))
 
   def __post_init__(self):
-    for name in ("region_dropout", "slide_dropout"):
-      value = getattr(self, name)
-      if not 0.0 <= value < 1.0:
-        raise ValueError(f"data.{name} must be in [0, 1), got {value}")
-
-
-def region_rows(pos_v3: np.ndarray) -> np.ndarray:
-  """Which visual tokens are regions [V] (bool): column 0 of the positions is is_slide."""
-  return pos_v3[:, 0] == 0
-
-
-def swap_words(text: str, pairs: Sequence[Sequence[str]]) -> str:
-  """Each word of a pair replaced by the other (whole words, first-letter case kept)."""
-  mapping = {}
-  for a, b in pairs:
-    mapping[a.lower()], mapping[b.lower()] = b.lower(), a.lower()
-  if not mapping:
-    return text
-
-  def swap(match: re.Match) -> str:
-    word = match.group(0)
-    other = mapping[word.lower()]
-    return other[0].upper() + other[1:] if word[0].isupper() else other
-  words = sorted(mapping, key=len, reverse=True)
-  pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"
-  return re.sub(pattern, swap, text, flags=re.IGNORECASE)
-
-
-def flip_example(prompt: str, answer: str, pos_v3: np.ndarray, config: SequenceConfig,
-                 horizontal: bool, vertical: bool) -> tuple[str, str, np.ndarray]:
-  """The example mirrored: region positions (not the slide token's) and location words."""
-  pairs = list(config.flip_horizontal_words if horizontal else ()) + list(
-      config.flip_vertical_words if vertical else ())
-  pos_v3 = pos_v3.copy()
-  regions = region_rows(pos_v3)
-  for axis, flipped in ((1, horizontal), (2, vertical)):
-    if flipped:
-      pos_v3[regions, axis] = 1.0 - pos_v3[regions, axis]
-  return swap_words(prompt, pairs), swap_words(answer, pairs), pos_v3
+    if not 0.0 <= self.region_dropout < 1.0:
+      raise ValueError(f"data.region_dropout must be in [0, 1), got {self.region_dropout}")
 
 
 def training_example(item: Instruction, visual: dict[str, np.ndarray], template: Template,
@@ -253,18 +203,7 @@ def training_example(item: Instruction, visual: dict[str, np.ndarray], template:
     if keep.sum() < 2:
       keep[1 + rng.integers(len(tokens_ve) - 1)] = True
     tokens_ve, pos_v3 = tokens_ve[keep], pos_v3[keep]
-  if rng is not None and config.slide_dropout and rng.random() < config.slide_dropout:
-    regions = region_rows(pos_v3)
-    if regions.any():
-      tokens_ve, pos_v3 = tokens_ve[regions], pos_v3[regions]
-  if rng is not None and config.visual_noise:
-    rms = np.sqrt(np.mean(np.square(tokens_ve), axis=-1, keepdims=True))
-    tokens_ve = (tokens_ve + config.visual_noise * rms * rng.standard_normal(tokens_ve.shape)
-                 ).astype(np.float32)
   prompt, answer, _, _ = render(item, template, rng if config.shuffle_options else None)
-  if rng is not None and config.flip:
-    horizontal, vertical = rng.random(2) < 0.5
-    prompt, answer, pos_v3 = flip_example(prompt, answer, pos_v3, config, horizontal, vertical)
   prompt_ids = encode_prompt(tokenizer, prompt, len(tokens_ve))
   answer_ids = tokenizer.encode(answer + template.answer_suffix) + [tokenizer.eos_id]
   if len(prompt_ids) >= config.max_len:

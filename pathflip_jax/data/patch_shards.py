@@ -52,8 +52,14 @@ def is_shard_name(name: str) -> bool:
 
 def list_shards(directory: str) -> list[str]:
   """Complete patch shards in ``directory``, sorted by name."""
-  paths = sorted(glob.glob(os.path.join(directory, SHARD_PATTERN)))
-  return [p for p in paths if is_shard_name(os.path.basename(p))]
+  return shard_files(directory, SHARD_PATTERN, _SHARD_RE)
+
+
+def shard_files(directory: str, pattern: str, name_re: re.Pattern[str]) -> list[str]:
+  """Files in ``directory`` matching the glob ``pattern`` whose names ``name_re`` accepts, sorted
+  by name (the glob alone would also let through look-alikes such as other shard-name forms)."""
+  paths = sorted(glob.glob(os.path.join(directory, pattern)))
+  return [p for p in paths if name_re.match(os.path.basename(p))]
 
 
 class ShardWriter:

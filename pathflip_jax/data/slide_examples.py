@@ -13,8 +13,6 @@ One element is one slide:
   subcaptions         [k, ts] int32    K subcaptions (paper rule, ``data.captions``)
   subcaption_valid    [k]    bool
   negative_pick       []     int32     which subcaption other slides see as a negative
-  caption_concepts    []     int32     bits of ``negative_lexicon`` the caption names (0 without)
-  subcaption_concepts [k]    int32     the same per subcaption
   label, slide_index  []     int32
 
 Bucketing: ``n`` is the smallest of ``buckets`` that holds the slide, and :func:`collate` pads a
@@ -50,9 +48,6 @@ class ExampleConfig:
   buckets: tuple[int, ...] = (256, 1024, 4096, 16384, 65536)
   max_patches: int = 65536          # training subsample cap
   patch_dropout: float = 0.0        # fraction of patches dropped per epoch in training
-  # (concept, words) pairs: a subcaption whose concepts the slide's own caption names too is no
-  # negative for that slide (not in the paper; () keeps every negative).
-  negative_lexicon: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
   def __post_init__(self):
     if sorted(self.buckets) != list(self.buckets) or not self.buckets:
@@ -169,10 +164,6 @@ def build_example(element: dict[str, Any], config: ExampleConfig, tokenizer,
       "caption": tokenizer.encode_batch([text.caption], config.caption_len)[0],
       "subcaptions": tokenizer.encode_batch(subcaptions, config.subcaption_len),
       "subcaption_valid": subcaption_valid, "negative_pick": np.int32(negative_pick),
-      "caption_concepts": np.int32(captions_lib.concept_mask(text.caption,
-                                                             config.negative_lexicon)),
-      "subcaption_concepts": np.array([captions_lib.concept_mask(sub, config.negative_lexicon)
-                                       for sub in subcaptions], np.int32),
       "label": np.int32(text.label), "slide_index": np.int32(element["slide_index"]),
   }
 

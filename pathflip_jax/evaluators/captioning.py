@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pathflip_jax.data import instructions as ins
-from pathflip_jax.evaluators import text_metrics
+from pathflip_jax.evaluators import common, text_metrics
 
 
 def write_predictions(workdir: str, name: str, split: str, rows: list[dict[str, Any]]) -> str:
@@ -37,13 +37,10 @@ def write_predictions(workdir: str, name: str, split: str, rows: list[dict[str, 
   return path
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
 
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    del mesh
-    self.config, self.task = config, task
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "test")
+    super().__init__(config, task, mesh)
     self.items = task.eval_items(self.split, [ins.CAPTION])
     if not self.items:
       raise ValueError(f"config.evals.*.split={self.split!r}: no slides with a caption there")

@@ -1,15 +1,30 @@
-"""Shared pieces of evaluators: batched, sharded application of a model method."""
+"""Shared pieces of evaluators: their common settings, batched and sharded application of a model
+method, slide embeddings of a split, class prompts."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from pathflip_jax import input_pipeline, sharding
+
+
+class EvaluatorBase:
+  """What every evaluator keeps of its config: the config, the task, ``every`` (run every so
+  many steps; 0: every ``log_steps``) and ``split`` (``default_split`` when the config has none).
+  Subclasses are the ``Evaluator`` of their module and add their own fields."""
+
+  default_split = "test"
+
+  def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
+    self.config, self.task, self.mesh = config, task, mesh
+    self.every = config.get("every", 0)
+    self.split = config.get("split", self.default_split)
 
 
 class BatchedApply:

@@ -81,13 +81,13 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, train_groups: np.ndarray,
           "balanced_accuracy": metrics.balanced_accuracy(test_y, predicted), "l2": l2}
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
   """Linear probe of ``task.images(split)`` features against the patches' tissue labels."""
 
+  default_split = "val"
+
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    self.config, self.task = config, task
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "val")
+    super().__init__(config, task, mesh)
     self.train_split = config.get("train_split", "train")
     self.embed = common.BatchedApply(lambda model, x: model.image_features(x), mesh,
                                      config.get("batch_size", 64))

@@ -23,9 +23,9 @@ maps: a patch is positive when at least ``positive_fraction`` of its footprint i
                   with the query's mean prompt embedding from that run's own text tower
 
 Config: ``split`` ("test"), ``every``, ``cohort_dir`` (the demo cohort: masks/ and
-manifest.jsonl), ``queries`` (tissue names), ``lesions``, ``prompts``, ``method`` ("attention" or
-"contribution", see ``PathFlip.patch_heatmap``), ``positive_fraction`` (0.5), ``froc`` (False),
-``reference`` ("": none; a patch_clip workdir).
+manifest.jsonl), ``queries`` (tissue names), ``lesions``, ``prompts``, ``positive_fraction``
+(0.5), ``froc`` (False), ``reference`` ("": none; a patch_clip workdir). Heatmaps are
+``heatmaps.HeatmapScorer``'s default method.
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pathflip_jax import heatmaps
+from pathflip_jax import heatmaps, predict
 from pathflip_jax.data import demo_annotations
 from pathflip_jax.evaluators import common, metrics
-from pathflip_jax.tasks import patch_clip as patch_clip_task
 
 LESIONS = ("tumour", "necrosis", "benign glands")
 THRESHOLDS = np.linspace(0.05, 1.0, 20)   # on per-slide min-max normalised scores
@@ -73,12 +72,10 @@ def dice(truth: np.ndarray, predicted: np.ndarray) -> float:
   return float(2.0 * np.sum(truth & predicted) / denominator) if denominator else 1.0
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
 
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    self.config, self.task, self.mesh = config, task, mesh
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "test")
+    super().__init__(config, task, mesh)
     common.check_slide_split(task, self.split, "split")
     cohort_dir = config.get("cohort_dir", "")
     if not cohort_dir or not os.path.isdir(os.path.join(cohort_dir, "masks")):
@@ -100,7 +97,7 @@ class Evaluator:
     self.froc = bool(config.get("froc", False))
     label_of = {demo_annotations.TISSUE_NAMES[c]: c for c in demo_annotations.CLASS_LABELS}
     self.labels = [label_of[q] for q in self.queries]
-    self.scorer = heatmaps.HeatmapScorer(config.get("method", heatmaps.EVALUATOR_DEFAULT_METHOD))
+    self.scorer = heatmaps.HeatmapScorer()
     self.reference = config.get("reference", "")
     # The reference does not train: its metrics are computed once, at the first run.
     self._reference_metrics: dict[str, float] | None = None
@@ -119,7 +116,7 @@ class Evaluator:
 
   def reference_heatmaps(self):
     """Like :meth:`slide_heatmaps`, from the ``reference`` patch_clip run's own text alignment."""
-    model, tokenizer, text_len = patch_clip_task.load_patch_clip(self.reference)
+    model, tokenizer, text_len = predict.load_patch_clip(self.reference)
     texts, prompt_query = common.class_prompts(self.config, self.queries)
     prompt_emb = np.asarray(model.encode_texts(tokenizer.encode_batch(texts, text_len)))
     query_emb = common.class_embeddings(prompt_emb, prompt_query, len(self.queries))

@@ -21,12 +21,12 @@ from jax.sharding import Mesh
 from pathflip_jax.evaluators import common, metrics
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
+
+  default_split = "val"
 
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    self.config, self.task = config, task
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "val")
+    super().__init__(config, task, mesh)
     common.check_split(task, config, self.split, "split")
     texts, self.prompt_class = common.class_prompts(config, task.class_names)
     self.tokens = task.tokenizer.encode_batch(texts, task.config.text_len)

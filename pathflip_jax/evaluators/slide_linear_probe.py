@@ -40,12 +40,10 @@ def _auc(labels: np.ndarray, logits: np.ndarray) -> float:
   return metrics.macro_auc(labels, probs)
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
 
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    self.config, self.task = config, task
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "test")
+    super().__init__(config, task, mesh)
     self.train_split = config.get("train_split", "train")
     self.label_key = config.get("label_key", "")
     if not self.label_key:

@@ -19,11 +19,10 @@ from jax.sharding import Mesh
 from pathflip_jax.evaluators import common, metrics
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
 
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "test")
+    super().__init__(config, task, mesh)
     self.ks = tuple(int(k) for k in config.get("ks", (1, 5, 10)))
     common.check_slide_split(task, self.split, "split")
     self.embed = common.SlideEmbeddings(task, mesh, config.get("batch_size", 8))

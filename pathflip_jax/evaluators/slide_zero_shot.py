@@ -32,12 +32,10 @@ from pathflip_jax.evaluators import common, metrics
 SCORES = ("slide", "region", "both")
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
 
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    self.config, self.task, self.mesh = config, task, mesh
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "test")
+    super().__init__(config, task, mesh)
     self.score = config.get("score", "slide")
     if self.score not in SCORES:
       raise ValueError(f"config.evals.*.score={self.score!r}: expected one of {SCORES}")

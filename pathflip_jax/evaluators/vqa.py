@@ -30,20 +30,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pathflip_jax.data import instructions as ins
-from pathflip_jax.evaluators import captioning, text_metrics
+from pathflip_jax.evaluators import captioning, common, text_metrics
 
 
 # "B. fat", "(B) fat", "B) fat" -> "fat": what the answer says, apart from the letter it names.
 _LEADING_LETTER = re.compile(r"^\s*\(?[A-Da-d][.):]\s*")
 
 
-class Evaluator:
+class Evaluator(common.EvaluatorBase):
 
   def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: Mesh):
-    del mesh
-    self.config, self.task = config, task
-    self.every = config.get("every", 0)
-    self.split = config.get("split", "test")
+    super().__init__(config, task, mesh)
     self.choice = task.eval_items(self.split, [ins.MULTIPLE_CHOICE])
     self.open = task.eval_items(self.split, [ins.OPEN])
     if not self.choice and not self.open:

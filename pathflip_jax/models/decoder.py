@@ -13,14 +13,12 @@ layers, fewer than ``sliding_window`` slots earlier. ``positions_bt`` only drive
 the cache keeps its own end index, so rows of different lengths decode side by side with static
 shapes (new keys/values are written with ``lax.dynamic_update_slice`` at each row's end).
 
-Parameters are float32 and carry logical axis names (``sharding.param_init`` via ``vit._param``);
+Parameters are float32 and carry logical axis names (``sharding.param_init`` via ``layers.param``);
 ``dtype`` is the compute dtype (norm statistics, softmax and logits soft-capping stay float32).
 
-LoRA: ``Decoder(..., lora=LoraConfig(...))`` adds low-rank adapters (``LoraAdapter``, parameters
-``a`` and ``b``) to the projections it targets, named as Hugging Face/PEFT name them (q_proj, ...,
-down_proj), at paths such as ``layers/0/attention/q_proj_lora/a``, so ``optim.trainable=("lora",)``
-trains them alone. ``merge_lora`` folds them into the kernels; ``convert/gemma_lora.py`` saves and
-loads them in PEFT's format.
+LoRA: ``Decoder(..., lora=lora.LoraConfig(...))`` adds low-rank adapters to the projections it
+targets (``models/lora.py``). The attention is the decoder's own, not ``layers.MultiHeadAttention``:
+grouped-query heads, RoPE, soft-caps, sliding windows and the KV cache share little with it.
 
 Einsum letters: b batch, t new tokens (queries), s key slots, d width, h query heads,
 k kv heads, g query heads per kv head (h = k * g), c head channels, f MLP width, v vocab.
@@ -29,7 +27,6 @@ k kv heads, g query heads per kv head (h = k * g), c head channels, f MLP width,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -37,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathflip_jax.models import vit
+from pathflip_jax.models import layers, lora as lora_lib
+from pathflip_jax.models.lora import LoraConfig
 
 Dtype = Any
 LOCAL, GLOBAL = "local", "global"
@@ -155,52 +153,6 @@ VARIANTS: dict[str, DecoderConfig] = {
 }
 
 
-# The projections LoRA can adapt, by their Hugging Face / PEFT module names.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """Low-rank adapters (LoRA): ``W x`` becomes ``W x + (alpha / rank) * B A dropout(x)``.
-
-  Attributes:
-    rank: inner dimension r of each adapter, >= 1.
-    alpha: the update is scaled by ``alpha / rank`` (PEFT's ``lora_alpha``), > 0.
-    dropout: dropout rate on the adapter's input (not the base projection's), in [0, 1); only
-      applied when ``Decoder.__call__`` is given a ``dropout_rng``.
-    targets: projections to adapt, named as in Hugging Face/PEFT (see ``LORA_TARGETS``); the
-      default is PEFT's default for Gemma. gate_proj and up_proj get separate adapters although
-      the decoder fuses their kernels.
-  """
-
-  rank: int
-  alpha: float
-  dropout: float = 0.0
-  targets: tuple[str, ...] = ("q_proj", "v_proj")
-
-  def __post_init__(self):
-    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}")
-    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
-        or not math.isfinite(self.alpha) or self.alpha <= 0:
-      raise ValueError(f"LoraConfig.alpha must be a finite number > 0, got {self.alpha!r}")
-    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-        or not 0 <= self.dropout < 1:
-      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-    if isinstance(self.targets, str):  # a bare string would be read letter by letter
-      raise ValueError(f"LoraConfig.targets must be a sequence of names, got {self.targets!r}")
-    targets = tuple(self.targets)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets or len(set(targets)) != len(targets):
-      raise ValueError(f"LoraConfig.targets {list(targets)} must be distinct names from "
-                       f"{', '.join(LORA_TARGETS)}" + (f"; unknown: {unknown}" if unknown else ""))
-    object.__setattr__(self, "targets", targets)  # a list from a config file is fine too
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / self.rank
-
-
 def get_config(name: str, **overrides) -> DecoderConfig:
   """The named variant, with fields replaced by ``overrides``."""
   if name not in VARIANTS:
@@ -227,15 +179,6 @@ def _normal(stddev: float):
 _zeros = nnx.initializers.zeros_init()
 
 
-def _lora_a_init(fan_in: int):
-  # PEFT's default for A (torch's kaiming_uniform_ with a=sqrt(5), as nn.Linear): uniform in
-  # +-1/sqrt(fan_in), std 1/sqrt(3 fan_in). Matching it lets learning rates and alpha tuned with
-  # PEFT carry over, since A's scale sets how fast B (which starts at 0) moves the output.
-  bound = fan_in ** -0.5
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                  bound)
-
-
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
@@ -250,66 +193,6 @@ def apply_rope(x_btnc: jax.Array, positions_bt: jax.Array, base: float,
   first, second = jnp.split(x_btnc.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
   return out.astype(x_btnc.dtype)
-
-
-class RMSNorm(nnx.Module):
-  """x / rms(x) * (1 + scale), statistics in float32; scale starts at 0 (Gemma)."""
-
-  def __init__(self, width: int, axis_name: str | None, *, eps: float, dtype: Dtype,
-               param_dtype: Dtype):
-    self.eps, self.dtype = eps, dtype
-    self.scale = vit._param(None, _zeros, (width,), (axis_name,), param_dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
-
-
-class LoraAdapter(nnx.Module):
-  """The low-rank update ``scale * (dropout(x) @ a) @ b`` of one projection.
-
-  ``a`` [in..., r] and ``b`` [r, out...] keep the adapted kernel's input and output axes and their
-  logical names (the rank axis has none), so they shard like the kernel. ``b`` starts at zero: a
-  fresh adapter leaves the model's output unchanged.
-  """
-
-  def __init__(self, target: str, in_shape: tuple[int, ...], in_axes: tuple[str | None, ...],
-               out_shape: tuple[int, ...], out_axes: tuple[str | None, ...], lora: LoraConfig,
-               *, key: jax.Array, dtype: Dtype, param_dtype: Dtype):
-    self.target, self.dtype = target, dtype
-    self.scale, self.dropout = lora.scale, lora.dropout
-    r = lora.rank
-    self.a = vit._param(key, _lora_a_init(math.prod(in_shape)), (*in_shape, r),
-                        (*in_axes, None), param_dtype)
-    self.b = vit._param(None, _zeros, (r, *out_shape), (None, *out_axes), param_dtype)
-
-  def __call__(self, x_ni: jax.Array, rng: jax.Array | None) -> jax.Array:
-    """[n, in] (input axes flattened) -> [n, out] (output axes flattened).
-
-    ``rng`` is the layer's dropout key (None: no dropout); the target's index is folded in, so
-    every adapter of a layer draws its own mask.
-    """
-    if rng is not None and self.dropout:
-      keep = 1.0 - self.dropout
-      mask_ni = jax.random.bernoulli(jax.random.fold_in(rng, LORA_TARGETS.index(self.target)),
-                                     keep, x_ni.shape)
-      x_ni = jnp.where(mask_ni, x_ni / jnp.asarray(keep, x_ni.dtype), 0).astype(x_ni.dtype)
-    r = self.a.shape[-1]
-    h_nr = x_ni @ self.a[...].astype(self.dtype).reshape(-1, r)
-    h_nr = h_nr * jnp.asarray(self.scale, self.dtype)  # on the rank-wide activation: cheapest
-    return h_nr @ self.b[...].astype(self.dtype).reshape(r, -1)
-
-
-def _adapter(lora: LoraConfig | None, target: str, key: jax.Array, in_shape: tuple[int, ...],
-             in_axes: tuple[str | None, ...], out_shape: tuple[int, ...],
-             out_axes: tuple[str | None, ...], **kw) -> LoraAdapter | None:
-  """An adapter when ``lora`` targets ``target``, else None."""
-  if lora is None or target not in lora.targets:
-    return None
-  # Folded, not split from the kernels' key: adding adapters leaves the base kernels' init as is.
-  key = jax.random.fold_in(key, 1000 + LORA_TARGETS.index(target))
-  return LoraAdapter(target, in_shape, in_axes, out_shape, out_axes, lora, key=key, **kw)
 
 
 class Attention(nnx.Module):
@@ -336,28 +219,29 @@ class Attention(nnx.Module):
       self.rope_base, self.rope_scale = config.rope_base, config.rope_scale_factor
     init = _normal(d ** -0.5)
     keys = jax.random.split(key, 4)
-    self.q_kernel = vit._param(keys[0], init, (d, h, c), ("embed", "heads", "kv"),
+    self.q_kernel = layers.param(keys[0], init, (d, h, c), ("embed", "heads", "kv"),
                                param_dtype)
-    self.k_kernel = vit._param(keys[1], init, (d, k, c), ("embed", None, "kv"),
+    self.k_kernel = layers.param(keys[1], init, (d, k, c), ("embed", None, "kv"),
                                param_dtype)
-    self.v_kernel = vit._param(keys[2], init, (d, k, c), ("embed", None, "kv"),
+    self.v_kernel = layers.param(keys[2], init, (d, k, c), ("embed", None, "kv"),
                                param_dtype)
-    self.o_kernel = vit._param(keys[3], _normal((h * c) ** -0.5), (h, c, d),
+    self.o_kernel = layers.param(keys[3], _normal((h * c) ** -0.5), (h, c, d),
                                ("heads", "kv", "embed"), param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.q_proj_lora = _adapter(lora, "q_proj", key, (d,), ("embed",), (h, c), ("heads", "kv"),
-                                **kw)
-    self.k_proj_lora = _adapter(lora, "k_proj", key, (d,), ("embed",), (k, c), (None, "kv"), **kw)
-    self.v_proj_lora = _adapter(lora, "v_proj", key, (d,), ("embed",), (k, c), (None, "kv"), **kw)
-    self.o_proj_lora = _adapter(lora, "o_proj", key, (h, c), ("heads", "kv"), (d,), ("embed",),
-                                **kw)
+    adapter = lora_lib.adapter
+    self.q_proj_lora = adapter(lora, "q_proj", key, (d,), ("embed",), (h, c), ("heads", "kv"), **kw)
+    self.k_proj_lora = adapter(lora, "k_proj", key, (d,), ("embed",), (k, c), (None, "kv"), **kw)
+    self.v_proj_lora = adapter(lora, "v_proj", key, (d,), ("embed",), (k, c), (None, "kv"), **kw)
+    self.o_proj_lora = adapter(lora, "o_proj", key, (h, c), ("heads", "kv"), (d,), ("embed",),
+                               **kw)
     norm_kw = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.q_norm = RMSNorm(c, "kv", **norm_kw) if config.qk_norm else None
-    self.k_norm = RMSNorm(c, "kv", **norm_kw) if config.qk_norm else None
+    self.q_norm = layers.RMSNorm(c, "kv", **norm_kw) if config.qk_norm else None
+    self.k_norm = layers.RMSNorm(c, "kv", **norm_kw) if config.qk_norm else None
 
-  def _project(self, x_btd: jax.Array, kernel: nnx.Param, adapter: LoraAdapter | None,
+  def _project(self, x_btd: jax.Array, kernel: nnx.Param, adapter: lora_lib.LoraAdapter | None,
                lora_rng: jax.Array | None) -> jax.Array:
-    """[b, t, d] -> [b, t, n, c] as one 2-D matmul (see vit.Dense for why), plus the adapter."""
+    """[b, t, d] -> [b, t, n, c] as one 2-D matmul (see layers.Dense for why), plus the
+    adapter."""
     d, n, c = kernel.shape
     b, t, _ = x_btd.shape
     x_nd = x_btd.reshape(b * t, d)
@@ -424,17 +308,18 @@ class GeGLU(nnx.Module):
                param_dtype: Dtype, lora: LoraConfig | None = None):
     self.dtype = dtype
     gate_key, down_key = jax.random.split(key)
-    self.gate_up = vit._param(gate_key, _normal(width ** -0.5), (width, 2, hidden),
+    self.gate_up = layers.param(gate_key, _normal(width ** -0.5), (width, 2, hidden),
                               ("embed", None, "mlp"), param_dtype)
-    self.down = vit._param(down_key, _normal(hidden ** -0.5), (hidden, width),
+    self.down = layers.param(down_key, _normal(hidden ** -0.5), (hidden, width),
                            ("mlp", "embed"), param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.gate_proj_lora = _adapter(lora, "gate_proj", key, (width,), ("embed",), (hidden,),
-                                   ("mlp",), **kw)
-    self.up_proj_lora = _adapter(lora, "up_proj", key, (width,), ("embed",), (hidden,), ("mlp",),
-                                 **kw)
-    self.down_proj_lora = _adapter(lora, "down_proj", key, (hidden,), ("mlp",), (width,),
-                                   ("embed",), **kw)
+    adapter = lora_lib.adapter
+    self.gate_proj_lora = adapter(lora, "gate_proj", key, (width,), ("embed",), (hidden,),
+                                  ("mlp",), **kw)
+    self.up_proj_lora = adapter(lora, "up_proj", key, (width,), ("embed",), (hidden,), ("mlp",),
+                                **kw)
+    self.down_proj_lora = adapter(lora, "down_proj", key, (hidden,), ("mlp",), (width,),
+                                  ("embed",), **kw)
 
   def __call__(self, x_btd: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
     d, _, f = self.gate_up.shape
@@ -460,7 +345,7 @@ class Block(nnx.Module):
                param_dtype: Dtype, lora: LoraConfig | None = None):
     attention_key, mlp_key = jax.random.split(key)
     kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
-    norm = lambda: RMSNorm(config.width, "embed", eps=config.norm_eps, dtype=dtype,
+    norm = lambda: layers.RMSNorm(config.width, "embed", eps=config.norm_eps, dtype=dtype,
                            param_dtype=param_dtype)
     self.layer_type = layer_type
     self.pre_attention_norm = norm()
@@ -494,16 +379,16 @@ class Decoder(nnx.Module):
     self.config, self.dtype, self.lora = config, dtype, lora
     kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
     # One draw from ``rngs``, then plain key arithmetic: under ``nnx.eval_shape`` every
-    # ``rngs.params()`` costs time proportional to all traced so far (see vit._param), which made
+    # ``rngs.params()`` costs time proportional to all traced so far (see layers.param), which made
     # building Gemma 3 4B abstractly take 7 s with a draw per kernel.
     base_key = rngs.params()
     # std 1/sqrt(width): unit-scale inputs after the sqrt(width) multiplier, unit-scale logits.
-    self.embedding = vit._param(jax.random.fold_in(base_key, 0), _normal(config.width ** -0.5),
+    self.embedding = layers.param(jax.random.fold_in(base_key, 0), _normal(config.width ** -0.5),
                                 (config.vocab_size, config.width), ("vocab", "embed"),
                                 param_dtype)
     self.layers = nnx.List([Block(config, layer_type, key=jax.random.fold_in(base_key, i + 1), **kw)
                             for i, layer_type in enumerate(config.layer_types)])
-    self.final_norm = RMSNorm(config.width, "embed", eps=config.norm_eps, dtype=dtype,
+    self.final_norm = layers.RMSNorm(config.width, "embed", eps=config.norm_eps, dtype=dtype,
                               param_dtype=param_dtype)
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:
@@ -569,81 +454,9 @@ class Decoder(nnx.Module):
     return logits_btv, new_cache
 
 
-# Each LoRA target's sub-module, the kernel it adapts and, for the fused gate/up kernel, the index
-# on that kernel's axis 1 (None: the whole kernel).
-_LORA_KERNELS = {
-    "q_proj": ("attention", "q_kernel", None), "k_proj": ("attention", "k_kernel", None),
-    "v_proj": ("attention", "v_kernel", None), "o_proj": ("attention", "o_kernel", None),
-    "gate_proj": ("mlp", "gate_up", 0), "up_proj": ("mlp", "gate_up", 1),
-    "down_proj": ("mlp", "down", None),
-}
-
-
-def lora_adapters(model: Decoder) -> dict[tuple[int, str], LoraAdapter]:
-  """The adapters of ``model`` by (layer index, target), in layer then ``LORA_TARGETS`` order."""
-  adapters = {}
-  for i, layer in enumerate(model.layers):
-    for target in LORA_TARGETS:
-      module = getattr(layer, _LORA_KERNELS[target][0])
-      adapter = getattr(module, f"{target}_lora")
-      if adapter is not None:
-        adapters[i, target] = adapter
-  return adapters
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _merged_kernels(kernels: dict[str, jax.Array], factors: dict[str, tuple[jax.Array, jax.Array]],
-                    scale: float) -> dict[str, jax.Array]:
-  """The adapted kernels plus ``scale * a @ b``, computed in float32, in one compilation.
-
-  ``kernels`` maps "layer/module/kernel" to the kernel, ``factors`` "layer/target" to (a, b).
-  """
-  merged = {name: kernel.astype(jnp.float32) for name, kernel in kernels.items()}
-  for name, (a, b) in factors.items():
-    layer, target = name.split("/")
-    module, kernel_name, half = _LORA_KERNELS[target]
-    key = f"{layer}/{module}/{kernel_name}"
-    r = a.shape[-1]
-    # Full precision: the merged model should match the adapted one, not a bf16 matmul of it.
-    delta = scale * jnp.matmul(a.astype(jnp.float32).reshape(-1, r),
-                               b.astype(jnp.float32).reshape(r, -1),
-                               precision=jax.lax.Precision.HIGHEST)
-    if half is None:
-      merged[key] = merged[key] + delta.reshape(merged[key].shape)
-    else:  # gate or up: one half of the fused [d, 2, f] kernel
-      merged[key] = merged[key].at[:, half].add(delta)
-  return {name: merged[name].astype(kernel.dtype) for name, kernel in kernels.items()}
-
-
-def merge_lora(model: Decoder) -> Decoder:
-  """A copy of ``model`` without adapters, each adapted kernel replaced by ``W + scale * a @ b``.
-
-  The merged model computes the same logits (to float rounding) at the cost of the base model,
-  and has the parameters of ``Decoder(config, lora=None)``; ``model`` is left as it is (so both
-  are in memory for a moment).
-  """
-  if model.lora is None:
-    raise ValueError("merge_lora: the model has no LoRA adapters (built without lora=)")
-  merged = nnx.clone(model)
-  adapters = lora_adapters(merged)
-  kernels, factors = {}, {}
-  for (i, target), adapter in adapters.items():
-    module, kernel_name, _ = _LORA_KERNELS[target]
-    kernels[f"{i}/{module}/{kernel_name}"] = getattr(getattr(merged.layers[i], module),
-                                                     kernel_name)[...]
-    factors[f"{i}/{target}"] = (adapter.a[...], adapter.b[...])
-  for name, value in _merged_kernels(kernels, factors, model.lora.scale).items():
-    i, module, kernel_name = name.split("/")
-    getattr(getattr(merged.layers[int(i)], module), kernel_name).set_value(value)
-  for i, target in adapters:
-    setattr(getattr(merged.layers[i], _LORA_KERNELS[target][0]), f"{target}_lora", None)
-  merged.lora = None
-  return merged
-
-
 def count_params(model: nnx.Module) -> int:
   """Number of parameters (works on abstract models from ``nnx.eval_shape``)."""
-  return vit.count_params(model)
+  return layers.count_params(model)
 
 
 def expected_params(config: DecoderConfig) -> int:

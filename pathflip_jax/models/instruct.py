@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathflip_jax.models import decoder as decoder_lib, vit
+from pathflip_jax.models import decoder as decoder_lib, layers
 
 Dtype = Any
 
@@ -52,7 +52,7 @@ class InstructModel(nnx.Module):
     self.image_id = int(image_id)
     self.position_frequencies = position_frequencies
     in_dim = visual_dim + (3 + 4 * position_frequencies if position_frequencies >= 0 else 0)
-    self.projector = vit.Dense(in_dim, decoder_config.width, (None, "embed"), rngs=rngs,
+    self.projector = layers.Dense(in_dim, decoder_config.width, (None, "embed"), rngs=rngs,
                                dtype=dtype, param_dtype=param_dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.decoder = (decoder_lib.Decoder(decoder_config, lora=lora, **kw) if lora is not None

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathflip_jax.models import text_encoder, vit
+from pathflip_jax.models import layers, text_encoder, vit
 
 Dtype = Any
 
@@ -39,8 +39,8 @@ class PatchClip(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.vision = vit.VisionTransformer(config.vision, **kw)
     self.text = text_encoder.TextEncoder(config.text, **kw)
-    self.image_proj = vit.Dense(self.vision.out_dim, config.embed_dim, ("embed", None), **kw)
-    self.text_proj = vit.Dense(self.text.out_dim, config.embed_dim, ("embed", None), **kw)
+    self.image_proj = layers.Dense(self.vision.out_dim, config.embed_dim, ("embed", None), **kw)
+    self.text_proj = layers.Dense(self.text.out_dim, config.embed_dim, ("embed", None), **kw)
     self.logit_scale = nnx.Param(jnp.full((), math.log(1.0 / config.init_temperature),
                                           param_dtype))
 

@@ -1,8 +1,8 @@
 """A small bidirectional text Transformer (Flax NNX): token ids -> one pooled text embedding.
 
-The text tower of the patch-text pretraining (``configs/patch_clip_demo.py``). Pre-norm blocks as
-in the ViT (``vit.LayerNorm``/``vit.Dense`` are reused), learned position embeddings, padding
-masked out of attention, and the BOS token's output as the text's embedding (BERT's CLS role),
+The text tower of the patch-text pretraining (``configs/patch_clip_demo.py``). Pre-norm blocks of
+the shared layers (``models/layers.py``), learned position embeddings, padding masked out of
+attention, and the BOS token's output as the text's embedding (BERT's CLS role),
 so the tokenizer must put BOS first (``Tokenizer.encode_batch(add_bos=True)``).
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathflip_jax.models import vit
+from pathflip_jax.models import layers
 
 Dtype = Any
 
@@ -51,30 +51,17 @@ class Block(nnx.Module):
   """Pre-norm self-attention + MLP block over [B, T, width] with a key padding mask."""
 
   def __init__(self, config: TextConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-    width, heads = config.width, config.num_heads
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     norm_kw = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.num_heads, self.dtype = heads, dtype
-    self.norm1 = vit.LayerNorm(width, **norm_kw)
-    self.qkv = vit.Dense(width, 3 * width, ("embed", "heads"), **kw)
-    self.proj = vit.Dense(width, width, ("heads", "embed"), **kw)
-    self.norm2 = vit.LayerNorm(width, **norm_kw)
-    hidden = int(width * config.mlp_ratio)
-    self.fc1 = vit.Dense(width, hidden, ("embed", "mlp"), **kw)
-    self.fc2 = vit.Dense(hidden, width, ("mlp", "embed"), **kw)
+    self.norm1 = layers.LayerNorm(config.width, **norm_kw)
+    self.attention = layers.MultiHeadAttention(config.width, config.num_heads, fused_qkv=True,
+                                               **kw)
+    self.norm2 = layers.LayerNorm(config.width, **norm_kw)
+    self.mlp = layers.Mlp(config.width, int(config.width * config.mlp_ratio), **kw)
 
   def __call__(self, x: jax.Array, valid_bt: jax.Array) -> jax.Array:
-    b, t, d = x.shape
-    h = self.num_heads
-    # einsum letters: b batch, q/k query/key tokens, h heads, c head channels.
-    qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, h, d // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * (d // h) ** -0.5
-    logits = jnp.where(valid_bt[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attended = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, t, d)
-    x = x + self.proj(attended)
-    return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+    x = x + self.attention(self.norm1(x), valid_bk=valid_bt)
+    return x + self.mlp(self.norm2(x))
 
 
 class TextEncoder(nnx.Module):
@@ -84,15 +71,12 @@ class TextEncoder(nnx.Module):
                param_dtype: Dtype = jnp.float32):
     self.config, self.dtype = config, dtype
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.token_embed = vit._param(rngs.params(), nnx.initializers.normal(0.02),
-                                  (config.vocab_size, config.width), ("vocab", "embed"),
-                                  param_dtype)
-    self.pos_embed = vit._param(rngs.params(), nnx.initializers.normal(0.01),
-                                (config.max_len, config.width), ("tokens", "embed"), param_dtype)
+    self.text_embed = layers.TokenEmbedding(config.vocab_size, config.max_len, config.width,
+                                            config.pad_id, **kw)
     self.blocks = nnx.List([Block(config, **kw) for _ in range(config.depth)])
-    self.norm = vit.LayerNorm(config.width, eps=config.norm_eps, dtype=dtype,
+    self.norm = layers.LayerNorm(config.width, eps=config.norm_eps, dtype=dtype,
                               param_dtype=param_dtype)
-    self.head = (vit.Dense(config.width, config.out_dim, ("embed", None), **kw)
+    self.head = (layers.Dense(config.width, config.out_dim, ("embed", None), **kw)
                  if config.out_dim else None)
 
   @property
@@ -100,13 +84,7 @@ class TextEncoder(nnx.Module):
     return self.config.out_dim or self.config.width
 
   def __call__(self, tokens_bt: jax.Array) -> jax.Array:
-    b, t = tokens_bt.shape
-    if t > self.config.max_len:
-      raise ValueError(f"text of {t} tokens is longer than the encoder's max_len "
-                       f"{self.config.max_len}")
-    valid_bt = tokens_bt != self.config.pad_id
-    x = jnp.take(self.token_embed[...], tokens_bt, axis=0).astype(self.dtype)
-    x = x + self.pos_embed[:t].astype(self.dtype)
+    x, valid_bt = self.text_embed(tokens_bt)
     for block in self.blocks:
       x = block(x, valid_bt)
     pooled = self.norm(x[:, 0])

@@ -5,23 +5,22 @@ LayerNorm eps 1e-6, optional class token, register tokens, layer scale, mean poo
 ``fc_norm``), which is the format of UNI and of CONCH's vision tower. Weights come from
 ``pathflip_jax.convert.timm_vit``; this module never reads files.
 
-Parameters are float32 and carry logical axis names (``sharding.param_init``: metadata only, no
-mesh needed; ``sharding.LOGICAL_RULES`` maps them to mesh axes); ``dtype`` is the compute dtype
-(bf16 on GPU/TPU; statistics, softmax and mean pooling stay float32). Position embeddings have a
-fixed grid: other image sizes are handled when weights are imported (bicubic resampling).
+Layers come from ``models/layers.py`` (parameters float32 with logical axis names; ``dtype`` is
+the compute dtype, bf16 on GPU/TPU; statistics, softmax and mean pooling stay float32). Position
+embeddings have a fixed grid: other image sizes are handled when weights are imported (bicubic
+resampling).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathflip_jax import sharding
+from pathflip_jax.models import layers
 
 Dtype = Any
 
@@ -151,127 +150,6 @@ def normalize(images_uint8, mean: Sequence[float] = IMAGENET_MEAN,
   return ((x - mean) * inv_std).astype(dtype)
 
 
-# Initialisers follow timm's defaults, so a model built from scratch trains like timm's; imported
-# weights overwrite them anyway. timm's trunc_normal_(std=.02) truncates at +-2 absolute, i.e.
-# +-100 std: a plain normal.
-_weight_init = nnx.initializers.normal(stddev=0.02)
-_zeros = nnx.initializers.zeros_init()
-_ones = nnx.initializers.ones_init()
-
-
-def _param(key: jax.Array | None, init, shape: Sequence[int], axes: tuple[str | None, ...],
-           param_dtype: Dtype) -> nnx.Param:
-  """A parameter annotated with logical axis names (metadata only: no mesh needed).
-
-  ``key`` is None for constant initialisers. Drawing keys only where needed matters under
-  ``nnx.eval_shape``: every ``rngs.params()`` costs time proportional to everything traced so far
-  (flax probes ``.sharding`` of the traced counter; jax-ml/jax#40041), quadratic over a deep model.
-  """
-  return nnx.Param(sharding.param_init(init, *axes)(key, tuple(shape), param_dtype))
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis, statistics in float32 (two-pass variance, as torch)."""
-
-  def __init__(self, width: int, *, eps: float, dtype: Dtype, param_dtype: Dtype):
-    self.eps, self.dtype = eps, dtype
-    self.scale = _param(None, _ones, (width,), ("embed",), param_dtype)
-    self.bias = _param(None, _zeros, (width,), ("embed",), param_dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = x.mean(axis=-1, keepdims=True)
-    centered = x - mean
-    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
-    y = centered * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(self.dtype)
-
-
-class Dense(nnx.Module):
-  """``x @ kernel + bias`` over the last axis; kernel [in, out] (torch Linear weight transposed)."""
-
-  def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *,
-               rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype, zero_init: bool = False):
-    self.dtype = dtype
-    self.kernel = (_param(None, _zeros, (d_in, d_out), axes, param_dtype) if zero_init else
-                   _param(rngs.params(), _weight_init, (d_in, d_out), axes, param_dtype))
-    self.bias = _param(None, _zeros, (d_out,), (axes[1],), param_dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    # As one 2-D matmul: XLA:CPU runs the backward pass of a [b, t, d] @ [d, o] product (the
-    # kernel gradient contracts two batch dims) ~3x slower than of the flattened product.
-    d_in, d_out = self.kernel.shape
-    y = x.astype(self.dtype).reshape(-1, d_in) @ self.kernel[...].astype(self.dtype)
-    return (y + self.bias[...].astype(self.dtype)).reshape(*x.shape[:-1], d_out)
-
-
-_CPU_ATTENTION_CHUNK = 4
-
-
-class Attention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection (timm ``Attention``).
-
-  The kernels keep heads as an axis ([D, 3, H, hd] and [H, hd, D]) for sharding over "heads";
-  the projections run as plain 2-D matmuls on reshaped kernels, and the attention itself in the
-  (batch, heads, tokens, head_dim) layout: the fastest forms measured on XLA:CPU (see
-  benchmarks/patch_encoder.py).
-  """
-
-  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-    width, heads = config.width, config.num_heads
-    head_dim = width // heads
-    self.num_heads = heads
-    self.scale = head_dim ** -0.5
-    self.dtype = dtype
-    self.qkv_kernel = _param(rngs.params(), _weight_init, (width, 3, heads, head_dim),
-                             ("embed", None, "heads", "kv"), param_dtype)
-    self.qkv_bias = (_param(None, _zeros, (3, heads, head_dim), (None, "heads", "kv"),
-                            param_dtype) if config.qkv_bias else None)
-    self.proj_kernel = _param(rngs.params(), _weight_init, (heads, head_dim, width),
-                              ("heads", "kv", "embed"), param_dtype)
-    self.proj_bias = _param(None, _zeros, (width,), ("embed",), param_dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, d = x.shape
-    qkv = x @ self.qkv_kernel[...].astype(self.dtype).reshape(d, 3 * d)
-    if self.qkv_bias is not None:
-      qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(3 * d)
-    qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * jnp.asarray(self.scale, self.dtype), qkv[1], qkv[2]
-    if jax.default_backend() == "cpu" and b > _CPU_ATTENTION_CHUNK and \
-        b % _CPU_ATTENTION_CHUNK == 0:
-      # XLA:CPU runs the attention core up to 3x faster on a few images at a time once the
-      # [B, H, T, T] logits outgrow the cache (measured with T=257, 256-px patches); on
-      # accelerators the whole batch at once is what keeps the device busy.
-      chunks = lambda x: x.reshape(b // _CPU_ATTENTION_CHUNK, _CPU_ATTENTION_CHUNK, *x.shape[1:])
-      out = jax.lax.map(lambda qkv: self._core(*qkv), (chunks(q), chunks(k), chunks(v)))
-      out = out.reshape(b, *out.shape[2:])
-    else:
-      out = self._core(q, k, v)
-    out = jnp.einsum("bhtk,hkd->btd", out, self.proj_kernel[...].astype(self.dtype))
-    return out + self.proj_bias[...].astype(self.dtype)
-
-
-  def _core(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T) v over [b, heads, tokens, head_dim]."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-    # Softmax in float32 whatever the compute dtype: bf16 sums over hundreds of keys lose mass.
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
-
-
-class Mlp(nnx.Module):
-  """fc1 -> exact (erf) GELU -> fc2, as timm's ``Mlp`` with ``nn.GELU()``."""
-
-  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype):
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.fc1 = Dense(config.width, config.mlp_hidden, ("embed", "mlp"), **kw)
-    self.fc2 = Dense(config.mlp_hidden, config.width, ("mlp", "embed"), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
-
-
 class Block(nnx.Module):
   """Pre-norm transformer block with optional layer scale (timm ``Block``)."""
 
@@ -279,14 +157,16 @@ class Block(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     norm_kw = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.dtype = dtype
-    self.norm1 = LayerNorm(config.width, **norm_kw)
-    self.attn = Attention(config, **kw)
-    self.norm2 = LayerNorm(config.width, **norm_kw)
-    self.mlp = Mlp(config, **kw)
+    self.norm1 = layers.LayerNorm(config.width, **norm_kw)
+    # On CPU the attention core runs 4 images at a time (layers.MultiHeadAttention).
+    self.attn = layers.MultiHeadAttention(config.width, config.num_heads, fused_qkv=True,
+                                          qkv_bias=config.qkv_bias, cpu_batch_chunk=4, **kw)
+    self.norm2 = layers.LayerNorm(config.width, **norm_kw)
+    self.mlp = layers.Mlp(config.width, config.mlp_hidden, **kw)
     if config.layer_scale_init is not None:
       init = nnx.initializers.constant(config.layer_scale_init)
-      self.ls1 = _param(None, init, (config.width,), ("embed",), param_dtype)
-      self.ls2 = _param(None, init, (config.width,), ("embed",), param_dtype)
+      self.ls1 = layers.param(None, init, (config.width,), ("embed",), param_dtype)
+      self.ls2 = layers.param(None, init, (config.width,), ("embed",), param_dtype)
     else:
       self.ls1 = self.ls2 = None
 
@@ -315,22 +195,24 @@ class VisionTransformer(nnx.Module):
     p, width = config.patch_size, config.width
     # A stride-p convolution is a matmul over flattened patches: the kernel is the conv's
     # (kh, kw, in, out) kernel flattened to (kh * kw * in, out).
-    self.patch_kernel = _param(rngs.params(), nnx.initializers.lecun_normal(),
-                               (p * p * 3, width), ("patch_in", "embed"), param_dtype)
+    self.patch_kernel = layers.param(rngs.params(), nnx.initializers.lecun_normal(),
+                                     (p * p * 3, width), ("patch_in", "embed"), param_dtype)
     self.patch_bias = (None if config.pre_norm
-                       else _param(None, _zeros, (width,), ("embed",), param_dtype))
+                       else layers.param(None, layers.zeros, (width,), ("embed",), param_dtype))
     tiny = nnx.initializers.normal(1e-6)
-    self.cls_token = (_param(rngs.params(), tiny, (1, width), (None, "embed"), param_dtype)
+    self.cls_token = (layers.param(rngs.params(), tiny, (1, width), (None, "embed"), param_dtype)
                       if config.class_token else None)
-    self.reg_token = (_param(rngs.params(), tiny, (config.num_registers, width), (None, "embed"),
-                             param_dtype) if config.num_registers else None)
-    self.pos_embed = _param(rngs.params(), nnx.initializers.normal(0.02),
-                            (config.pos_embed_len, width), ("tokens", "embed"), param_dtype)
-    self.norm_pre = LayerNorm(width, **norm_kw) if config.pre_norm else None
+    self.reg_token = (layers.param(rngs.params(), tiny, (config.num_registers, width),
+                                   (None, "embed"), param_dtype)
+                      if config.num_registers else None)
+    self.pos_embed = layers.param(rngs.params(), nnx.initializers.normal(0.02),
+                                  (config.pos_embed_len, width), ("tokens", "embed"), param_dtype)
+    self.norm_pre = layers.LayerNorm(width, **norm_kw) if config.pre_norm else None
     self.blocks = nnx.List([Block(config, **kw) for _ in range(config.depth)])
-    self.norm = None if config.use_fc_norm else LayerNorm(width, **norm_kw)
-    self.fc_norm = LayerNorm(width, **norm_kw) if config.use_fc_norm else None
-    self.head = Dense(width, config.head_dim, ("embed", None), **kw) if config.head_dim else None
+    self.norm = None if config.use_fc_norm else layers.LayerNorm(width, **norm_kw)
+    self.fc_norm = layers.LayerNorm(width, **norm_kw) if config.use_fc_norm else None
+    self.head = (layers.Dense(width, config.head_dim, ("embed", None), **kw) if config.head_dim
+                 else None)
 
   @property
   def out_dim(self) -> int:
@@ -390,8 +272,3 @@ class VisionTransformer(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return self.pool(self.forward_features(images))
-
-
-def count_params(model: nnx.Module) -> int:
-  """Number of parameters (works on abstract models from ``nnx.eval_shape``)."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

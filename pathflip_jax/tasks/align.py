@@ -13,21 +13,17 @@ subcaptions (``data.slide_examples``) and minimises (``losses``)
 over the global batch (explicit gathers in ``jax.shard_map``).
 
 Config keys read here (see ``configs/pathflip_demo.py``): ``features_dir``, ``manifest``,
-``captions``, ``label_key``, ``class_names``, ``dtype``, ``tokenizer``, ``text_init`` (a
-patch_clip workdir whose text tower starts the Q-Former's text branch), ``vocab_size``,
-``tokenizer_type``, ``data.*`` (``slide_examples.ExampleConfig``), ``model.*``, ``slide_loss``,
-``region_loss``, ``region_attention``, ``loss.{slide_weight, region_weight, temperature,
-label_smoothing, within_slide_weight}`` (the last optional, 0 = off;
-``losses.region_sigmoid_loss``).
+``captions``, ``label_key``, ``class_names``, ``dtype``, ``tokenizer`` ("" trains one on the
+training split's text), ``vocab_size``, ``tokenizer_type``, ``data.*``
+(``slide_examples.ExampleConfig``), ``model.*``, ``slide_loss``, ``region_loss``,
+``region_attention``, ``loss.{slide_weight, region_weight, temperature, label_smoothing}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
-from typing import Any
 
 import grain
 import jax
@@ -36,8 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import checkpointing, losses, tokenizer as tokenizer_lib
-from pathflip_jax.convert import text_tower
+from pathflip_jax import losses, tokenizer as tokenizer_lib
 from pathflip_jax.data import captions as captions_lib, feature_shards, manifest
 from pathflip_jax.data import slide_examples
 from pathflip_jax.models import pathflip, qformer
@@ -62,9 +57,6 @@ def example_config(config: ml_collections.ConfigDict) -> slide_examples.ExampleC
     raise ValueError(f"config.data has unknown keys {unknown}; known: {sorted(known)}")
   if "buckets" in fields:
     fields["buckets"] = tuple(fields["buckets"])
-  if "negative_lexicon" in fields:
-    fields["negative_lexicon"] = tuple(
-        (str(name), tuple(words)) for name, words in dict(fields["negative_lexicon"]).items())
   return slide_examples.ExampleConfig(**fields)
 
 
@@ -99,15 +91,14 @@ class AlignTask:
     if not config.get("features_dir"):
       raise ValueError("config.features_dir is not set (stage align trains on patch features: "
                        "data_prep/extract_features.py or data_prep/import_features.py)")
+    if not os.path.isdir(config.features_dir):
+      raise FileNotFoundError(
+          f"config.features_dir={config.features_dir}: no such feature directory "
+          "(data_prep/extract_features.py or import_features.py writes one; the demo configs' "
+          "default is the quickstart's: python -m pathflip_jax.quickstart --workdir "
+          "runs/quickstart)")
     self.shards = feature_shards.FeatureShards(config.features_dir)
     self.example_config = example_config(config)
-    # Read once here, checked, and used by the loss (optional key: older configs lack it).
-    self.within_slide_weight = float(config.get("loss", {}).get("within_slide_weight", 0.0))
-    within = self.within_slide_weight
-    if within < 0 or (within and not self.example_config.negative_lexicon):
-      raise ValueError(f"config.loss.within_slide_weight={within}: expected 0, or > 0 with a "
-                       "config.data.negative_lexicon (the within-slide pairs are told apart by "
-                       "the subcaptions' tissue words)")
     self.class_names = list(config.class_names)
     label_of = {name: i for i, name in enumerate(self.class_names)}
     sentences = captions_lib.read_sentences(config.captions) if config.get("captions") else {}
@@ -181,13 +172,6 @@ class AlignTask:
   def _tokenizer(self, config, workdir: str) -> tokenizer_lib.Tokenizer:
     if config.tokenizer:
       return tokenizer_lib.Tokenizer(config.tokenizer)
-    if config.get("text_init"):
-      # The text branch's embeddings are the tower's: its tokenizer must come along.
-      path = os.path.join(config.text_init, "tokenizer.model")
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"config.text_init={config.text_init}: no tokenizer.model there "
-                                f"(set config.tokenizer to the run's tokenizer)")
-      return tokenizer_lib.Tokenizer(path)
     path = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(path):
       # Only the training split's text: evaluation captions stay unseen.
@@ -206,52 +190,6 @@ class AlignTask:
     # config.dtype is the compute dtype (bfloat16 on GPU/TPU); parameters stay float32.
     dtype = jnp.dtype(self.config.get("dtype", "float32"))
     return pathflip.PathFlip(self.model_config, rngs=rngs, dtype=dtype)
-
-  def initial_params(self, params: Any) -> tuple[Any, str] | None:
-    """``config.text_init`` (a patch_clip workdir): the Q-Former's text branch, token and
-    position embeddings and text projection start from that run's text tower (the paper starts
-    from BERT), and ``model.feature_shortcut`` from its image projection; None when unset (the
-    trainer then starts from scratch)."""
-    path = self.config.get("text_init")
-    shortcut = self.model_config.feature_shortcut
-    if not path:
-      if shortcut:
-        print("[align] model.feature_shortcut starts at random: config.text_init (the patch_clip "
-              "run that extracted the features) is not set", file=sys.stderr)
-      return None
-    tower = checkpointing.load_params(path)
-    loaded, kept = text_tower.qformer_text_params(
-        tower, checkpointing.named_leaves(params), self.model_config.qformer.num_heads,
-        source=f"config.text_init={path}")
-    if shortcut:
-      loaded.update(self._shortcut_params(tower, path))
-    params, taken = checkpointing.partial_init(
-        params, loaded, [f"^{re.escape(name)}$" for name in loaded],
-        source=f"config.text_init={path}")
-    return params, (f"text branch initialised from config.text_init={path} ({len(taken)} "
-                    f"parameters"
-                    + ("; model.feature_shortcut from its image projection" if shortcut else "")
-                    + "); from scratch: the query side" + (", " + ", ".join(kept) if kept else ""))
-
-  def _shortcut_params(self, tower: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
-    """The patch encoder's image projection as the feature shortcut: it maps that encoder's
-    ViT features into the joint space its text tower shares, so only features from the same
-    run make sense (a warning says so when the features name another run)."""
-    want = (self.feature_dim, self.model_config.embed_dim)
-    kernel = tower.get("image_proj/kernel")
-    if kernel is None or tuple(kernel.shape) != want:
-      got = "none" if kernel is None else f"shape {tuple(kernel.shape)}"
-      raise ValueError(
-          f"config.text_init={path}: model.feature_shortcut starts from that run's image "
-          f"projection (image_proj/kernel), which has {got}; the {self.config.features_dir} "
-          f"features need {want} (feature_dim x model.embed_dim). Extract the features with that "
-          f"run's ViT, or set model.feature_shortcut=False")
-    source = (self.shards.identity.get("encoder_config") or {}).get("checkpoint")
-    if source and os.path.realpath(source) != os.path.realpath(path):
-      print(f"[align] warning: the features in {self.config.features_dir} come from the patch "
-            f"encoder in {source}, but model.feature_shortcut starts from the image projection "
-            f"of config.text_init={path}", file=sys.stderr)
-    return {"feature_shortcut/kernel": kernel, "feature_shortcut/bias": tower["image_proj/bias"]}
 
   def source(self, split: str) -> slide_examples.SlideSource:
     s = self.splits[split]
@@ -295,10 +233,7 @@ class AlignTask:
       scale, bias = model.region_logit_params()
       region_loss, m = losses.region_sigmoid_loss(
           attend, params, slides["regions"], slides["region_valid"], sub_bke,
-          batch["subcaption_valid"], batch["negative_pick"], scale, bias, mesh=self.mesh,
-          caption_concepts_b=batch["caption_concepts"],
-          sub_concepts_bk=batch["subcaption_concepts"],
-          within_slide_weight=self.within_slide_weight)
+          batch["subcaption_valid"], batch["negative_pick"], scale, bias, mesh=self.mesh)
       total = total + config.loss.region_weight * region_loss
       metrics.update(region_loss=region_loss, region_scale=scale, region_bias=bias, **m)
     return total, metrics
@@ -317,8 +252,6 @@ class AlignTask:
             "subcaptions": np.zeros((batch_size, k, c.subcaption_len), np.int32),
             "subcaption_valid": np.ones((batch_size, k), bool),
             "negative_pick": np.zeros((batch_size,), np.int32),
-            "caption_concepts": np.zeros((batch_size,), np.int32),
-            "subcaption_concepts": np.zeros((batch_size, k), np.int32),
             "label": np.zeros((batch_size,), np.int32),
             "slide_index": np.arange(batch_size, dtype=np.int32)}
 

@@ -18,9 +18,7 @@ Config keys read here (see ``configs/pathflip_instruct_demo.py``): ``align_workd
 ``features_dir`` (overrides the align run's), ``questions``, ``caption_prompt``, ``tokenizer``,
 ``vocab_size``, ``tokenizer_type``, ``template.*`` (``instructions.Template``), ``data.*``
 (``instructions.SequenceConfig``), ``decoder.{variant, init, overrides}``, ``lora.{rank, alpha,
-dropout, targets}`` (rank 0: none), ``position_frequencies``, ``dtype``, ``encode_batch_size``,
-``truth_tokens`` (a demo cohort directory, "" = off: a diagnostic that replaces every visual token
-by its region's true tissue fractions, ``truth_visual_tokens``).
+dropout, targets}`` (rank 0: none), ``position_frequencies``, ``dtype``, ``encode_batch_size``.
 """
 
 from __future__ import annotations
@@ -40,40 +38,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import checkpointing, sharding, tokenizer as tokenizer_lib
-from pathflip_jax.data import demo_annotations, instructions as ins, regions as regions_lib
+from pathflip_jax import checkpointing, predict, sharding, tokenizer as tokenizer_lib
+from pathflip_jax.data import instructions as ins, regions as regions_lib
 from pathflip_jax.evaluators import common
-from pathflip_jax.models import decoder as decoder_lib, instruct, pathflip, sampling
+from pathflip_jax.models import decoder as decoder_lib, instruct, lora as lora_lib, pathflip
+from pathflip_jax.models import sampling
 from pathflip_jax.tasks import align
 
 SPLITS = align.SPLITS
-
-
-# ------------------------------------------------------------------------------ the align run
-
-
-def load_align_run(workdir: str, features_dir: str = "") -> tuple[align.AlignTask,
-                                                                   pathflip.PathFlip]:
-  """The task (data, tokenizer, splits) and trained model of an "align" run's workdir."""
-  config = checkpointing.run_config(workdir, "align", f"config.align_workdir={workdir}")
-  path = os.path.join(workdir, "config.json")
-  if features_dir:
-    config.features_dir = features_dir
-  if not os.path.isdir(config.features_dir):
-    raise FileNotFoundError(f"{path}: its features_dir={config.features_dir} does not exist "
-                            "(set config.features_dir to where the features are now)")
-  # The tokenizer the run trained with: its config's, the text_init run's, or the one it trained
-  # into its workdir. No text_init weights are re-read (the checkpoint holds the trained ones).
-  if not config.get("tokenizer"):
-    source = config.get("text_init") or workdir
-    config.tokenizer = os.path.join(source, "tokenizer.model")
-    if not os.path.exists(config.tokenizer):
-      raise FileNotFoundError(f"{config.tokenizer} not found: the tokenizer of the align run "
-                              f"{workdir} is missing")
-  config.text_init = ""
-  task = align.AlignTask(config, workdir)
-  return task, checkpointing.model_from_checkpoint(lambda: task.create_model(nnx.Rngs(0)),
-                                                   workdir)
 
 
 def relative_positions(cells_m2: np.ndarray, all_cells_n2: np.ndarray) -> np.ndarray:
@@ -124,49 +96,6 @@ def slide_visual_tokens(slide_e: np.ndarray, regions_me: np.ndarray, region_vali
   return {"tokens": tokens, "positions": positions.astype(np.float32)}
 
 
-def truth_visual_tokens(visual: dict[str, list[dict[str, np.ndarray]]],
-                        align_task: align.AlignTask, annotations: Any
-                        ) -> dict[str, list[dict[str, np.ndarray]]]:
-  """The decoder's ceiling on the demo cohort: ``visual`` (``encode_visual_tokens``'s output)
-  with every region token replaced by its region's true tissue fractions (the mean over its
-  patches of ``annotations.tissue_fractions``, a ``demo_annotations.CohortAnnotations``) and the
-  slide token by the slide's, with a 1 after them to tell it apart; times sqrt(width), zero
-  elsewhere. Positions are kept. A diagnostic, not a model: it measures how much of the
-  questions a decoder trained on these slides answers from perfect visual tokens."""
-  region_patches = align_task.example_config.region_patches
-  out = {}
-  for split, slides in visual.items():
-    if not slides:
-      out[split] = slides
-      continue
-    source, examples = align_task.source(split), align_task.eval_examples(split)
-    replaced = []
-    for i, slide in enumerate(slides):
-      slide_id = align_task.splits[split].texts[i].slide_id
-      element = source[i]
-      coords = np.asarray(element["coords"], np.float64)
-      size = float(element["patch_size_level0"])
-      fractions_nk = np.asarray(annotations.tissue_fractions(slide_id, coords, size), np.float32)
-      grid, _ = regions_lib.group_patches(coords, size, region_patches)
-      region_of_cell = {tuple(cell): fractions_nk[members].mean(axis=0)
-                        for cell, members in zip(grid.cells.tolist(), grid.members)}
-      valid = np.asarray(examples[i]["region_valid"], bool)
-      cells = np.asarray(examples[i]["region_pos"])[valid].tolist()
-      tokens_ve = np.zeros_like(slide["tokens"])
-      k = fractions_nk.shape[1]
-      if tokens_ve.shape[1] < k + 1:
-        raise ValueError(f"truth_tokens: visual width {tokens_ve.shape[1]} is narrower than the "
-                         f"{k} tissue types and the slide marker")
-      scale = math.sqrt(tokens_ve.shape[1])
-      tokens_ve[0, :k] = fractions_nk.mean(axis=0) * scale
-      tokens_ve[0, k] = scale
-      for row, cell in enumerate(cells, start=1):
-        tokens_ve[row, :k] = region_of_cell[tuple(cell)] * scale
-      replaced.append({**slide, "tokens": tokens_ve})
-    out[split] = replaced
-  return out
-
-
 # ------------------------------------------------------------------------------------ task
 
 
@@ -190,16 +119,10 @@ class InstructTask:
     self.template = _dataclass_from(ins.Template, dict(config.template), "template")
     self.sequence = _dataclass_from(ins.SequenceConfig, dict(config.data), "data")
     t0 = time.time()
-    self.align_task, align_model = load_align_run(config.align_workdir,
-                                                  config.get("features_dir", ""))
+    self.align_task, align_model = predict.load_align(config.align_workdir,
+                                                      config.get("features_dir", ""))
     self.class_names = self.align_task.class_names
     self.visual = self._visual_tokens(align_model)
-    if config.get("truth_tokens"):
-      self.visual = truth_visual_tokens(
-          self.visual, self.align_task, demo_annotations.CohortAnnotations(config.truth_tokens))
-      print(f"[instruct] truth_tokens={config.truth_tokens}: visual tokens are the regions' true "
-            "tissue fractions (a diagnostic of the decoder's ceiling, not a model)",
-            file=sys.stderr, flush=True)
     most = max((len(v["tokens"]) for s in self.visual.values() for v in s), default=0)
     if most > self.sequence.max_visual:
       raise ValueError(f"a slide has {most} visual tokens; config.data.max_visual="
@@ -291,7 +214,7 @@ class InstructTask:
   def create_model(self, rngs: nnx.Rngs) -> instruct.InstructModel:
     lora = None
     if self.config.lora.rank:
-      lora = decoder_lib.LoraConfig(rank=self.config.lora.rank, alpha=self.config.lora.alpha,
+      lora = lora_lib.LoraConfig(rank=self.config.lora.rank, alpha=self.config.lora.alpha,
                                     dropout=self.config.lora.dropout,
                                     targets=tuple(self.config.lora.targets))
     return instruct.InstructModel(self.decoder_config, self.visual_dim, self.tokenizer.image_id,

@@ -7,8 +7,7 @@ cohort's train split; evaluators score the val split.
 
 Config keys read here (see ``configs/patch_clip_demo.py``): ``cohort_dir``, ``patches_dir``,
 ``tokenizer`` ("" trains one on the cohort's text into the workdir), ``vocab_size``,
-``text_len``, ``min_purity``, ``min_patches_per_text``, ``tissue_negatives``, ``augment.*``,
-``model.*``.
+``text_len``, ``min_purity``, ``min_patches_per_text``, ``augment.*``, ``model.*``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pathflip_jax import checkpointing, losses, tokenizer as tokenizer_lib
+from pathflip_jax import losses, tokenizer as tokenizer_lib
 from pathflip_jax.data import demo_annotations, patch_shards, tiling
 from pathflip_jax.models import patch_clip, text_encoder, vit
 
@@ -210,12 +209,7 @@ class PatchClipTask:
   def loss(self, model: patch_clip.PatchClip, batch: dict[str, jax.Array], rng: jax.Array):
     del rng  # no dropout
     image, text, scale = model(batch["image"], batch["tokens"])
-    # The demo's sentences describe six tissue types in many wordings. With tissue_negatives
-    # False two rows of one tissue type (each patch's label) but different sentences are no
-    # negatives for each other, so the towers learn the tissue rather than the wording.
-    groups = None if self.config.get("tissue_negatives", True) else batch["label"]
-    loss, metrics = losses.contrastive_loss(image, text, scale, batch["text_id"],
-                                            group_ids_b=groups)
+    loss, metrics = losses.contrastive_loss(image, text, scale, batch["text_id"])
     return loss, {**metrics, "temperature": 1.0 / scale}
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
@@ -242,29 +236,3 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The SentencePiece model a patch_clip run uses: ``config.tokenizer``, else the one it trains
   into its workdir."""
   return config.tokenizer or os.path.join(workdir, "tokenizer.model")
-
-
-def load_patch_clip(workdir: str, step: int | None = None
-                    ) -> tuple[patch_clip.PatchClip, tokenizer_lib.Tokenizer, int]:
-  """The whole trained model of a patch_clip run, both towers: (model, tokenizer, text length)."""
-  config = checkpointing.run_config(workdir, "patch_clip")
-  tokenizer = tokenizer_lib.Tokenizer(tokenizer_path(config, workdir))
-  clip_config = model_config(config, tokenizer.num_embeddings, tokenizer.pad_id)
-  model = checkpointing.model_from_checkpoint(
-      lambda: patch_clip.PatchClip(clip_config, rngs=nnx.Rngs(0)), workdir, step)
-  return model, tokenizer, int(config.text_len)
-
-
-def load_image_encoder(workdir: str, step: int | None = None
-                       ) -> tuple[vit.VisionTransformer, patch_clip.PatchClipConfig, str]:
-  """The trained ViT of a patch_clip run (its latest checkpoint): (model, config, name).
-
-  ``model`` outputs the pooled features the linear probe scored (before the projection into the
-  joint space); normalise inputs with ``config.mean``/``config.std``.
-  """
-  config = checkpointing.run_config(workdir, "patch_clip")
-  clip_config = model_config(config, vocab_size=1, pad_id=0)   # the text side is not rebuilt
-  model = checkpointing.model_from_checkpoint(
-      lambda: vit.VisionTransformer(clip_config.vision, rngs=nnx.Rngs(0)), workdir, step,
-      prefix="vision/")
-  return model, clip_config, f"patch_clip:{os.path.basename(workdir)}"

@@ -1,4 +1,5 @@
-"""data_prep.benchmarks: benchmark files (hand-written fixtures) -> manifests and questions."""
+"""data_prep.public_benchmarks: benchmark files (hand-written fixtures) -> manifests and
+questions."""
 
 import csv
 import json
@@ -7,11 +8,12 @@ import pathlib
 
 import pytest
 
-from data_prep import benchmarks
+from data_prep import public_benchmarks
+from data_prep.public_benchmarks import tables
 from pathflip_jax.data import instructions
 from pathflip_jax.data import manifest
 
-DATA = pathlib.Path(__file__).parent / "testdata" / "benchmarks"
+DATA = pathlib.Path(__file__).parent / "testdata" / "public_benchmarks"
 CAPTIONS = DATA / "SlideBench-Caption-TCGA.csv"
 CAPTIONS_PATHFLIP = DATA / "SlideBench-Caption-TCGA-pathflip.csv"
 VQA = DATA / "SlideBench-VQA-TCGA.csv"
@@ -31,36 +33,37 @@ def _write(path, text):
 
 
 def _run(*args):
-  return benchmarks.run([str(a) for a in args])
+  return public_benchmarks.run([str(a) for a in args])
 
 
 # --------------------------------------------------------------------------- ids
 
 
 def test_slide_ids_and_patients():
-  assert benchmarks.benchmark_slide_id("TCGA-XX-0001-01Z-00-DX1") == "TCGA-XX-0001-01Z-00-DX1"
+  assert public_benchmarks.benchmark_slide_id("TCGA-XX-0001-01Z-00-DX1") == (
+      "TCGA-XX-0001-01Z-00-DX1")
   # PathFLIP's copies name a feature file; the id is its stem, uuid included.
   path = "datasets/features/TCGA/LUAD/h5_files/TCGA-XX-0001-01Z-00-DX1.0000-ab.h5"
-  assert benchmarks.benchmark_slide_id(path) == "TCGA-XX-0001-01Z-00-DX1.0000-ab"
-  assert benchmarks.benchmark_slide_id("BRCA\\TCGA-XX-0001-01Z-00-DX1.csv") == (
+  assert public_benchmarks.benchmark_slide_id(path) == "TCGA-XX-0001-01Z-00-DX1.0000-ab"
+  assert public_benchmarks.benchmark_slide_id("BRCA\\TCGA-XX-0001-01Z-00-DX1.csv") == (
       "TCGA-XX-0001-01Z-00-DX1")
-  assert benchmarks.patient_of("TCGA-XX-0001-01Z-00-DX1.0000-ab") == "TCGA-XX-0001"
-  assert benchmarks.patient_of("C3L-99901-21") == "C3L-99901"
-  assert benchmarks.patient_of("synthetic-slide-14") == ""
-  assert [benchmarks.bcnb_slide_id(v) for v in ("9002", "9002.0", "9002.jpg", "9002.csv")] == [
-      "9002"] * 4
+  assert public_benchmarks.patient_of("TCGA-XX-0001-01Z-00-DX1.0000-ab") == "TCGA-XX-0001"
+  assert public_benchmarks.patient_of("C3L-99901-21") == "C3L-99901"
+  assert public_benchmarks.patient_of("synthetic-slide-14") == ""
+  assert [public_benchmarks.bcnb_slide_id(v)
+          for v in ("9002", "9002.0", "9002.jpg", "9002.csv")] == ["9002"] * 4
 
 
 def test_answer_letter_forms():
   options = {"A": "Solid", "B": "Acinar", "C": "Lepidic", "D": "Papillary"}
   for answer in ("B", "b", "B.", "(B)", "B)", "acinar", " Acinar. ", "B. Acinar", "(B) acinar"):
-    assert benchmarks.answer_letter(answer, options) == "B", answer
+    assert public_benchmarks.answer_letter(answer, options) == "B", answer
   for answer, message in (("E", "does not have"), ("Micropapillary", "not one of the options"),
                           ("C. Acinar", "not one of the options"), ("", "empty answer")):
-    with pytest.raises(benchmarks._RowProblem, match=message):
-      benchmarks.answer_letter(answer, options)
-  with pytest.raises(benchmarks._RowProblem, match="text of options"):
-    benchmarks.answer_letter("same", {"A": "same", "B": "Same", "C": "x", "D": "y"})
+    with pytest.raises(tables._RowProblem, match=message):
+      public_benchmarks.answer_letter(answer, options)
+  with pytest.raises(tables._RowProblem, match="text of options"):
+    public_benchmarks.answer_letter("same", {"A": "same", "B": "Same", "C": "x", "D": "y"})
 
 
 # --------------------------------------------------------------------------- captions
@@ -87,15 +90,15 @@ def test_slidebench_captions(tmp_path, capsys):
 
 
 def test_slidebench_captions_pathflip_layout(tmp_path):
-  report = benchmarks.Report()
-  rows = benchmarks.slidebench_captions(str(CAPTIONS_PATHFLIP), split="val", report=report)
+  report = public_benchmarks.Report()
+  rows = public_benchmarks.slidebench_captions(str(CAPTIONS_PATHFLIP), split="val", report=report)
   assert report.read == 2 and not report.skipped
   uuid = "00000000-0000-4000-8000-000000000001"
   assert rows[0]["slide_id"] == f"TCGA-XX-0001-01Z-00-DX1.{uuid}"
   assert rows[0]["path"] == f"TCGA-XX-0001-01Z-00-DX1.{uuid}.svs"
   assert rows[0]["patient_id"] == "TCGA-XX-0001" and rows[0]["split"] == "val"
   out = str(tmp_path / "m.csv")
-  benchmarks.write_manifest(rows, out)
+  public_benchmarks.write_manifest(rows, out)
   assert [r["slide_id"] for r in manifest.read_manifest(out)] == [r["slide_id"] for r in rows]
 
 
@@ -132,12 +135,13 @@ def test_captions_and_questions_with_slides_dir(tmp_path):
 
 def test_captions_errors(tmp_path):
   bad = _write(tmp_path / "no_caption.csv", "ID,Slide,Tumor\n1,TCGA-XX-0001-01Z-00-DX1,LUAD\n")
-  with pytest.raises(benchmarks.BenchmarkError, match=rf"{bad}:1: missing required caption "
+  with pytest.raises(public_benchmarks.BenchmarkError, match=rf"{bad}:1: missing required caption "
                                                        r"column .*'Caption'"):
-    benchmarks.slidebench_captions(bad)
+    public_benchmarks.slidebench_captions(bad)
   out = tmp_path / "none.jsonl"
   empty = _write(tmp_path / "empty.csv", "ID,Slide,Caption\n1,TCGA-XX-0001-01Z-00-DX1,\n")
-  with pytest.raises(benchmarks.BenchmarkError, match="no usable rows among 1 .*empty_caption 1"):
+  with pytest.raises(public_benchmarks.BenchmarkError,
+                     match="no usable rows among 1 .*empty_caption 1"):
     _run("slidebench_captions", "--input", empty, "--output", out)
   assert not out.exists()
 
@@ -166,35 +170,35 @@ def test_slidebench_vqa(tmp_path):
   assert [q.category for q in questions[:2]] == ["Disease Classification",
                                                  "Tissue Architecture and Arrangement"]
   assert questions[0].slide_id == "TCGA-XX-0001-01Z-00-DX1"
-  both = benchmarks.slidebench_vqa(str(VQA), split="val", category="both")
+  both = public_benchmarks.slidebench_vqa(str(VQA), split="val", category="both")
   assert both[0]["category"] == "Diagnosis / Disease Classification" and both[0]["split"] == "val"
 
 
 def test_slidebench_vqa_errors(tmp_path):
   row = "1,TCGA-XX-0001-01Z-00-DX1,LUAD,Diagnosis,Grading,Which grade?,G1,G2,G3,G4,"
   bad = _write(tmp_path / "bad_answer.csv", VQA_HEADER + row + "G1\n" + row + "Grade 5\n")
-  with pytest.raises(benchmarks.BenchmarkError,
+  with pytest.raises(public_benchmarks.BenchmarkError,
                      match=rf"{bad}:3: column 'Answer': answer 'Grade 5' is not one of the "
                            "options"):
-    benchmarks.slidebench_vqa(bad)
-  report = benchmarks.Report()
-  rows = benchmarks.slidebench_vqa(bad, report=report, skip_invalid=True)
+    public_benchmarks.slidebench_vqa(bad)
+  report = public_benchmarks.Report()
+  rows = public_benchmarks.slidebench_vqa(bad, report=report, skip_invalid=True)
   assert len(rows) == 1 and report.reasons() == {"invalid": 1}
   assert report.skipped[0]["where"] == f"{bad}:3"
   gap = _write(tmp_path / "gap.csv",
                VQA_HEADER + "1,TCGA-XX-0001-01Z-00-DX1,LUAD,D,G,Q?,a,,c,d,A\n")
-  with pytest.raises(benchmarks.BenchmarkError,
+  with pytest.raises(public_benchmarks.BenchmarkError,
                      match=rf"{gap}:2: column 'C': option C is given but option B before it"):
-    benchmarks.slidebench_vqa(gap)
+    public_benchmarks.slidebench_vqa(gap)
   no_answer = _write(tmp_path / "no_answer.csv", "Slide,Question,A,B,C,D\nS1,Q?,a,b,c,d\n")
-  with pytest.raises(benchmarks.BenchmarkError,
+  with pytest.raises(public_benchmarks.BenchmarkError,
                      match=rf"{no_answer}:1: missing required answer column"):
-    benchmarks.slidebench_vqa(no_answer)
+    public_benchmarks.slidebench_vqa(no_answer)
   # PathFLIP's evaluation reads option columns up to G: five options cannot be four.
   five = _write(tmp_path / "five.csv", "Slide,Question,A,B,C,D,E,Answer\n"
                 "S1,Q?,a,b,c,d,e,A\nS1,Q2?,a,b,c,d,,B\n")
-  report = benchmarks.Report()
-  rows = benchmarks.slidebench_vqa(five, report=report)
+  report = public_benchmarks.Report()
+  rows = public_benchmarks.slidebench_vqa(five, report=report)
   assert [r["question"] for r in rows] == ["Q2?"] and report.reasons() == {"too_many_options": 1}
 
 
@@ -209,9 +213,11 @@ def test_bcnb_vqa(tmp_path):
       ("9001", "B", "Molecular subtype", "val"), ("9003", "D", "Molecular subtype", "val")]
   no_slide = _write(tmp_path / "no_slide.csv",
                     "ID,Task,Question,A,B,C,D,Answer\n1,ER,Q?,a,b,c,d,A\n")
-  with pytest.raises(benchmarks.BenchmarkError, match=rf"{no_slide}:1: missing required slide"):
-    benchmarks.bcnb_vqa(no_slide)
-  with pytest.raises(benchmarks.BenchmarkError, match=r"bcnb\.tsv: a questions file is a \.csv"):
+  with pytest.raises(public_benchmarks.BenchmarkError,
+                     match=rf"{no_slide}:1: missing required slide"):
+    public_benchmarks.bcnb_vqa(no_slide)
+  with pytest.raises(public_benchmarks.BenchmarkError,
+                     match=r"bcnb\.tsv: a questions file is a \.csv"):
     _run("bcnb_vqa", "--input", BCNB, "--output", tmp_path / "bcnb.tsv")
 
 
@@ -243,17 +249,18 @@ def test_retrieval_split(tmp_path):
 def test_retrieval_split_errors(tmp_path):
   bad = _write(tmp_path / "bad_split.csv", "slide_id,caption,split\nS1,a caption,train\n"
                "S2,a caption,holdout2\n")
-  with pytest.raises(benchmarks.BenchmarkError,
+  with pytest.raises(public_benchmarks.BenchmarkError,
                      match=rf"{bad}:3: column 'split': split 'holdout2' is not one of"):
-    benchmarks.retrieval_split(bad)
+    public_benchmarks.retrieval_split(bad)
   two = tmp_path / "two.json"
   two.write_text(json.dumps([{"image": ["a.csv", "b.csv"], "caption": "x"}]))
-  with pytest.raises(benchmarks.BenchmarkError,
+  with pytest.raises(public_benchmarks.BenchmarkError,
                      match=rf"{two}: item 0: column 'image': 2 images"):
-    benchmarks.retrieval_split(str(two))
+    public_benchmarks.retrieval_split(str(two))
   no_caption = _write(tmp_path / "nc.csv", "slide_id,split\nS1,train\n")
-  with pytest.raises(benchmarks.BenchmarkError, match=rf"{no_caption}:1: missing required caption"):
-    benchmarks.retrieval_split(no_caption)
+  with pytest.raises(public_benchmarks.BenchmarkError,
+                     match=rf"{no_caption}:1: missing required caption"):
+    public_benchmarks.retrieval_split(no_caption)
 
 
 # --------------------------------------------------------------------------- CPTAC labels
@@ -269,7 +276,7 @@ def test_cptac_labels_patho_bench(tmp_path):
       ("C3L-99901-21", "C3L-99901", "train", "1"), ("C3L-99901-22", "C3L-99901", "train", "1"),
       ("C3N-99902-21", "C3N-99902", "test", "0"), ("C3L-99905-26", "C3L-99905", "val", "1")]
   assert not any(k.startswith("fold_") or k == "case_id" for r in rows for k in r)
-  rows = benchmarks.cptac_labels(str(PATHO_BENCH), fold=1, labels=["KRAS_mutation=kras"])
+  rows = public_benchmarks.cptac_labels(str(PATHO_BENCH), fold=1, labels=["KRAS_mutation=kras"])
   assert [(r["split"], r["kras"]) for r in rows] == [("test", "1"), ("test", "1"), ("train", "0"),
                                                      ("train", "0"), ("train", "1")]
 
@@ -304,24 +311,26 @@ def test_cptac_labels_case_table(tmp_path):
       ("C3N-99922-21", "C3N-99922", "G3")]
   assert rows[0]["path"] == str(slides / "C3L-99921-21.svs")
   # Default labels: every column that is not an id ("'--" is missing).
-  rows = benchmarks.cptac_labels(str(CLINICAL), slides=benchmarks.SlideFiles(str(slides)))
+  rows = public_benchmarks.cptac_labels(str(CLINICAL),
+                                        slides=public_benchmarks.SlideFiles(str(slides)))
   assert set(rows[0]) == {"slide_id", "path", "patient_id", "split", "project_id", "tumor_grade"}
-  with pytest.raises(benchmarks.BenchmarkError, match="names cases only .*give --slides_dir"):
-    benchmarks.cptac_labels(str(CLINICAL))
+  with pytest.raises(public_benchmarks.BenchmarkError,
+                     match="names cases only .*give --slides_dir"):
+    public_benchmarks.cptac_labels(str(CLINICAL))
 
 
 def test_cptac_labels_errors(tmp_path):
-  with pytest.raises(benchmarks.BenchmarkError,
+  with pytest.raises(public_benchmarks.BenchmarkError,
                      match=rf"{PATHO_BENCH}:1: missing required label 'MSI' column"):
-    benchmarks.cptac_labels(str(PATHO_BENCH), labels=["MSI"])
-  with pytest.raises(benchmarks.BenchmarkError, match="would be written as 'split'"):
-    benchmarks.cptac_labels(str(PATHO_BENCH), labels=["KRAS_mutation=split"])
-  with pytest.raises(benchmarks.BenchmarkError, match=r"missing required fold_7 column"):
-    benchmarks.cptac_labels(str(PATHO_BENCH), fold=7)
+    public_benchmarks.cptac_labels(str(PATHO_BENCH), labels=["MSI"])
+  with pytest.raises(public_benchmarks.BenchmarkError, match="would be written as 'split'"):
+    public_benchmarks.cptac_labels(str(PATHO_BENCH), labels=["KRAS_mutation=split"])
+  with pytest.raises(public_benchmarks.BenchmarkError, match=r"missing required fold_7 column"):
+    public_benchmarks.cptac_labels(str(PATHO_BENCH), fold=7)
   bad = _write(tmp_path / "k=all.tsv", "case_id\tslide_id\tlabel\tfold_0\nC1\tC1-1\t1\ttarin\n")
-  with pytest.raises(benchmarks.BenchmarkError,
+  with pytest.raises(public_benchmarks.BenchmarkError,
                      match=rf"{bad}:2: column 'fold_0': split 'tarin' is not one of"):
-    benchmarks.cptac_labels(bad)
+    public_benchmarks.cptac_labels(bad)
 
 
 # --------------------------------------------------------------------------- command line
@@ -330,15 +339,15 @@ def test_cptac_labels_errors(tmp_path):
 def test_main_exit_status(tmp_path, capsys):
   out = tmp_path / "q.csv"
   with pytest.raises(SystemExit) as e:
-    benchmarks.main(["slidebench_vqa", "--input", str(tmp_path / "absent.csv"), "--output",
-                     str(out)])
+    public_benchmarks.main(["slidebench_vqa", "--input", str(tmp_path / "absent.csv"),
+                            "--output", str(out)])
   assert e.value.code == 2 and "absent.csv: input file not found" in capsys.readouterr().err
-  benchmarks.main(["bcnb_vqa", "--input", str(BCNB), "--output", str(out)])
+  public_benchmarks.main(["bcnb_vqa", "--input", str(BCNB), "--output", str(out)])
   assert "bcnb_vqa: read 5 rows, wrote 2 questions" in capsys.readouterr().out
   assert os.path.exists(out)
   with pytest.raises(SystemExit):   # argparse: one --split or one per input
-    benchmarks.main(["bcnb_vqa", "--input", str(BCNB), "--output", str(out), "--split", "train",
-                     "test"])
+    public_benchmarks.main(["bcnb_vqa", "--input", str(BCNB), "--output", str(out), "--split",
+                            "train", "test"])
 
 
 def test_manifest_with_byte_order_mark(tmp_path):
