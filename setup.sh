@@ -27,6 +27,12 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -e . \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 if [ "${1:-}" = "--test" ]; then
+  # pycocoevalcap's PTB tokenizer and METEOR (the caption metrics' cross-check) run on Java.
+  if ! command -v java >/dev/null && command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq default-jre-headless >/dev/null
+  fi
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 fi

@@ -67,6 +67,8 @@ def align_stage(config: ml_collections.ConfigDict, *, features_dir: str, manifes
   config.slide_loss = True
   config.region_loss = True
   config.region_attention = True          # False: the mean of the regions
+  config.region_qformer = True            # False: the projected mean of a region's features
+  config.slide_qformer = True             # False: the mean of the region tokens
   config.loss = dict(slide_weight=1.0, region_weight=1.0, temperature=0.1, label_smoothing=0.1)
   return config
 

@@ -3,8 +3,8 @@
 Launch (defaults: ViT-S/16 with random weights, the demo's stand-in until an encoder is trained
 or imported):
 
-  python -m data_prep.extract_features --patches runs/quickstart/patches --output_dir runs/quickstart/features \
-      --config configs/extract_features.py
+  python -m data_prep.extract_features --patches runs/quickstart/patches \
+      --output_dir runs/quickstart/features --config configs/extract_features.py
 
 With UNI weights (timm format, a local file; ViT-L/16 with layer scale, trained at 224 px, so
 256-px patches are resized to 224 as TRIDENT does):
@@ -15,8 +15,8 @@ With UNI weights (timm format, a local file; ViT-L/16 with layer scale, trained 
 With the demo's own patch encoder, trained by ``configs/patch_clip_demo.py`` in workdir W (its
 ViT, input size and normalisation are read from W; patches are resized to the input size):
 
-  python -m data_prep.extract_features --patches runs/quickstart/patches --output_dir runs/quickstart/features \
-      --config configs/extract_features.py:checkpoint=W
+  python -m data_prep.extract_features --patches runs/quickstart/patches \
+      --output_dir runs/quickstart/features --config configs/extract_features.py:checkpoint=W
 
 Args (``key=value`` after the colon):
   checkpoint     a patch_clip training workdir: use its latest checkpoint's ViT

@@ -16,8 +16,9 @@ split: zero-shot tissue type from prompts, and a linear probe of the ViT feature
 probe on colour means.
 
 Args (``:key=value,...``): ``cohort_dir``, ``patches_dir`` (the demo cohort and its tiles),
-``eval_split`` (``val``; ``test`` for held-out numbers) and ``size`` (``demo``, or ``test``: a
-tiny model and a 4-step run for the test suite).
+``eval_split`` (``val``; ``test`` for held-out numbers) and ``size`` (``demo``; ``study``, the
+same model for the study cohort of ``quickstart --size study``; or ``test``, a tiny model and a
+4-step run for the test suite).
 
 Expected: docs/results.md, "Patch encoder (val patches)".
 """
@@ -37,8 +38,8 @@ PROMPTS = {
 
 def get_config(arg: str | None = None):
   args = config_args.parse_arg(
-      arg, cohort_dir="runs/quickstart/cohort", patches_dir="runs/quickstart/patches", eval_split="val",
-      size="demo")
+      arg, cohort_dir="runs/quickstart/cohort", patches_dir="runs/quickstart/patches",
+      eval_split="val", size="demo")
   config = config_args.ml_collections.ConfigDict()
   config.stage = "patch_clip"
   config.seed = 0
@@ -52,12 +53,13 @@ def get_config(arg: str | None = None):
   config.min_patches_per_text = 8       # repeat the patches of small regions (train_source)
 
   config.augment = dict(min_crop=0.8, stain_jitter=0.25, grayscale_prob=0.2)
-  if args.size == "demo":
+  if args.size in ("demo", "study"):   # study: the larger cohort, the same encoder
     config.model = dict(vision_variant="vit_tiny_test",
                         vision_overrides=dict(image_size=224, patch_size=32, width=128, depth=3,
                                               num_heads=4, pool="cls", class_token=True),
                         text_width=128, text_depth=1, text_heads=4, embed_dim=128)
-    steps = dict(total_steps=240, batch_size=64, log_steps=120)
+    # The study cohort's val split is large (~10k patches): evaluated once, at the end.
+    steps = dict(total_steps=240, batch_size=64, log_steps=120 if args.size == "demo" else 240)
   elif args.size == "test":
     config.model = dict(vision_variant="vit_tiny_test",
                         vision_overrides=dict(image_size=32, patch_size=8, width=32, depth=1,
@@ -65,7 +67,7 @@ def get_config(arg: str | None = None):
                         text_width=32, text_depth=1, text_heads=2, embed_dim=32)
     steps = dict(total_steps=4, batch_size=16, log_steps=4)
   else:
-    raise ValueError(f"config arg size={args.size!r}: expected 'demo' or 'test'")
+    raise ValueError(f"config arg size={args.size!r}: expected 'demo', 'study' or 'test'")
 
   common.trainer(config, **steps, lr=1e-3, warmup_steps=min(50, steps["total_steps"] // 10),
                  end_lr_fraction=0.0, weight_decay=0.05, grad_clip_norm=5.0, workers=1)

@@ -16,18 +16,22 @@ reads each slide's patch features (all of them: the slide token; each region of 
 2-D region positions; 8-head text-conditioned region attention; a 128-d joint space. Losses as
 the paper's: slide InfoNCE (tau 0.1, label smoothing 0.1) plus the region sigmoid loss (8
 subcaptions per slide; one negative subcaption from every other slide of the batch). The paper's
-ablations are fields: ``slide_loss``, ``region_loss``, ``region_attention`` (False: the mean of
-the regions).
+five ablations are fields: ``slide_loss``, ``region_loss``, ``region_attention`` (False: the
+mean of the regions), ``region_qformer`` (False: the projected mean of a region's patch
+features) and ``slide_qformer`` (False: the mean of the region tokens).
 
 Args (``:key=value,...``): ``features_dir``, ``manifest`` (a manifest joined by slide_id; "":
 captions, labels and splits from the features' slides.jsonl), ``captions`` (a
 data_prep/decompose_captions.py output; "": sentences of the caption), ``tokenizer`` ("": one
 trained on the training split), ``cohort_dir`` (the demo cohort: adds the ``localization``
-evaluator), ``reference`` (the patch_clip run that extracted the features: localization also
-scores that encoder's own text alignment), ``probe_label`` (a slide column: adds the
-``slide_linear_probe`` evaluator), ``eval_split`` (``test``; "": no evaluators),
-``region_patches`` (regions of R x R patches; evaluation keeps 256 patches' worth of them) and
-``size`` (``demo``, or ``test``: a tiny model and a 4-step run for the test suite).
+evaluator), ``reference`` (the patch_clip run that extracted the features: localization and
+zero-shot also score that encoder's own text alignment, and the ``slide_mil`` evaluator adds an
+attention-MIL classifier trained on the diagnoses as the supervised reference),
+``probe_label`` (a slide column: adds the ``slide_linear_probe`` evaluator), ``eval_split``
+(``test``; "": no evaluators), ``region_patches`` (regions of R x R patches; evaluation keeps
+256 patches' worth of them, 512 at size ``study``) and
+``size`` (``demo``; ``study``, the same model for the study cohort of ``quickstart --size
+study``; or ``test``, a tiny model and a 4-step run for the test suite).
 
 Expected: docs/results.md, "Zero-shot diagnosis" to "Biomarker".
 """
@@ -104,10 +108,18 @@ def get_config(arg: str | None = None):
   config.data = dict(region_patches=args.region_patches, num_regions=24,
                      eval_num_regions=max(1, 256 // args.region_patches ** 2),
                      num_subcaptions=8, max_sentences=3, caption_len=192, subcaption_len=64,
-                     buckets=(64, 256, 1024, 4096, 16384, 65536), max_patches=65536,
+                     buckets=(64, 256, 512, 1024, 4096, 16384, 65536), max_patches=65536,
                      patch_dropout=0.1)
   steps = dict(total_steps=600, log_steps=200)
-  if args.size == "demo":
+  if args.size == "study":
+    # The study cohort's slides (data_prep/make_demo_cohort.py --size study) hold up to ~120
+    # regions of 2 x 2 patches: evaluation (and the instruct stage's visual tokens) keeps them
+    # all, so the questions' region answers are defined on what the decoder sees. Its 191
+    # training slides give 400 steps about 17 epochs; one evaluation, at the end, leaves the
+    # time for the ablations' seeds (quickstart --ablation_seeds).
+    config.data.eval_num_regions = max(1, 512 // args.region_patches ** 2)
+    steps = dict(total_steps=400, log_steps=400)
+  if args.size in ("demo", "study"):
     config.model = dict(
         qformer=dict(width=128, depth=2, num_heads=4, mlp_ratio=2.0, num_queries=8,
                      cross_attention_every=2),
@@ -121,15 +133,18 @@ def get_config(arg: str | None = None):
         embed_dim=32, context_depth=1, context_heads=2, region_heads=2, position_frequencies=4)
     steps = dict(total_steps=4, log_steps=4)
   else:
-    raise ValueError(f"config arg size={args.size!r}: expected 'demo' or 'test'")
+    raise ValueError(f"config arg size={args.size!r}: expected 'demo', 'study' or 'test'")
   common.trainer(config, **steps, batch_size=8, lr=3e-4,
                  warmup_steps=min(50, steps["total_steps"] // 10), end_lr_fraction=0.05,
                  weight_decay=0.05, grad_clip_norm=5.0, workers=1)
   config.evals = {} if not args.eval_split else dict(
       zero_shot=dict(type="slide_zero_shot", split=args.eval_split, prompts=PROMPTS,
-                     score="both"),
+                     score="slide", reference=args.reference),
       retrieval=dict(type="slide_retrieval", split=args.eval_split),
   )
+  if args.reference and args.eval_split:
+    # The supervised reference for zero-shot diagnosis: attention-MIL on the features.
+    config.evals.mil = dict(type="slide_mil", split=args.eval_split)
   if args.probe_label and args.eval_split:
     config.evals.probe = dict(
         type="slide_linear_probe", split=args.eval_split, label_key=args.probe_label,

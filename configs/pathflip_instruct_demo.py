@@ -11,9 +11,13 @@ split's captions ("Describe the slide.") and questions (the cohort's questions.c
 answer tokens only, the multiple-choice options shuffled every epoch.
 
 Args (``:key=value,...``): ``align_workdir``, ``features_dir`` ("": the align run's),
-``questions``, ``eval_split`` (``test``; "": no evaluators), ``lora_rank`` (0: the whole decoder
-trains; > 0: LoRA adapters and the projector only) and ``size`` (``demo``, or ``test``: a tiny
-decoder and a 4-step run for the test suite).
+``questions`` (data_prep/demo_questions.py writes them after tiling), ``eval_split`` (``test``;
+"": no evaluators), ``question_only`` (the workdir of the question-only baseline run, whose
+VQA answers the vqa evaluator reports beside the model's), ``lora_rank`` (0: the whole decoder
+trains; > 0: LoRA adapters and the projector only) and ``size`` (``demo``; ``study``, the same
+decoder with room for the study cohort's longer captions; or ``test``, a tiny decoder and a
+4-step run for the test suite). ``--config.data.visual_tokens=none`` trains the question-only
+baseline (no visual token reaches the decoder).
 
 Expected: docs/results.md, "Captioning" and "Visual question answering".
 """
@@ -27,7 +31,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def get_config(arg: str | None = None):
   args = config_args.parse_arg(
       arg, align_workdir="runs/quickstart/align", features_dir="",
-      questions="runs/quickstart/cohort/questions.csv", eval_split="test", lora_rank=0, size="demo")
+      questions="runs/quickstart/cohort/questions.csv", eval_split="test", lora_rank=0, size="demo",
+      question_only="")
   config = common.instruct_stage(
       config_args.ml_collections.ConfigDict(), align_workdir=args.align_workdir,
       features_dir=args.features_dir, questions=args.questions, vocab_size=1000,
@@ -35,20 +40,26 @@ def get_config(arg: str | None = None):
   config.template = dict(prompt="<image>\nQuestion: {question}\nAnswer:", answer_suffix="",
                          option_format="\n{letter}. {text}", choice_instruction="",
                          answer_format="text")
-  config.data = dict(max_len=256, max_visual=65, shuffle_options=True, region_dropout=0.1)
+  # visual_tokens "none": the question-only baseline (no visual token reaches the decoder).
+  config.data = dict(max_len=256, max_visual=65, shuffle_options=True, region_dropout=0.1,
+                     visual_tokens="slide")
   config.position_frequencies = 4
-  if args.size == "demo":
+  if args.size in ("demo", "study"):
     config.decoder = dict(variant="demo", init="", overrides=dict(
         width=128, head_dim=32, mlp_width=512, max_len=512))
     steps = dict(total_steps=600, log_steps=200)
     caption_tokens, answer_tokens = 256, 24
+    if args.size == "study":
+      # Up to 128 regions (the study align config's eval_num_regions) and captions of 4-10
+      # regions: longer sequences.
+      config.data.max_len, config.data.max_visual, caption_tokens = 640, 129, 384
   elif args.size == "test":
     config.decoder = dict(variant="tiny", init="",
                           overrides=dict(max_len=512, sliding_window=64))
     steps = dict(total_steps=4, log_steps=4)
     caption_tokens, answer_tokens = 16, 4
   else:
-    raise ValueError(f"config arg size={args.size!r}: expected 'demo' or 'test'")
+    raise ValueError(f"config arg size={args.size!r}: expected 'demo', 'study' or 'test'")
   config.lora = dict(rank=args.lora_rank, alpha=2.0 * max(args.lora_rank, 1), dropout=0.05,
                      targets=LORA_TARGETS)
 
@@ -60,10 +71,12 @@ def get_config(arg: str | None = None):
   # Generation is slow on CPU: the evaluators run once, at the end of the run.
   end = config.get_ref("total_steps")
   config.evals = {} if not args.eval_split else dict(
+      # meteor: METEOR through pycocoevalcap's jar (a test requirement, and Java).
       captioning=dict(type="captioning", split=args.eval_split, batch_size=8,
-                      max_new_tokens=caption_tokens, every=end),
+                      max_new_tokens=caption_tokens, every=end, meteor=False),
       vqa=dict(type="vqa", split=args.eval_split, batch_size=8, every=end,
-               max_new_tokens=answer_tokens, description_tokens=caption_tokens),
+               max_new_tokens=answer_tokens, description_tokens=caption_tokens,
+               shuffled_visual=True, question_only=args.question_only),
   )
   config.lock()
   return config

@@ -52,7 +52,8 @@ def get_config(arg: str | None = None):
       answer_suffix="<end_of_turn>", option_format="\n{letter}. {text}",
       choice_instruction="\nAnswer with the option's letter from the given choices directly.",
       answer_format="letter")
-  config.data = dict(max_len=512, max_visual=257, shuffle_options=True, region_dropout=0.0)
+  config.data = dict(max_len=512, max_visual=257, shuffle_options=True, region_dropout=0.0,
+                     visual_tokens="slide")
   config.position_frequencies = 4
   config.decoder = dict(variant="", init=args.gemma, overrides={})
   config.lora = dict(rank=args.lora_rank, alpha=2.0 * max(args.lora_rank, 1), dropout=0.05,
@@ -65,9 +66,9 @@ def get_config(arg: str | None = None):
     config.optim.trainable = ("lora", "projector")
   config.evals = {} if not args.eval_split else dict(
       captioning=dict(type="captioning", split=args.eval_split, batch_size=8,
-                      max_new_tokens=256),
+                      max_new_tokens=256, meteor=False),
       vqa=dict(type="vqa", split=args.eval_split, batch_size=8, max_new_tokens=24,
-               description_tokens=256),
+               description_tokens=256, shuffled_visual=True, question_only=""),
   )
   config.lock()
   return config

@@ -1,35 +1,44 @@
-r"""How far the demo cohort's multiple-choice questions can be answered from the tiled patches.
+r"""The demo questions answered by rules from what the decoder receives: region compositions
+and places.
 
   python -m data_prep.demo_vqa_oracle --cohort_dir runs/quickstart/cohort \
-      --patches runs/quickstart/patches [--split test] [--predictions W2/eval/vqa_test.jsonl] \
-      [--features runs/quickstart/features] [--output oracle.json]
+      --patches runs/quickstart/patches [--questions COHORT/questions.csv] [--split test] \
+      [--predictions W2/eval/vqa_test.jsonl] [--features runs/quickstart/features] \
+      [--output oracle.json] [--check]
 
-The oracle knows the exact tissue composition of every tiled patch (from the cohort's label
-maps) and nothing else, and answers each question the way the generator words it:
+``data_prep.demo_questions`` defines every multiple-choice answer from the tiled slide's regions
+of R x R patches: each region's tissue composition (the mean tissue fractions of its patches)
+and its place relative to the tissue's bounding box, the view the instruct stage's decoder gets
+(a slide token and one token per region with its position). This answerer reads only that view
+(with the region size and size tertiles recorded beside the questions, ``questions.json``):
 
-  diagnosis  necrosis seen -> carcinoma with necrosis; tumour on a lymphoid background (more
-             lymphocytes than stroma) -> lymph node metastasis; tumour -> carcinoma; else benign
-  presence   the option with the most tissue; absence: the option with the least
-  location   the tissue-weighted centre of the largest connected patch area of that tissue,
-             placed in thirds of the tiled tissue's bounding box (make_demo_cohort's words)
-  size       that area (tissue fractions x patch area) in make_demo_cohort's size words
+  diagnosis  tumour present (>= 10% of some region) -> necrosis present: carcinoma with
+             necrosis; more lymphocytes than stroma: lymph node metastasis; else carcinoma;
+             no tumour -> benign
+  presence   the option covering the most of some region; absence: the least
+  location   the largest connected area of the type on the region grid, its type-weighted
+             centre in thirds of the tissue's box
+  size       that area's amount (in regions) against the tertiles; "absent" if not present
 
-It is a perfect patch-level tissue classifier, so its accuracy is a practical ceiling for the
-instruct stage's VQA accuracy (beside the floor of always answering one letter); not a proven
-one, since a patch's pixels also show where inside it a lesion lies. Location and
-size fall short of 1 because the generator words them from each lesion's exact outline and the
-whole tissue's bounding box, while a slide shows ~30-40 patches of 128 µm: a lesion of a few
-patches that straddles a third of the box has no single right answer on the patch grid.
+With the true compositions (from the cohort's label maps) it is a perfect region reader: its
+accuracy (``oracle``) tells whether the questions are answerable from the decoder's input at all
+(>= 0.98 in every category by construction of the questions, unless the view is cut, e.g. by
+fewer regions than the questions were written for). Beside it, per category: the best single
+letter (always answering it) and two predictors that see the question and option texts only,
+fitted on the *training* questions and applied to the split's: ``question_only`` (per question
+text, the option text most often the right answer) and ``option_prior`` (the option text right
+in the largest share of the questions offering it). Balanced options keep all three <= 0.40
+(``--check`` requires it of the letter and question-only; the option prior is reported).
 ``--predictions`` (the vqa evaluator's per-question output) adds the model's accuracy on the
 same questions.
 
 ``--features`` (an extract_features output of the cohort) adds a realistic pipeline beside the
 ceiling: a patch probe, a logistic regression on the frozen patch features trained on the
 training slides' patch labels (each patch's main tissue, from the label maps; L2 by
-cross-validation grouped by slide, as the patch_linear_probe evaluator), whose predicted tissue per
-patch goes through the same rules. It has far more supervision than the instruct stage (a label
-for every training patch against a few questions per slide), so it tells whether the features
-or the weak supervision limit the model.
+cross-validation grouped by slide, as the patch_linear_probe evaluator), whose predicted tissue
+per patch (one-hot) makes the region compositions the same rules read. It has far more
+supervision than the instruct stage (a label for every training patch against a few questions
+per slide), so it tells whether the features or the weak supervision limit the model.
 """
 
 from __future__ import annotations
@@ -38,103 +47,94 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from data_prep import make_demo_cohort
+from data_prep import demo_questions as dq
 from pathflip_jax import report
-from pathflip_jax.data import demo_annotations, feature_shards, instructions, manifest, patch_shards
-from pathflip_jax.evaluators import linear_probe
+from pathflip_jax.data import demo_annotations, feature_shards, instructions, manifest
 
-TISSUES = [demo_annotations.TISSUE_NAMES[c] for c in demo_annotations.CLASS_LABELS]
-
-
-class SlidePatches:
-  """One slide's tiled patches: grid cells [n, 2] (col, row) and tissue fractions [n, tissues]."""
-
-  def __init__(self, cells_n2: np.ndarray, fractions_nk: np.ndarray, patch_mm: float):
-    self.cells, self.fractions, self.patch_mm = cells_n2, fractions_nk, patch_mm
-
-  def total(self, tissue: str) -> float:
-    return float(self.fractions[:, TISSUES.index(tissue)].sum())
-
-  def largest_area(self, tissue: str) -> np.ndarray:
-    """Per patch, its fraction of ``tissue`` if it belongs to the largest connected area of it."""
-    share = self.fractions[:, TISSUES.index(tissue)]
-    low = self.cells.min(axis=0)
-    grid = np.zeros(tuple(self.cells.max(axis=0) - low + 1), np.float64)
-    grid[tuple((self.cells - low).T)] = share
-    labels, count = ndimage.label(grid > 0)
-    if not count:
-      return np.zeros_like(share)
-    sums = ndimage.sum(grid, labels, range(1, count + 1))
-    keep = labels[tuple((self.cells - low).T)] == int(np.argmax(sums)) + 1
-    return np.where(keep, share, 0.0)
+TISSUES = dq.TISSUES
+# Acceptance of a question set (``--check``): the view answers it, nothing else does.
+MIN_ORACLE = 0.98
+MAX_TRIVIAL = 0.40
 
 
-def oracle_answer(question: instructions.Question, slide: SlidePatches) -> str:
-  """The option text the oracle picks ("" when none of the options says what it sees)."""
+def question_tissue(question: instructions.Question) -> str:
+  """The tissue type a location or size question names ("... largest area of tumour ...")."""
+  tissue = question.question.rsplit(" of ", 1)[-1].replace(" located", "").rstrip("?").strip()
+  if tissue not in TISSUES:
+    raise ValueError(f"{question.category} question {question.question!r} of slide "
+                     f"{question.slide_id}: no tissue type named (expected one of {TISSUES})")
+  return tissue
+
+
+def oracle_answer(question: instructions.Question, view: dq.SlideRegions,
+                  tertiles: dict[str, Sequence[float] | None]) -> str:
+  """The option text the rules pick from a slide's region view ("" where the view gives no
+  answer, e.g. the location of a type it does not show)."""
   options = list(question.options)
   category = question.category
   if category == "presence":
-    return max(options, key=slide.total)
+    return max(options, key=view.peak)
   if category == "absence":
-    return min(options, key=slide.total)
+    return min(options, key=view.peak)
   if category == "diagnosis":
-    seen = {t: slide.total(t) > 0 for t in TISSUES}
-    if not seen["tumour"]:
-      return "benign"
-    if seen["necrosis"]:
-      return "carcinoma with necrosis"
-    if slide.total("lymphocytes") > slide.total("stroma"):
-      return "lymph node metastasis"
-    return "carcinoma"
+    return dq.diagnosis_rule(view)
   if category in ("location", "size"):
-    tissue = question.question.rsplit(" of ", 1)[-1].replace(" located", "").rstrip("?").strip()
-    if tissue not in TISSUES:
-      raise ValueError(f"{category} question {question.question!r}: no tissue type named")
-    weight = slide.largest_area(tissue)
+    tissue = question_tissue(question)
+    area = dq.largest_area(view, tissue)
     if category == "size":
-      area_mm2 = float(weight.sum()) * slide.patch_mm ** 2
-      return make_demo_cohort._size_word(area_mm2) if area_mm2 > 0 else "absent"  # pylint: disable=protected-access
-    if not weight.any():
-      return ""
-    centre = ((slide.cells + 0.5) * weight[:, None]).sum(0) / weight.sum()
-    low, high = slide.cells.min(axis=0), slide.cells.max(axis=0) + 1
-    return make_demo_cohort._location_words(  # pylint: disable=protected-access
-        float(centre[0]), float(centre[1]), (low[0], low[1], high[0], high[1]), near_edge=False)
-  raise ValueError(f"question category {category!r}: the oracle answers diagnosis, presence, "
-                   "absence, location and size")
+      if not view.present(tissue):
+        return dq.ABSENT
+      thresholds = tertiles.get(tissue)
+      return dq.size_word(area.amount, thresholds) if thresholds is not None else ""
+    return dq.place_words(area.x, area.y) if area is not None else ""
+  raise ValueError(f"question category {category!r}: the oracle answers {dq.CATEGORIES}")
 
 
-def read_slides(cohort_dir: str, patches_dir: str, slide_ids: set[str]
-                ) -> dict[str, SlidePatches]:
-  """Tiled patches of ``slide_ids`` with their true tissue fractions (slides without tiled
-  patches, e.g. failed ones, are left out)."""
-  annotations = demo_annotations.CohortAnnotations(cohort_dir)
-  shards = patch_shards.PatchShards(patches_dir)
-  out = {}
-  for row in patch_shards.read_slide_index(patches_dir):
-    slide_id = row["slide_id"]
-    if slide_id not in slide_ids:
-      continue
-    start, stop = shards.slide_range(slide_id)
-    patches = [shards[i] for i in range(start, stop)]
-    size = float(row["patch_size_level0"])
-    coords = np.array([[p["x"], p["y"]] for p in patches], np.float64)
-    cells = np.array([[p["col"], p["row"]] for p in patches], np.int64)
-    out[slide_id] = SlidePatches(cells, annotations.tissue_fractions(slide_id, coords, size),
-                                 patch_mm=size * float(row["mpp"]) / 1000.0)
-  return out
+def question_only(train: Sequence[instructions.Question], by_rate: bool = False
+                  ) -> Callable[[instructions.Question], str]:
+  """A predictor that sees the question and option texts only, fitted on ``train``: per question
+  text (else per category), the option that was most often the right answer, or with
+  ``by_rate`` the one right in the largest share of the questions offering it (stronger where
+  distractors are forced, e.g. types that are rarely absent are rarely absence distractors).
+  Ties: the more often right, then the later text."""
+  offered: dict[tuple, dict[str, int]] = {}
+  right: dict[tuple, dict[str, int]] = {}
+  for q in train:
+    for key in ((q.category, q.question), (q.category,)):
+      for text in q.options:
+        offered.setdefault(key, {})[text] = offered.get(key, {}).get(text, 0) + 1
+      right.setdefault(key, {})[q.correct_text] = right.get(key, {}).get(q.correct_text, 0) + 1
+
+  def predict(q: instructions.Question) -> str:
+    key = (q.category, q.question) if (q.category, q.question) in offered else (q.category,)
+    seen, hits = offered.get(key, {}), right.get(key, {})
+    if by_rate:
+      return max(q.options, key=lambda t: (hits.get(t, 0) / seen[t] if seen.get(t) else 0.0,
+                                           hits.get(t, 0), t))
+    return max(q.options, key=lambda t: (hits.get(t, 0), t))
+  return predict
 
 
-def probe_slides(cohort_dir: str, features_dir: str, train_ids: set[str],
-                 slide_ids: set[str]) -> dict[str, SlidePatches]:
-  """``slide_ids``' patches with the tissue a patch probe predicts (one-hot fractions); the probe
-  is a logistic regression on the frozen features of ``train_ids``' patches, labelled with each
-  patch's main tissue (patches that no tissue type covers by half are left out of training)."""
+def true_views(cohort_dir: str, patches_dir: str, slide_ids: set[str],
+               definitions: dict[str, Any]) -> dict[str, dq.SlideRegions]:
+  """Region views of ``slide_ids`` with their true tissue compositions (slides without tiled
+  patches are left out)."""
+  return {s: dq.slide_regions(t.coords, t.patch_size_level0, t.fractions,
+                              definitions["region_patches"], definitions["max_regions"])
+          for s, t in dq.read_tiled(cohort_dir, patches_dir, slide_ids).items()}
+
+
+def probe_views(cohort_dir: str, features_dir: str, train_ids: set[str], slide_ids: set[str],
+                definitions: dict[str, Any]) -> dict[str, dq.SlideRegions]:
+  """Region views of ``slide_ids`` whose compositions come from the tissue a patch probe
+  predicts (one-hot per patch); the probe is a logistic regression on the frozen features of
+  ``train_ids``' patches, labelled with each patch's main tissue (patches that no type covers
+  by half are left out of training)."""
+  from pathflip_jax.evaluators import linear_probe  # pylint: disable=import-outside-toplevel
   annotations = demo_annotations.CohortAnnotations(cohort_dir)
   shards = feature_shards.FeatureShards(features_dir)
   train_x, train_y, groups, slides = [], [], [], {}
@@ -150,58 +150,69 @@ def probe_slides(cohort_dir: str, features_dir: str, train_ids: set[str],
       train_y.append(fractions[labelled].argmax(axis=1))
       groups += [slide_id] * int(labelled.sum())
     if slide_id in slide_ids:
-      # Grid cells from the patch origins: the oracle's rules use cell offsets only.
-      cells = np.floor(coords / size).astype(np.int64)
-      slides[slide_id] = (cells, features, size * float(record["mpp"]) / 1000.0)
+      slides[slide_id] = (coords, size, features)
   if not train_x:
     raise ValueError(f"{features_dir}: no features of the cohort's training slides to fit the "
                      "patch probe on")
   logits_fn, _ = linear_probe.fit_probe(np.concatenate(train_x), np.concatenate(train_y),
                                         np.array(groups), len(TISSUES))
   eye = np.eye(len(TISSUES))
-  return {slide_id: SlidePatches(cells, eye[logits_fn(features).argmax(axis=1)], patch_mm)
-          for slide_id, (cells, features, patch_mm) in slides.items()}
+  return {s: dq.slide_regions(coords, size, eye[logits_fn(features).argmax(axis=1)],
+                              definitions["region_patches"], definitions["max_regions"])
+          for s, (coords, size, features) in slides.items()}
 
 
-def evaluate(cohort_dir: str, patches_dir: str, split: str = "test",
-             predictions: str = "", features_dir: str = "") -> dict[str, Any]:
-  """Per category: questions, oracle accuracy, best single letter (and the model's accuracy
-  from a vqa evaluator output, the patch probe's from ``features_dir``); "all" over every
-  multiple-choice question of ``split``."""
-  every = instructions.read_questions(os.path.join(cohort_dir, "questions.csv"))
-  questions = [q for q in every
-               if q.type == instructions.MULTIPLE_CHOICE and (not split or q.split == split)]
-  if not questions:
-    raise ValueError(f"{cohort_dir}/questions.csv: no multiple-choice questions of split "
-                     f"{split!r}")
-  slides = read_slides(cohort_dir, patches_dir, {q.slide_id for q in questions})
-  questions = [q for q in questions if q.slide_id in slides]
+def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions: str = "",
+             features_dir: str = "", questions: str = "") -> dict[str, Any]:
+  """Per category, then "all" over every multiple-choice question of ``split`` ("": every
+  split): ``questions``, ``oracle`` (the rule-based answerer on the true region view),
+  ``best_single_letter`` (its share; ``letter``: which), ``question_only`` and
+  ``option_prior`` (see :func:`question_only`; fitted on the training questions), and with
+  ``predictions`` the model's accuracy (``model``), with ``features_dir`` the patch probe's
+  (``patch_probe``). ``questions``: the CSV (default COHORT/questions.csv), written by
+  data_prep.demo_questions with its definitions beside it."""
+  questions = questions or os.path.join(cohort_dir, "questions.csv")
+  definitions = dq.read_definitions(questions)
+  tertiles = definitions["size_tertiles"]
+  every = [q for q in instructions.read_questions(questions)
+           if q.type == instructions.MULTIPLE_CHOICE]
+  chosen = [q for q in every if not split or q.split == split]
+  if not chosen:
+    raise ValueError(f"{questions}: no multiple-choice questions of split {split!r}")
+  views = true_views(cohort_dir, patches_dir, {q.slide_id for q in chosen}, definitions)
+  chosen = [q for q in chosen if q.slide_id in views]
+  train = [q for q in every if q.split == "train"]
+  blind, prior = question_only(train), question_only(train, by_rate=True)
   probed = {}
   if features_dir:
     train_ids = {q.slide_id for q in every if q.split == "train"}
-    probed = probe_slides(cohort_dir, features_dir, train_ids, set(slides))
+    probed = probe_views(cohort_dir, features_dir, train_ids, set(views), definitions)
   model = {}
   if predictions:
     for _, row in manifest.json_lines(predictions):
       if row.get("type") == instructions.MULTIPLE_CHOICE:
         model[(row["slide_id"], row["question"])] = row.get("parsed") == row["answer"]
   rows: dict[str, dict[str, list]] = {}
-  for q in questions:
-    right = oracle_answer(q, slides[q.slide_id]) == q.correct_text
+  for q in chosen:
     for key in (q.category, "all"):
-      entry = rows.setdefault(key, {"oracle": [], "letters": [], "model": [], "probe": []})
-      entry["oracle"].append(right)
+      entry = rows.setdefault(key, {"oracle": [], "letters": [], "blind": [], "prior": [],
+                                    "model": [], "probe": []})
+      entry["oracle"].append(oracle_answer(q, views[q.slide_id], tertiles) == q.correct_text)
       entry["letters"].append(q.answer)
+      entry["blind"].append(blind(q) == q.correct_text)
+      entry["prior"].append(prior(q) == q.correct_text)
       if q.slide_id in probed:
-        entry["probe"].append(oracle_answer(q, probed[q.slide_id]) == q.correct_text)
+        entry["probe"].append(oracle_answer(q, probed[q.slide_id], tertiles) == q.correct_text)
       if (q.slide_id, q.question) in model:
         entry["model"].append(model[(q.slide_id, q.question)])
   result = {}
   for key, entry in rows.items():
     letters = entry["letters"]
+    letter = max(sorted(set(letters)), key=letters.count)
     result[key] = {"questions": len(letters), "oracle": float(np.mean(entry["oracle"])),
-                   "best_single_letter": max(letters.count(x) for x in set(letters))
-                   / len(letters)}
+                   "best_single_letter": letters.count(letter) / len(letters), "letter": letter,
+                   "question_only": float(np.mean(entry["blind"])),
+                   "option_prior": float(np.mean(entry["prior"]))}
     if entry["model"]:
       result[key]["model"] = float(np.mean(entry["model"]))
     if entry["probe"]:
@@ -209,23 +220,67 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test",
   return result
 
 
+def failures(result: dict[str, Any]) -> list[str]:
+  """What keeps a question set from measuring: per category, the view must answer at least
+  MIN_ORACLE and neither one letter nor the option texts alone more than MAX_TRIVIAL."""
+  out = []
+  for key, row in sorted(result.items()):
+    if key == "all":
+      continue
+    if row["oracle"] < MIN_ORACLE:
+      out.append(f"{key}: rule-based {row['oracle']:.3f} < {MIN_ORACLE}")
+    if row["best_single_letter"] > MAX_TRIVIAL:
+      out.append(f"{key}: always {row['letter']} {row['best_single_letter']:.3f} > {MAX_TRIVIAL}")
+    if row["question_only"] > MAX_TRIVIAL:
+      out.append(f"{key}: question-only {row['question_only']:.3f} > {MAX_TRIVIAL}")
+  return out
+
+
+def table(result: dict[str, Any]) -> list[str]:
+  """Markdown lines: per category the rule-based answerer beside the trivial predictors (and
+  the patch probe and model where they ran)."""
+  order = sorted(k for k in result if k != "all") + ["all"]
+  probe, model = "patch_probe" in result["all"], "model" in result["all"]
+  header = ["category", "questions", "rule-based", "best single letter", "question-only",
+            "option prior"]
+  header += ["patch probe"] * probe + ["model"] * model
+  return report.markdown_table(header, [
+      (k, result[k]["questions"], result[k]["oracle"],
+       f"{result[k]['best_single_letter']:.3f} ({result[k]['letter']})",
+       result[k]["question_only"], result[k]["option_prior"])
+      + (result[k].get("patch_probe"),) * probe
+      + (result[k].get("model"),) * model for k in order])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog="python -m data_prep.demo_vqa_oracle",
+                                   description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--cohort_dir", required=True, help="make_demo_cohort output")
   parser.add_argument("--patches", required=True, help="tile_slides output of that cohort")
+  parser.add_argument("--questions", default="",
+                      help="demo_questions output (default: COHORT_DIR/questions.csv)")
   parser.add_argument("--split", default="test", help='questions of this split ("": all)')
   parser.add_argument("--predictions", default="",
                       help="the vqa evaluator's per-question output (eval/vqa_<split>.jsonl)")
   parser.add_argument("--features", default="",
                       help="extract_features output of the cohort: adds the patch probe")
   parser.add_argument("--output", default="", help="write the result as JSON here")
+  parser.add_argument("--check", action="store_true",
+                      help=f"exit with status 1 unless, in every category, rule-based >= "
+                           f"{MIN_ORACLE} and best single letter, question-only <= {MAX_TRIVIAL}")
   args = parser.parse_args(argv)
-  result = evaluate(args.cohort_dir, args.patches, args.split, args.predictions, args.features)
-  print("\n".join(report.vqa_ceiling_table(result)))
+  result = evaluate(args.cohort_dir, args.patches, args.split, args.predictions, args.features,
+                    args.questions)
+  print("\n".join(table(result)))
+  problems = failures(result)
+  for problem in problems:
+    print(f"[demo_vqa_oracle] FAIL {problem}", file=sys.stderr)
   if args.output:
     with open(args.output, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1, sort_keys=True)
+  if args.check and problems:
+    raise SystemExit(1)
   return result
 
 

@@ -1,7 +1,10 @@
-r"""Generates the built-in demo cohort: synthetic H&E slides with captions, masks, labels, questions.
+r"""Generates the built-in demo cohort: synthetic H&E slides with captions, masks and labels.
 
-  python -m data_prep.make_demo_cohort --output_dir D [--num_slides 48] [--seed 0] \
-      [--size small|medium] [--workers N] [--train_question_draws 3]
+Its questions are written after tiling, by ``data_prep.demo_questions``: their answers are defined
+on the tiled patch grid (what the instruct stage's decoder sees).
+
+  python -m data_prep.make_demo_cohort --output_dir D [--num_slides N] [--seed 0] \
+      [--size small|medium|study] [--workers N]
 
 Writes (see WORKSPACE.md):
   D/slides/<slide_id>.tif            pyramidal JPEG TIFF, mpp in the resolution tags
@@ -11,21 +14,25 @@ Writes (see WORKSPACE.md):
   D/annotations/<slide_id>.geojson   every region as QuPath annotations, level-0 pixels
   D/manifest.jsonl                   slide_id, path, caption, labels, split (tile_slides input)
   D/captions.jsonl                   caption sentences, each with the region it describes
-  D/questions.csv                    multiple-choice and open questions (SlideBench-like); training
-                                     slides get more (``--train_question_draws``), appended last
   D/contact_sheet.png, D/thumbnails.png, D/cohort.json
   D/tfds/demo_cohort/1.0.0/          the slide-level records as a TFDS ArrayRecord dataset
 
-Deterministic for a seed (slide i draws from the generator seeded [seed, i]). ``small`` slides
-are 2-4k px a side, ``medium`` ones 8-18k px; the quickstart's stage times (docs/results.md) say
-how long the default cohort takes.
+Deterministic for a seed (slide i draws from the generator seeded [seed, i]). Sizes:
+
+  small   48 slides of 2-4k px a side (1.1-1.9 mm; ~30-40 tissue patches of 256 px at
+          0.5 µm/px), split about 60/20/20 by patient: the quickstart's demo
+  medium  48 slides of 8-18k px (4-9 mm)
+  study   420 slides of 2.3-3.2 mm (median ~180 tissue patches), each with 4-10 distinct regions
+          (several lesions per type, none painted over another), split 45/15/40 by patient;
+          measured: 1053 s with --workers 2 on 2 shared cores, then 48 s to tile
+
+The quickstart's stage times (docs/results.md) say how long the default cohort takes.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import csv
 import dataclasses
 import json
 import multiprocessing
@@ -44,10 +51,6 @@ from pathflip_jax.data.pyramid_tiff import write_pyramidal_tiff
 
 DIAGNOSES = he.DIAGNOSES
 MASK_UM = 8.0        # µm per pixel of the label maps
-SIZES = {             # level-0 side range in µm
-    "small": (1100.0, 1900.0),
-    "medium": (4000.0, 9000.0),
-}
 
 
 @dataclasses.dataclass
@@ -61,10 +64,15 @@ class Region:
   size_word: str
 
 
-def _blob(rng, shape, centre, radius, roughness=0.35):
-  """A blob of label-map pixels: a disk whose radius is modulated by smooth noise."""
+def _blob(rng, shape, centre, radius, roughness=0.35, exponent: float = 2.0):
+  """A blob of label-map pixels: a disk (``exponent`` > 2: a rounded square, a superellipse)
+  whose radius is modulated by smooth noise."""
   yy, xx = np.ogrid[:shape[0], :shape[1]]
-  d = np.hypot(yy - centre[0], xx - centre[1]) / max(radius, 1.0)
+  if exponent == 2.0:
+    d = np.hypot(yy - centre[0], xx - centre[1]) / max(radius, 1.0)
+  else:
+    d = (np.abs(yy - centre[0]) ** exponent + np.abs(xx - centre[1]) ** exponent) ** (
+        1.0 / exponent) / max(radius, 1.0)
   noise = he.smooth_noise(rng, shape, max(radius / 2.5, 2.0))
   return d < 1.0 + roughness * noise
 
@@ -86,7 +94,7 @@ def _location_words(cx: float, cy: float, bbox: tuple[float, float, float, float
 
 
 # Every place _location_words can name (before ", at the periphery") and every _size_word: the
-# options of the location and size questions.
+# captions' words, which data_prep.demo_questions' answers use too.
 PLACES = ("in the upper left", "in the upper right", "in the lower left", "in the lower right",
           "in the centre", "on the left side", "on the right side", "in the upper part",
           "in the lower part")
@@ -97,6 +105,8 @@ def _size_word(area_mm2: float) -> str:
   return "small" if area_mm2 < 0.08 else "medium-sized" if area_mm2 < 0.3 else "large"
 
 
+# Per diagnosis, the lesions drawn on the background tissue: (type, min count, max count, and
+# the blob radius range in units of 2 µm).
 LESIONS = {
     "benign": [(he.GLANDS, 1, 3, 90, 180), (he.LYMPHOCYTES, 0, 1, 50, 90), (he.FAT, 0, 1, 80, 160)],
     "carcinoma": [(he.TUMOUR, 1, 2, 120, 220), (he.GLANDS, 0, 1, 70, 130),
@@ -104,9 +114,64 @@ LESIONS = {
     "carcinoma with necrosis": [(he.TUMOUR, 1, 2, 150, 240), (he.NECROSIS, 1, 1, 60, 110)],
     "lymph node metastasis": [(he.TUMOUR, 1, 2, 80, 160), (he.FAT, 0, 1, 80, 140)],
 }
+# The study cohort: several lesions of each kind, each many patches wide, and every slide with
+# three or four tissue types (so that presence and absence questions both have three options of
+# the other kind). Carcinomas never show lymphocytes, so a lymphoid background still means a node.
+STUDY_LESIONS = {
+    "benign": [(he.GLANDS, 2, 3, 110, 200), (he.LYMPHOCYTES, 1, 2, 80, 140),
+               (he.FAT, 0, 2, 100, 180)],
+    "carcinoma": [(he.TUMOUR, 2, 3, 130, 240), (he.GLANDS, 1, 2, 90, 160),
+                  (he.FAT, 0, 2, 100, 170)],
+    "carcinoma with necrosis": [(he.TUMOUR, 2, 3, 160, 260), (he.NECROSIS, 1, 3, 70, 120),
+                                (he.FAT, 0, 1, 100, 170)],
+    "lymph node metastasis": [(he.TUMOUR, 2, 3, 110, 200), (he.FAT, 1, 2, 100, 170)],
+}
 
 
-def layout(rng: np.random.Generator, diagnosis: str, side_um: tuple[float, float]):
+@dataclasses.dataclass(frozen=True)
+class CohortSize:
+  """What ``--size`` sets.
+
+  Attributes:
+    side_um: level-0 side range of a slide in µm (40x slides cover 0.6 of it).
+    num_slides: the default ``--num_slides``.
+    split_pattern: per diagnosis, patients (in a random order) take these splits in turn.
+    lesions: the lesions of each diagnosis (``LESIONS``' layout).
+    tissue_radius: range of a tissue piece's radius, as a share of the slide's short side.
+    tissue_exponent: 2 draws round pieces; larger values rounder squares that fill more of
+      their bounding box (lesions then reach its corners, so every place word gets used).
+    exclusive: lesions other than necrosis only cover background tissue, so each stays one
+      distinct region instead of being cut up by later ones.
+    per_component: render each connected piece of a tissue type over its own box (faster on
+      large slides with scattered lesions; another texture draw, so not for ``small``).
+  """
+
+  side_um: tuple[float, float]
+  num_slides: int = 48
+  split_pattern: tuple[str, ...] = ("train", "test", "val", "train", "train")
+  lesions: dict = dataclasses.field(default_factory=lambda: LESIONS)
+  tissue_radius: tuple[float, float] = (0.28, 0.4)
+  tissue_exponent: float = 2.0
+  exclusive: bool = False
+  per_component: bool = False
+
+
+SIZES = {
+    "small": CohortSize(side_um=(1100.0, 1900.0)),
+    "medium": CohortSize(side_um=(4000.0, 9000.0)),
+    # About 45/15/40 train/val/test by patient: 9, 3 and 8 of every 20 patients of a diagnosis.
+    "study": CohortSize(
+        side_um=(2300.0, 3200.0), num_slides=420,
+        split_pattern=("train", "test", "val", "train", "test", "train", "test", "train", "val",
+                       "test", "train", "test", "train", "test", "train", "val", "test",
+                       "train", "test", "train"),
+        lesions=STUDY_LESIONS, tissue_radius=(0.4, 0.46), tissue_exponent=3.0, exclusive=True,
+        per_component=True),
+}
+
+
+def layout(rng: np.random.Generator, diagnosis: str, side_um: tuple[float, float],
+           size: CohortSize = SIZES["small"]):
   """Label map (tissue type per MASK_UM pixel) and region-id map of one slide."""
   h, w = (int(s / MASK_UM) for s in side_um)
   label = np.zeros((h, w), np.uint8)
@@ -115,13 +180,14 @@ def layout(rng: np.random.Generator, diagnosis: str, side_um: tuple[float, float
   tissue_mask = np.zeros((h, w), bool)
   for p in range(pieces):
     centre = (rng.uniform(0.35, 0.65) * h, (p + 0.5) / pieces * w + rng.normal(0, 0.04 * w))
-    radius = rng.uniform(0.28, 0.4) * min(h, w / pieces)
-    tissue_mask |= _blob(rng, (h, w), centre, radius, roughness=0.3)
+    radius = rng.uniform(*size.tissue_radius) * min(h, w / pieces)
+    tissue_mask |= _blob(rng, (h, w), centre, radius, roughness=0.3,
+                         exponent=size.tissue_exponent)
   background = he.LYMPHOCYTES if diagnosis == "lymph node metastasis" else he.STROMA
   label[tissue_mask] = background
   region[tissue_mask] = 1
   next_id = 2
-  for kind, lo, hi, rmin, rmax in LESIONS[diagnosis]:
+  for kind, lo, hi, rmin, rmax in size.lesions[diagnosis]:
     for _ in range(int(rng.integers(lo, hi + 1))):
       ys, xs = np.nonzero(tissue_mask & (label == background))
       if not len(ys):
@@ -136,6 +202,8 @@ def layout(rng: np.random.Generator, diagnosis: str, side_um: tuple[float, float
       blob = _blob(rng, (h, w), centre, rng.uniform(rmin, rmax) / MASK_UM * 2.0) & tissue_mask
       if kind == he.NECROSIS:
         blob &= label == he.TUMOUR
+      elif size.exclusive:
+        blob &= label == background
       blob &= label != he.NECROSIS
       if blob.sum() < 20:
         continue
@@ -146,8 +214,12 @@ def layout(rng: np.random.Generator, diagnosis: str, side_um: tuple[float, float
 
 
 def render_slide(label: np.ndarray, mpp: float, stain: he.Stain,
-                 rng: np.random.Generator) -> np.ndarray:
-  """Level-0 RGB pixels for a label map (MASK_UM per label pixel)."""
+                 rng: np.random.Generator, per_component: bool = False) -> np.ndarray:
+  """Level-0 RGB pixels for a label map (MASK_UM per label pixel).
+
+  Each tissue type's texture is rendered over the bounding box of its pixels, or with
+  ``per_component`` over the box of each connected piece of it: several lesions of a type
+  spread over a large slide then cost their own area, not the whole slide's."""
   factor = MASK_UM / mpp
   h, w = int(label.shape[0] * factor), int(label.shape[1] * factor)
   # Boundaries wander by a few µm instead of stepping by MASK_UM: a jittered nearest lookup at
@@ -167,13 +239,22 @@ def render_slide(label: np.ndarray, mpp: float, stain: he.Stain,
   for kind in np.unique(label):
     if kind == he.BACKGROUND:
       continue
-    ys, xs = np.nonzero(ndimage.binary_dilation(label == kind, iterations=1))
-    y0, y1 = int(ys.min() * factor), min(h, int((ys.max() + 1) * factor))
-    x0, x1 = int(xs.min() * factor), min(w, int((xs.max() + 1) * factor))
-    hc, ec = he.render(int(kind), (y1 - y0, x1 - x0), mpp, rng)
-    rgb = he.to_rgb(hc, ec, stain)
-    where = full[y0:y1, x0:x1] == kind
-    image[y0:y1, x0:x1][where] = rgb[where]
+    grown = ndimage.binary_dilation(label == kind, iterations=1)
+    if per_component:
+      pieces, _ = ndimage.label(grown)
+      boxes = [(b[0].start, b[0].stop, b[1].start, b[1].stop)
+               for b in ndimage.find_objects(pieces)]
+    else:
+      ys, xs = np.nonzero(grown)
+      boxes = [(ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)]
+    for by0, by1, bx0, bx1 in boxes:
+      y0, y1 = int(by0 * factor), min(h, int(by1 * factor))
+      x0, x1 = int(bx0 * factor), min(w, int(bx1 * factor))
+      hc, ec = he.render(int(kind), (y1 - y0, x1 - x0), mpp, rng)
+      rgb = he.to_rgb(hc, ec, stain)
+      where = full[y0:y1, x0:x1] == kind
+      # Same pixels as image[...][where] = rgb[where], without gathering them first.
+      np.copyto(image[y0:y1, x0:x1], rgb, where=where[..., None])
   return image
 
 
@@ -230,7 +311,10 @@ def _sentence(rng, region: Region) -> str:
       name = f"{region.size_word} {name}"
   text = f"{name} {look} {verb} {region.location}"
   if rng.random() < 0.5:
-    text += f", measuring about {np.sqrt(region.area_um2) / 1000:.1f} mm across"
+    # Whole micrometres, not "0.4 mm": with digits split into pieces, a decimal point is the
+    # sentence-ending piece, and small decoders learnt to stop after "about 0.". The Greek mu
+    # (U+03BC): what NFKC-normalising tokenizers (Gemma's) turn the micro sign into.
+    text += f", measuring about {int(round(np.sqrt(region.area_um2), -1))} \u03bcm across"
   return text[0].upper() + text[1:] + "."
 
 
@@ -239,13 +323,13 @@ def make_slide(args: tuple) -> dict[str, Any]:
   output_dir, slide_id, patient_id, diagnosis, split, seed, index, size = args
   rng = np.random.default_rng([seed, index])
   mpp = 0.25 if rng.random() < 0.2 else 0.5
-  lo, hi = SIZES[size]
+  lo, hi = SIZES[size].side_um
   side_um = (rng.uniform(lo, hi), rng.uniform(lo, hi))
   if mpp == 0.25:  # same pixel budget: 40x slides cover less tissue
     side_um = (side_um[0] * 0.6, side_um[1] * 0.6)
-  label, region_map, background = layout(rng, diagnosis, side_um)
+  label, region_map, background = layout(rng, diagnosis, side_um, SIZES[size])
   stain = he.Stain.random(rng)
-  image = render_slide(label, mpp, stain, rng)
+  image = render_slide(label, mpp, stain, rng, per_component=SIZES[size].per_component)
   path = os.path.join(output_dir, "slides", f"{slide_id}.tif")
   write_pyramidal_tiff(path, image, mpp=mpp, tile_size=256, quality=85)
   scale = MASK_UM / mpp                      # level-0 pixels per mask pixel
@@ -335,81 +419,6 @@ def _sample_patches(image, label, mpp, rng, per_type: int = 2, size_um: float = 
   return out
 
 
-def _questions(rng, slide: dict[str, Any]) -> list[dict[str, Any]]:
-  """Multiple-choice (correct option position cycled by the caller) and open questions."""
-  qs = []
-  qs.append(("diagnosis", "What is the most likely diagnosis for this slide?",
-             slide["diagnosis"], [d for d in DIAGNOSES if d != slide["diagnosis"]]))
-  present = slide["tissue_types"]
-  absent = [n for n in he.TISSUE_NAMES.values() if n not in present]
-  if absent:
-    qs.append(("presence", "Which of these tissue types is present on the slide?",
-               str(rng.choice(present)), list(rng.permutation(absent))[:3]))
-  if present and len(absent) >= 1 and len(present) >= 3:
-    qs.append(("absence", "Which of these tissue types is NOT present on the slide?",
-               str(rng.choice(absent)), list(rng.permutation(present))[:3]))
-  lesions = [r for r in slide["regions"] if r.tissue in (he.TUMOUR, he.NECROSIS, he.GLANDS)]
-  if lesions:
-    lesion = max(lesions, key=lambda r: r.area_um2)
-    name = he.TISSUE_NAMES[lesion.tissue]
-    place = lesion.location.split(",")[0]
-    qs.append(("location", f"Where is the largest area of {name} located?", place,
-               list(rng.permutation([o for o in PLACES if o != place]))[:3]))
-    wrong = [s for s in SIZE_WORDS if s != lesion.size_word] + ["absent"]
-    qs.append(("size", f"How large is the largest area of {name}?", lesion.size_word, wrong))
-  return qs
-
-
-def _training_questions(rng, slide: dict[str, Any], draws: int) -> list[tuple[str, str, str,
-                                                                             list[str]]]:
-  """More multiple-choice questions on a training slide's ground truth, worded as the evaluation
-  ones: every present type as a presence answer, every absent one as an absence answer, the place
-  and size of each type's largest area; each with ``draws`` sets of distractors. One question per
-  slide and category (what ``_questions`` writes) leaves too few examples to learn to read the
-  options rather than the answer prior."""
-  qs = []
-  present = slide["tissue_types"]
-  absent = [n for n in he.TISSUE_NAMES.values() if n not in present]
-  largest = {}
-  for region in slide["regions"]:
-    if region.tissue != he.STROMA and (region.tissue not in largest or
-                                       region.area_um2 > largest[region.tissue].area_um2):
-      largest[region.tissue] = region
-  for _ in range(draws):
-    qs.append(("diagnosis", "What is the most likely diagnosis for this slide?",
-               slide["diagnosis"], [d for d in DIAGNOSES if d != slide["diagnosis"]]))
-    if len(absent) >= 3:
-      qs += [("presence", "Which of these tissue types is present on the slide?", name,
-              list(rng.permutation(absent))[:3]) for name in present]
-    if len(present) >= 3:
-      qs += [("absence", "Which of these tissue types is NOT present on the slide?", name,
-              list(rng.permutation(present))[:3]) for name in absent]
-    for kind, region in sorted(largest.items()):
-      name = he.TISSUE_NAMES[kind]
-      place = region.location.split(",")[0]
-      qs.append(("location", f"Where is the largest area of {name} located?", place,
-                 list(rng.permutation([o for o in PLACES if o != place]))[:3]))
-      qs.append(("size", f"How large is the largest area of {name}?", region.size_word,
-                 [s for s in SIZE_WORDS if s != region.size_word] + ["absent"]))
-  return qs
-
-
-def _open_questions(slide: dict[str, Any]) -> list[tuple[str, str, str]]:
-  """Open-ended question-answer pairs whose answers come from the slide's ground truth."""
-  out = [("diagnosis", "What is the diagnosis?", slide["diagnosis"]),
-         ("presence", "Which tissue types are present on the slide?",
-          ", ".join(slide["tissue_types"])),
-         ("description", "Describe the slide.", slide["caption"])]
-  for region in slide["regions"]:
-    if region.tissue in (he.TUMOUR, he.NECROSIS, he.GLANDS, he.FAT):
-      name = he.TISSUE_NAMES[region.tissue]
-      out.append(("location", f"Where is the {name}?",
-                  region.location.split(",")[0].replace("in the ", "In the ")
-                  .replace("on the ", "On the ") + "."))
-      break
-  return out
-
-
 def _write_sheets(output_dir: str, slides: list[dict[str, Any]]) -> None:
   """contact_sheet.png (sample patches per tissue type) and thumbnails.png (all slides)."""
   kinds = sorted(he.TISSUE_NAMES)
@@ -438,9 +447,12 @@ def _write_sheets(output_dir: str, slides: list[dict[str, Any]]) -> None:
   grid.save(os.path.join(output_dir, "thumbnails.png"))
 
 
-def assign(num_slides: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def assign(num_slides: int, rng: np.random.Generator,
+           pattern: tuple[str, ...] = SIZES["small"].split_pattern
+           ) -> list[tuple[str, str, str, str]]:
   """(slide_id, patient_id, diagnosis, split) with diagnoses balanced within each split and
-  every patient's slides in one split."""
+  every patient's slides in one split; per diagnosis, patients take ``pattern``'s splits in
+  turn."""
   patients = []
   slide_count = 0
   p = 0
@@ -453,9 +465,8 @@ def assign(num_slides: int, rng: np.random.Generator) -> list[tuple[str, str, st
   by_dx: dict[str, list] = {}
   for patient in patients:
     by_dx.setdefault(patient[2], []).append(patient)
-  # Per diagnosis, patients cycle through train, test, val, train, train: every split gets every
-  # diagnosis once there are three patients of it, and about 60/20/20 beyond that.
-  pattern = ("train", "test", "val", "train", "train")
+  # Small: per diagnosis, patients cycle through train, test, val, train, train: every split gets
+  # every diagnosis once there are three patients of it, and about 60/20/20 beyond that.
   for dx_patients in by_dx.values():
     for rank, i in enumerate(rng.permutation(len(dx_patients))):
       splits[dx_patients[i][0]] = pattern[rank % len(pattern)]
@@ -469,21 +480,23 @@ def assign(num_slides: int, rng: np.random.Generator) -> list[tuple[str, str, st
 def run(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--output_dir", required=True)
-  parser.add_argument("--num_slides", type=int, default=48)
+  parser.add_argument("--num_slides", type=int, default=None,
+                      help="default: the size's (small, medium 48; study 420)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--size", choices=sorted(SIZES), default="small")
+  parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                      help="small: 1.1-1.9 mm slides; medium: 4-9 mm, 48 slides; study: 2.3-3.2 "
+                           "mm slides in 4-10 regions, 420 slides split 45/15/40 by patient")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-  parser.add_argument("--train_question_draws", type=int, default=3,
-                      help="extra multiple-choice questions for training slides: each fact asked "
-                           "this many times with fresh distractors (0: as many as val/test have)")
   args = parser.parse_args(argv)
+  if args.num_slides is None:
+    args.num_slides = SIZES[args.size].num_slides
   if args.num_slides < len(DIAGNOSES):
     raise SystemExit(f"--num_slides must be >= {len(DIAGNOSES)} (one per diagnosis)")
   out = os.path.abspath(args.output_dir)
   for sub in ("slides", "masks", "annotations"):
     os.makedirs(os.path.join(out, sub), exist_ok=True)
   rng = np.random.default_rng(args.seed)
-  plan = assign(args.num_slides, rng)
+  plan = assign(args.num_slides, rng, SIZES[args.size].split_pattern)
   jobs = [(out, sid, pid, dx, split, args.seed, i, args.size)
           for i, (sid, pid, dx, split) in enumerate(plan)]
   start = time.time()
@@ -506,39 +519,11 @@ def run(argv=None) -> dict[str, Any]:
     for s in slides:
       f.write(json.dumps({"slide_id": s["slide_id"], "caption": s["caption"],
                           "sentences": s["sentences"]}) + "\n")
-  q_rng = np.random.default_rng([args.seed, 10**6])
-  with open(os.path.join(out, "questions.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["slide_id", "split", "category", "question", "A", "B",
-                                           "C", "D", "answer", "answer_text", "type"])
-    writer.writeheader()
-
-    def write_choices(slide, questions, position):
-      for category, question, correct, wrong in questions:
-        if len(wrong) < 3:
-          continue
-        options = list(wrong[:3])
-        options.insert(position % 4, correct)
-        writer.writerow({"slide_id": slide["slide_id"], "split": slide["split"],
-                         "category": category, "question": question, "A": options[0],
-                         "B": options[1], "C": options[2], "D": options[3],
-                         "answer": "ABCD"[position % 4], "answer_text": correct,
-                         "type": "multiple_choice"})
-        position += 1
-      return position
-
-    position = 0
-    for s in slides:
-      position = write_choices(s, _questions(q_rng, s), position)
-      for category, question, answer in _open_questions(s):
-        writer.writerow({"slide_id": s["slide_id"], "split": s["split"], "category": category,
-                         "question": question, "A": "", "B": "", "C": "", "D": "",
-                         "answer": "", "answer_text": answer, "type": "open"})
-    # Appended with their own generator: the rows above (and so val/test) do not depend on it.
-    extra_rng, position = np.random.default_rng([args.seed, 10**6 + 1]), 0
-    for s in slides:
-      if s["split"] == "train" and args.train_question_draws > 0:
-        position = write_choices(s, _training_questions(extra_rng, s, args.train_question_draws),
-                                 position)
+  # Questions are written after tiling (data_prep/demo_questions.py): their answers are
+  # defined on the tiled patch grid. One left by an earlier version would not match.
+  for stale in ("questions.csv", "questions.json"):
+    if os.path.exists(os.path.join(out, stale)):
+      os.remove(os.path.join(out, stale))
   _write_sheets(out, slides)
   demo_cohort_tfds.prepare(out)
   summary = {"seed": args.seed, "size": args.size, "num_slides": len(slides),

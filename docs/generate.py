@@ -24,6 +24,7 @@ ENTRY_POINTS = (
     ("pathflip_jax.quickstart", "the whole demo in one command"),
     ("data_prep.make_demo_cohort", "the synthetic demo cohort with exact ground truth"),
     ("data_prep.tile_slides", "slides -> tissue patch shards (Apache Beam)"),
+    ("data_prep.demo_questions", "demo questions answerable from the tiled patch grid"),
     ("data_prep.extract_features", "patch shards -> frozen patch features"),
     ("data_prep.import_features", "TRIDENT / CLAM / SlideChat features -> feature shards"),
     ("data_prep.decompose_captions", "reports -> region-level sentences (rule or LLM)"),
@@ -31,6 +32,7 @@ ENTRY_POINTS = (
     ("data_prep.public_benchmarks", "public benchmark files -> manifests and questions"),
     ("pathflip_jax.train", "every training stage (patch_clip, align, instruct)"),
     ("pathflip_jax.evaluate", "every evaluator of a config on a checkpoint"),
+    ("pathflip_jax.compare", "paired differences across runs; spread over seeds"),
     ("data_prep.demo_vqa_oracle", "the demo questions' ceiling: answers from exact patch tissue"),
     ("pathflip_jax.infer", "one slide file -> zero-shot, caption, answers, heatmaps"),
 )

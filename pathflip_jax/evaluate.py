@@ -54,6 +54,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, step: int |
   mesh = sharding.make_mesh(**dict(config.mesh))
   task = tasks.build(config, workdir)
   task.mesh = mesh
+  task.workdir = workdir   # evaluators write their per-slide rows under W/eval
   built = evaluators_lib.build(evals, task, mesh)
   # The run's model (its best checkpoint if it trained with config.checkpoint.use_best), or
   # any step kept in W/checkpoints.

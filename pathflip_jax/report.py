@@ -2,14 +2,30 @@
 against their references, and the example slides' heatmaps, captions and answers.
 
 Reads what the stages wrote (``results.json`` of each training run, the captioning
-predictions, the examples' ``summary.json``); computes nothing itself.
+predictions, the examples' ``summary.json``); computes nothing itself. A metric with a 95%
+bootstrap interval in the results (``<key>/ci_low``, ``<key>/ci_high``; ``evaluators.stats``)
+reads ``value [low, high]``, one without as the value alone; each section ends with the paired
+differences its evaluator wrote (``<evaluator>/minus_<baseline>/<metric>``: the model minus a
+baseline on the same slides). ``ablation_table`` and ``seed_table`` render
+``pathflip_jax.compare``'s comparisons across runs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Sequence
+
+CI_LOW, CI_HIGH = "/ci_low", "/ci_high"   # evaluators.stats' suffixes
+# What each paired difference's baseline is, for the tables' labels.
+BASELINE_NAMES = {
+    "reference": "the patch encoder's own text alignment",
+    "majority": "majority class (of the training split)",
+    "chance": "chance",
+    "mean_patch_feature": "the same probe on mean patch features",
+    "colour_mean": "the same probe on colour means",
+}
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -27,6 +43,32 @@ def _fmt(value: Any, digits: int) -> str:
   return str(value)
 
 
+def _finite(value: Any) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def with_interval(value: float, low: Any, high: Any, digits: int = 3, sign: bool = False) -> str:
+  """``value [low, high]`` (the interval left out when it is undefined)."""
+  spec = f"{'+' if sign else ''}.{digits}f"
+  text = format(value, spec) if _finite(value) else str(value)
+  if _finite(low) and _finite(high):
+    text += f" [{format(low, spec)}, {format(high, spec)}]"
+  return text
+
+
+def cell(results: dict[str, Any], key: str | float | None, digits: int = 3) -> Any:
+  """A table cell for a result key: the value with its interval when the results have one, the
+  bare value when not, a number given as itself, None (a dash) when absent."""
+  if not isinstance(key, str):
+    return key
+  if key not in results:
+    return None
+  low, high = results.get(key + CI_LOW), results.get(key + CI_HIGH)
+  if low is None and high is None:
+    return results[key]
+  return with_interval(results[key], low, high, digits)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3
                    ) -> list[str]:
   """Lines of a Markdown table (floats to ``digits`` places, None as a dash), then a blank."""
@@ -36,14 +78,65 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits:
 
 
 def _rows(results: dict[str, Any], items: Sequence[tuple[str, str, str | float | None]]):
-  """(label, metric key, baseline key or value) -> table rows, metrics that exist only."""
+  """(label, metric key, baseline key or value) -> table rows, metrics that exist only (each
+  with its interval where the results have one)."""
   out = []
   for label, key, baseline in items:
     if key not in results:
       continue
-    base = results.get(baseline) if isinstance(baseline, str) else baseline
-    out.append((label, results[key], base))
+    out.append((label, cell(results, key), cell(results, baseline)))
   return out
+
+
+def _metric_label(metric: str) -> str:
+  """``mean_lesion_auroc`` -> ``mean lesion AUROC``: a result key's words as the tables say them."""
+  words = {"auc": "AUC", "auroc": "AUROC", "froc": "FROC", "dice": "Dice", "f1": "F1"}
+  return " ".join(words.get(w, w) for w in metric.replace("/", " ").replace("_", " ").split())
+
+
+def differences_table(results: dict[str, Any], prefix: str) -> list[str]:
+  """The paired differences ``<prefix>minus_<baseline>/<metric>`` of the results as a table
+  (no lines when there are none)."""
+  rows = []
+  for key in sorted(results):
+    if not key.startswith(prefix + "minus_") or key.endswith((CI_LOW, CI_HIGH)):
+      continue
+    baseline, metric = key[len(prefix + "minus_"):].split("/", 1)
+    value = results[key]
+    rows.append((f"{_metric_label(metric)}: model − {BASELINE_NAMES.get(baseline, baseline)}",
+                 with_interval(value, results.get(key + CI_LOW), results.get(key + CI_HIGH),
+                               sign=True)))
+  if not rows:
+    return []
+  return markdown_table(["paired difference (same slides)", "value [95% interval]"], rows)
+
+
+def ablation_table(comparison: dict[str, Any]) -> list[str]:
+  """Lines of the table of ``compare.compare``'s output: per metric and other run, both values
+  and the paired difference (model minus the run, on the slides both evaluated) with its 95%
+  interval; then what could not be compared."""
+  lines = [f"Model: `{comparison['model']}`; paired differences on the {comparison['split']} "
+           "slides both runs evaluated, with 95% bootstrap intervals over those slides.", ""]
+  lines += markdown_table(
+      ["metric", "run", "model", "run's value", "model − run [95% interval]", "slides"],
+      [(row["label"], f"`{row['against']}`", row["model"], row["other"],
+        with_interval(row["difference"], row["ci_low"], row["ci_high"], sign=True),
+        int(row["num_slides"])) for row in comparison["rows"]])
+  if comparison.get("missing"):
+    lines += ["Not compared:", ""] + [f"- {why}" for why in comparison["missing"]] + [""]
+  return lines
+
+
+def seed_table(summary: dict[str, Any]) -> list[str]:
+  """Lines of the table of ``compare.seed_summary``'s output: mean, standard deviation, range
+  of each metric over the runs."""
+  lines = [f"Over {len(summary['runs'])} runs of one configuration (seeds): "
+           + ", ".join(f"`{r}`" for r in summary["runs"]) + f"; {summary['split']} split.", ""]
+  lines += markdown_table(
+      ["metric", "mean", "sd", "min", "max", "runs"],
+      [(m["label"], m["mean"], m["std"] if _finite(m["std"]) else None, m["min"], m["max"],
+        int(m["runs"])) for m in summary["metrics"].values()])
+  return lines
 
 
 def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
@@ -62,10 +155,14 @@ def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
 
 def render(workdir: str, examples: Sequence[dict[str, Any]],
            vqa_oracle: dict[str, dict[str, Any]] | None = None,
-           title: str = "# PathFLIP quickstart report") -> str:
+           title: str = "# PathFLIP quickstart report",
+           comparison: dict[str, Any] | None = None,
+           seeds: dict[str, dict[str, Any]] | None = None) -> str:
   """REPORT.md's text for a quickstart workdir (``vqa_oracle``: data_prep.demo_vqa_oracle's
   result on the test split, with the model's accuracy per category; ``title``: the first line,
-  "" for none)."""
+  "" for none; ``comparison``: ``compare.compare``'s output, an ablation section;
+  ``seeds``: {configuration name: ``compare.seed_summary``'s output}, a section of the spread
+  of each configuration over its seeds)."""
   align = _load(os.path.join(workdir, "align", "results.json"))
   instruct = _load(os.path.join(workdir, "instruct", "results.json"))
   patch = _load(os.path.join(workdir, "patch_clip", "results.json"))
@@ -76,6 +173,9 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
     lines += [f"Demo cohort: {cohort.get('num_slides')} slides (seed {cohort.get('seed')}), "
               f"splits {cohort.get('splits')}. All metrics are on the **test** split; the "
               "baseline column is chance or the stated trivial predictor.", ""]
+  if any(k.endswith(CI_LOW) for results in (patch, align, instruct) for k in results):
+    lines += ["Brackets hold 95% bootstrap intervals over the evaluated slides (1000 resamples); "
+              "a paired difference is the model minus a baseline on the same resamples.", ""]
 
   if patch:
     lines += ["## Patch encoder (val patches)", ""]
@@ -84,6 +184,7 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
          "zero_shot/chance_balanced_accuracy"),
         ("linear probe accuracy (baseline: same probe on colour means)",
          "linear_probe/accuracy", "linear_probe/colour_mean_accuracy")]))
+    lines += differences_table(patch, "linear_probe/")
 
   lines += ["## Zero-shot diagnosis", ""]
   lines += markdown_table(["metric", "value", "baseline"], _rows(align, [
@@ -91,30 +192,48 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
        "zero_shot/chance_balanced_accuracy"),
       ("accuracy (majority class)", "zero_shot/accuracy", "zero_shot/majority_class_accuracy"),
       ("macro AUC", "zero_shot/macro_auc", 0.5),
-      ("weighted F1", "zero_shot/weighted_f1", None)]))
+      ("weighted F1", "zero_shot/weighted_f1", None),
+      ("balanced accuracy, slide + regions score (chance)",
+       "zero_shot/both_score_balanced_accuracy", "zero_shot/chance_balanced_accuracy"),
+      ("balanced accuracy (baseline: the patch encoder's own text alignment, mean-pooled "
+       "patches)", "zero_shot/balanced_accuracy", "zero_shot/reference/balanced_accuracy"),
+      ("macro AUC (baseline: the patch encoder's own text alignment)", "zero_shot/macro_auc",
+       "zero_shot/reference/macro_auc")]
+      + ([("balanced accuracy (baseline: attention-MIL trained on the diagnosis labels)",
+           "zero_shot/balanced_accuracy", "mil/balanced_accuracy"),
+          ("macro AUC (baseline: attention-MIL trained on the diagnosis labels)",
+           "zero_shot/macro_auc", "mil/macro_auc")] if "mil/balanced_accuracy" in align
+         else [])))
+  lines += differences_table(align, "zero_shot/")
 
   lines += ["## Slide - caption retrieval", ""]
   lines += markdown_table(["metric", "value", "chance"], _rows(align, [
       (f"{direction.replace('_', ' ')} R@{k}", f"retrieval/{direction}_r@{k}",
        f"retrieval/chance_r@{k}")
       for direction in ("slide_to_text", "text_to_slide") for k in (1, 5, 10)]))
+  lines += differences_table(align, "retrieval/")
 
   loc = {k.split("/", 1)[1]: v for k, v in align.items() if k.startswith("localization/")}
   if loc:
     lines += ["## Text-prompted localization (patch level, per slide)", ""]
-    queries = sorted({k.split("/", 1)[1] for k in loc if k.startswith("auroc/")})
-    lines += markdown_table(["query", "AUROC", "best Dice", "FROC", "slides"],
-                    [(q.replace("_", " "), loc.get(f"auroc/{q}"), loc.get(f"dice/{q}"),
-                      loc.get(f"froc/{q}"), int(loc.get(f"num_slides/{q}", 0)))
+    queries = sorted({k.split("/", 1)[1] for k in loc
+                      if k.startswith("auroc/") and not k.endswith((CI_LOW, CI_HIGH))})
+    # Runs before the Dice threshold was chosen on val took the best level on the test slides.
+    dice = ("Dice (threshold from val)" if any(k.startswith("dice_threshold/") for k in loc)
+            else "best Dice")
+    lines += markdown_table(["query", "AUROC", dice, "FROC", "slides"],
+                    [(q.replace("_", " "), cell(loc, f"auroc/{q}"), cell(loc, f"dice/{q}"),
+                      cell(loc, f"froc/{q}"), int(loc.get(f"num_slides/{q}", 0)))
                      for q in queries]
-                    + [("**lesions (mean)**", loc.get("mean_lesion_auroc"),
-                        loc.get("mean_lesion_dice"), loc.get("mean_lesion_froc"), None)]
+                    + [("**lesions (mean)**", cell(loc, "mean_lesion_auroc"),
+                        cell(loc, "mean_lesion_dice"), cell(loc, "mean_lesion_froc"), None)]
                     + ([("lesions (mean): the patch encoder's own text alignment, trained with "
-                         "patch-level supervision", loc["reference/mean_lesion_auroc"],
-                         loc.get("reference/mean_lesion_dice"),
-                         loc.get("reference/mean_lesion_froc"), None)]
+                         "patch-level supervision", cell(loc, "reference/mean_lesion_auroc"),
+                         cell(loc, "reference/mean_lesion_dice"),
+                         cell(loc, "reference/mean_lesion_froc"), None)]
                        if "reference/mean_lesion_auroc" in loc else [])
                     + [("chance", 0.5, None, None, None)])
+    lines += differences_table(loc, "")
 
   probe = {k.split("/", 1)[1]: v for k, v in align.items() if k.startswith("probe/")}
   if probe:
@@ -126,6 +245,15 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
         ("accuracy (majority class)", "accuracy", "majority_class_accuracy"),
         ("zero-shot AUROC from prompts (chance)", "zero_shot_auc", "chance_auc")]
         + [(f"{k}-shot AUC (chance)", f"few_shot/k{k}/auc", "chance_auc") for k in (1, 2, 4, 8)]))
+    lines += differences_table(probe, "")
+
+  if comparison:
+    lines += ["## Ablations (paired differences across runs)", ""]
+    lines += ablation_table(comparison)
+  if seeds:
+    lines += ["## Spread over training seeds", ""]
+    for name, summary in seeds.items():
+      lines += [f"### {name}", ""] + seed_table(summary)
 
   if instruct:
     lines += ["## Captioning", ""]
@@ -134,8 +262,9 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
                    for name, key in (("BLEU-1", "bleu_1"), ("BLEU-4", "bleu_4"),
                                      ("ROUGE-L", "rouge_l"), ("CIDEr-D", "cider_d"))]))
     lines += ["## Visual question answering", ""]
-    categories = sorted({k.rsplit("/", 1)[1] for k in instruct
-                         if k.startswith("vqa/mc/accuracy/")})
+    categories = sorted({k.split("/")[3] for k in instruct
+                         if k.startswith("vqa/mc/accuracy/") and k.count("/") >= 3
+                         and k.split("/")[3] not in ("ci_low", "ci_high")})
     lines += markdown_table(["metric", "value", "baseline"], _rows(instruct, [
         ("multiple choice, generated answer (best single letter)", "vqa/mc/accuracy",
          "vqa/mc/best_single_letter_accuracy"),

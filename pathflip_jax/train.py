@@ -180,9 +180,11 @@ def _evaluate(evaluators, make_model: Callable[[], nnx.Module], step: int, total
       model = model or make_model()
       for key, value in evaluator.run(model).items():
         out[f"{evaluator.name}/{key}"] = float(value)
+      # The log line leaves the intervals out (results.json and REPORT.md have them).
       print(f"[train] eval {evaluator.name} at step {step}/{total} ({time.time() - t0:.1f}s): "
             + ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in out.items()
-                        if k.startswith(evaluator.name + "/")), file=sys.stderr, flush=True)
+                        if k.startswith(evaluator.name + "/") and "/ci_" not in k),
+            file=sys.stderr, flush=True)
   return out
 
 
@@ -232,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Data.
   task = tasks.build(config, workdir)
   task.mesh = mesh   # losses that gather over the batch (shard_map) need it
+  task.workdir = workdir   # evaluators write their per-slide rows under W/eval
   train_iter = input_pipeline.train_iterator(
       task.train_source(), global_batch_size=config.batch_size, seed=config.seed,
       transform=task.train_transform(), batch_fn=getattr(task, "collate", None),

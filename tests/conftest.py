@@ -61,3 +61,13 @@ def demo_tiles(demo_cohort, tmp_path_factory) -> tuple[pathlib.Path, dict]:
                              str(out), "--direct_running_mode=in_memory",
                              "--direct_num_workers=1", "--progress_interval=0"])
   return out, summary
+
+
+@pytest.fixture(scope="session")
+def demo_questions(demo_cohort, demo_tiles, tmp_path_factory) -> pathlib.Path:
+  """data_prep.demo_questions run once on the tiled ``demo_cohort``: the questions.csv path."""
+  from data_prep import demo_questions as questions_job  # noqa: PLC0415
+  out = tmp_path_factory.mktemp("demo_questions") / "questions.csv"
+  questions_job.run(["--cohort_dir", str(demo_cohort), "--patches", str(demo_tiles[0]),
+                     "--output", str(out)])
+  return out

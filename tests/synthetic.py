@@ -64,3 +64,23 @@ def write_test_slides(directory: pathlib.Path) -> pathlib.Path:
   image_pen, _ = tissue_image(1536, 2048, seed=3, pen=True)
   write_pyramidal_tiff(directory / "pen.tif", image_pen, mpp=0.5)
   return directory
+
+
+def region_grid(tissue_by_cell: dict[tuple[int, int], dict[int, float]], side: int):
+  """A demo_questions.SlideRegions of side x side regions, all stroma except where
+  ``tissue_by_cell`` says ((col, row) -> {tissue type: share})."""
+  from data_prep import demo_questions  # noqa: PLC0415
+  stroma = demo_questions.TISSUES.index("stroma")
+  cells, fractions = [], []
+  for row in range(side):
+    for col in range(side):
+      share = np.zeros(len(demo_questions.TISSUES))
+      share[stroma] = 1.0
+      for kind, value in tissue_by_cell.get((col, row), {}).items():
+        share[kind] = value
+        share[stroma] -= value
+      cells.append((col, row))
+      fractions.append(share)
+  cells = np.array(cells)
+  return demo_questions.SlideRegions(np.array(fractions),
+                                     demo_questions.relative_positions(cells, cells))

@@ -65,6 +65,8 @@ def test_align_trains_on_8_devices_and_evaluates(features_dir, tmp_path):
               "retrieval/text_to_slide_r@5", "retrieval/chance_r@1"):
     assert key in results and np.isfinite(results[key]), key
   assert results["zero_shot/num_slides"] == 4 and results["retrieval/chance_r@1"] == 0.25
+  for key in ("zero_shot/balanced_accuracy", "retrieval/slide_to_text_r@1"):
+    assert _within(results, key), key
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   train_row = next(r for r in rows if "train/loss" in r)
   assert train_row["train/slide_loss"] > 0 and train_row["train/region_loss"] > 0
@@ -191,9 +193,134 @@ def test_slide_linear_probe_evaluator(tmp_path):
     assert 0.0 <= result[key] <= 1.0, key
   assert "few_shot/k20/auc" not in result                      # fewer than 20 slides per class
   assert result["majority_class_accuracy"] == 0.5 and result["chance_auc"] == 0.5
+  for key in ("accuracy", "balanced_accuracy", "auc", "few_shot/k1/auc",
+              "few_shot/k4/balanced_accuracy", "zero_shot_auc", "mean_patch_feature/auc",
+              "majority_class_accuracy", "minus_mean_patch_feature/auc"):
+    assert _within(result, key), key
+  assert result["minus_mean_patch_feature/auc"] == pytest.approx(result["auc"] - 1.0)
+  assert "num_eval/ci_low" not in result and "l2/ci_low" not in result
   with pytest.raises(ValueError, match="label_key='dx'.*0 distinct values"):
     slide_linear_probe.Evaluator(ml_collections.ConfigDict({**config, "label_key": "dx"}),
                                  task, mesh)
   with pytest.raises(ValueError, match="prompts for each of its values"):
     slide_linear_probe.Evaluator(ml_collections.ConfigDict(
         {**config, "label_key": "diagnosis"}), task, mesh)
+
+
+def _within(result, key):
+  """The 95% interval of a result key is there and holds its value."""
+  return result[key + "/ci_low"] - 1e-9 <= result[key] <= result[key + "/ci_high"] + 1e-9
+
+
+class _CentroidReference:
+  """Stands in for a patch_clip run (common.PatchClipReference): patches embed as their
+  features, classes as the cluster centres write_features drew (seed 0), so the reference
+  knows each slide's class."""
+
+  def __init__(self, workdir, key=""):
+    del workdir, key
+    self.centres = np.random.default_rng(0).normal(size=(len(CLASSES), 12)) * 2
+
+  def class_embeddings(self, texts, prompt_class, num_classes):
+    del texts, prompt_class
+    centres = self.centres[:num_classes]
+    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
+
+  def patch_embeddings(self, features, slide_id):
+    del slide_id
+    features = np.asarray(features, np.float32)
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+  def slide_embedding(self, features, slide_id):
+    mean = self.patch_embeddings(features, slide_id).mean(0)
+    return mean / np.linalg.norm(mean)
+
+
+def test_slide_evaluators_report_intervals_baselines_and_rows(tmp_path, monkeypatch):
+  """Zero-shot and retrieval on a random model: every metric with an interval that holds it,
+  the reference and majority baselines with paired differences, per-slide rows in W/eval."""
+  import ml_collections
+  from flax import nnx
+
+  from pathflip_jax import sharding
+  from pathflip_jax.evaluators import common, slide_retrieval, slide_zero_shot, stats
+
+  directory = tmp_path / "features"
+  write_features(directory, slides_per_class=(2, 1, 3))
+  task = align.AlignTask(_config(str(directory)), str(tmp_path / "w"))
+  task.workdir = str(tmp_path / "w")
+  model = task.create_model(nnx.Rngs(0))
+  mesh = sharding.make_mesh()
+  monkeypatch.setattr(common, "PatchClipReference", _CentroidReference)
+  zero_shot = slide_zero_shot.Evaluator(ml_collections.ConfigDict(
+      dict(type="slide_zero_shot", split="test", reference="patch_clip_run")), task, mesh)
+  result = zero_shot.run(model)
+  assert result["num_slides"] == 12 and result["chance_balanced_accuracy"] == 0.25
+  for key in ("balanced_accuracy", "weighted_f1", "macro_auc", "accuracy",
+              "slide_score_balanced_accuracy", "both_score_balanced_accuracy",
+              "majority_class_accuracy", "minus_majority/accuracy",
+              "minus_chance/balanced_accuracy", "reference/balanced_accuracy",
+              "reference/macro_auc", "minus_reference/balanced_accuracy",
+              "minus_reference/macro_auc"):
+    assert _within(result, key), key
+  assert "chance_balanced_accuracy/ci_low" not in result and "num_slides/ci_low" not in result
+  # The reference knows the class centres: right on every slide, ahead of an untrained model
+  # by more than the slides' variation explains.
+  assert result["reference/balanced_accuracy"] == 1.0
+  assert result["minus_reference/balanced_accuracy"] == pytest.approx(
+      result["balanced_accuracy"] - 1.0)
+  assert result["minus_reference/balanced_accuracy/ci_high"] < 0
+  # Training classes tie (2 slides each): the majority is the first; a quarter of test slides.
+  assert result["majority_class_accuracy"] == 0.25
+  rows = stats.read_slide_rows(str(tmp_path / "w" / "eval"), "slide_zero_shot", "test")
+  assert [r["slide_id"] for r in rows] == [t.slide_id for t in task.splits["test"].texts]
+  labels = np.array([r["label"] for r in rows])
+  predicted = np.array([np.argmax(r["scores"]) for r in rows])
+  assert result["accuracy"] == pytest.approx(np.mean(labels == predicted))
+  assert all(np.argmax(r["reference_scores"]) == r["label"] for r in rows)
+
+  retrieval = slide_retrieval.Evaluator(ml_collections.ConfigDict(
+      dict(type="slide_retrieval", split="test")), task, mesh)
+  result = retrieval.run(model)
+  for direction in ("slide_to_text", "text_to_slide"):
+    for k in (1, 5, 10):
+      assert _within(result, f"{direction}_r@{k}"), (direction, k)
+  assert "chance_r@1/ci_low" not in result
+  rows = stats.read_slide_rows(str(tmp_path / "w" / "eval"), "slide_retrieval", "test")
+  ranks = np.array([r["slide_to_text_rank"] for r in rows])
+  assert result["slide_to_text_r@5"] == pytest.approx(np.mean(ranks <= 5))
+
+
+def test_attention_mil_reference_beats_chance_on_separable_features(tmp_path):
+  """slide_mil: trained once on the training slides' patch features (which carry the class),
+  near perfect on the test slides, with intervals; it ignores the model and caches."""
+  import ml_collections
+
+  from pathflip_jax.evaluators import slide_mil, stats
+
+  directory = tmp_path / "features"
+  write_features(directory, slides_per_class=(4, 1, 5))
+  task = align.AlignTask(_config(str(directory)), str(tmp_path / "w"))
+  task.workdir = str(tmp_path / "w")
+  config = dict(type="slide_mil", split="test", steps=150, hidden=16, attention=8)
+  evaluator = slide_mil.Evaluator(ml_collections.ConfigDict(config), task, None)
+  evaluator.name = "mil"
+  result = evaluator.run(None)
+  assert result["num_slides"] == 20 and result["num_train"] == 16
+  assert result["chance_balanced_accuracy"] == 0.25
+  for key in ("balanced_accuracy", "macro_auc", "accuracy", "weighted_f1"):
+    assert _within(result, key), key
+  assert result["balanced_accuracy"] >= 0.9 and result["balanced_accuracy/ci_low"] > 0.5
+  assert result["macro_auc"] > 0.95
+  assert evaluator.run(None) == result          # computed once
+  rows = stats.read_slide_rows(str(tmp_path / "w" / "eval"), "mil", "test")
+  assert len(rows) == 20 and len(rows[0]["scores"]) == len(CLASSES)
+  # Labels the features do not carry: the same classifier is near chance.
+  model = slide_mil.train_mil([np.ones((3, 2), np.float32), np.ones((5, 2), np.float32)],
+                              np.array([0, 1]), 2, steps=20)
+  logits = slide_mil.predict_mil(model, [np.ones((4, 2), np.float32)] * 2)
+  np.testing.assert_allclose(logits[0], logits[1])
+  with pytest.raises(ValueError, match="train_split='test' is the split scored"):
+    slide_mil.Evaluator(ml_collections.ConfigDict({**config, "train_split": "test"}), task, None)
+  with pytest.raises(ValueError, match="config.evals.*.steps=0"):
+    slide_mil.Evaluator(ml_collections.ConfigDict({**config, "steps": 0}), task, None)

@@ -182,10 +182,12 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   for heading in TABLES:
     assert heading in report, heading
   # Numbers beside baselines, e.g. "| balanced accuracy (chance) | 0.250 | 0.250 |".
-  assert re.search(r"\| balanced accuracy \(chance\) \| [01]\.\d{3} \| 0\.250 \|", report)
-  assert re.search(r"\| \*\*lesions \(mean\)\*\* \| [01]\.\d{3} \|", report)
+  interval = r"( \[[^]]*\])?"
+  assert re.search(r"\| balanced accuracy \(chance\) \| [01]\.\d{3}" + interval
+                   + r" \| 0\.250 \|", report)
+  assert re.search(r"\| \*\*lesions \(mean\)\*\* \| [01]\.\d{3}" + interval + r" \|", report)
   assert re.search(r"\| lesions \(mean\): the patch encoder's own text alignment, trained with "
-                   r"patch-level supervision \| [01]\.\d{3} \|", report)
+                   r"patch-level supervision \| [01]\.\d{3}" + interval + r" \|", report)
   # The VQA ceiling: model, single letter, patch probe and oracle over all multiple-choice
   # questions.
   assert re.search(r"\| all \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \|",
@@ -197,8 +199,8 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   assert examples and len(images) == len(examples) * len(quickstart.EXAMPLE_QUERIES)
   assert all((workdir / image).exists() for image in images)
   timings = json.load(open(workdir / "timings.json"))
-  assert set(timings["seconds"]) == {"cohort", "tiles", "patch_clip", "features", "align",
-                                     "instruct", "heatmaps", "report"}
+  assert set(timings["seconds"]) == {"cohort", "tiles", "questions", "patch_clip", "features",
+                                     "align", "question_only", "instruct", "heatmaps", "report"}
 
   os.remove(workdir / "instruct" / "results.json")
   stamp = os.path.getmtime(workdir / "align" / "results.json")
@@ -206,8 +208,9 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   quickstart.main(["--workdir", str(workdir), "--size", "test"])
   captured = capsys.readouterr()
   assert captured.out.strip().splitlines()[-1] == str(workdir / "REPORT.md")
-  for stage in ("cohort", "tiles", "patch_clip", "features", "align", "heatmaps"):
-    assert re.search(rf"stage \d/8 {stage}: already complete, skipped", captured.err), stage
-  assert "stage 6/8 instruct ..." in captured.err
+  for stage in ("cohort", "tiles", "questions", "patch_clip", "features", "align",
+                "question_only", "heatmaps"):
+    assert re.search(rf"stage \d+/10 {stage}: already complete, skipped", captured.err), stage
+  assert "stage 8/10 instruct ..." in captured.err
   assert os.path.getmtime(workdir / "align" / "results.json") == stamp
   assert (workdir / "instruct" / "results.json").exists()

@@ -164,23 +164,46 @@ def jax_one_hot(index, size):
 
 
 class _Task:
-  """What the evaluator reads of an align task, over a feature directory of tissue fractions."""
+  """What the evaluator reads of an align task, over a feature directory of tissue fractions:
+  the first ``val`` slides are the val split (Dice thresholds), the rest the test split."""
 
-  def __init__(self, features_dir, texts):
-    self.features_dir, self.texts = features_dir, texts
-    self.splits = {"test": list(range(len(texts)))}
+  def __init__(self, features_dir, texts, val=3, workdir=None):
+    self.features_dir, self.texts, self.workdir = features_dir, texts, workdir
+    self.splits = {"val": list(range(val)), "test": list(range(val, len(texts)))}
     self.example_config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=64,
                                                        subcaption_len=8, caption_len=8,
                                                        num_subcaptions=2, buckets=(64, 256))
     self.tokenizer = _Tokens()
 
   def source(self, split):
-    return slide_examples.SlideSource(self.features_dir, self.splits[split], self.texts)
+    indices = self.splits[split]
+    return slide_examples.SlideSource(self.features_dir, indices,
+                                      [self.texts[i] for i in indices])
 
   def eval_examples(self, split):
     source = self.source(split)
     return [slide_examples.build_example(source[i], self.example_config, self.tokenizer, None)
             for i in range(len(source))]
+
+
+class _TruthReference:
+  """Stands in for a patch_clip run (common.PatchClipReference): a patch embeds as its tissue
+  fractions (the truth features), a query as its tissue's one-hot column."""
+
+  def __init__(self, workdir, key=""):
+    del workdir, key
+
+  def class_embeddings(self, texts, prompt_class, num_classes):
+    del texts
+    columns = {demo_annotations.TISSUE_NAMES[c]: i
+               for i, c in enumerate(demo_annotations.CLASS_LABELS)}
+    queries = ["tumour", "benign glands", "stroma"]
+    assert num_classes == len(queries) and len(prompt_class)
+    return jax_one_hot([columns[q] for q in queries], len(columns)).__array__()
+
+  def patch_embeddings(self, features, slide_id):
+    del slide_id
+    return np.asarray(features, np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -208,19 +231,23 @@ def truth_features(demo_cohort, demo_tiles, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_localization_evaluator_scores_oracle_and_inverted_heatmaps(demo_cohort,
-                                                                    truth_features):
-  task = _Task(str(truth_features[0]), truth_features[1])
+def test_localization_evaluator_scores_oracle_and_inverted_heatmaps(demo_cohort, truth_features,
+                                                                    tmp_path, monkeypatch):
+  from pathflip_jax.evaluators import common, stats
+  task = _Task(str(truth_features[0]), truth_features[1], workdir=str(tmp_path))
   queries = ["tumour", "benign glands", "stroma"]
   config = dict(split="test", cohort_dir=str(demo_cohort), queries=queries,
                 lesions=["tumour", "benign glands"], prompts={"tumour": ["tumour", "carcinoma"]},
-                froc=True)
+                froc=True, reference="truth_run")
+  monkeypatch.setattr(common, "PatchClipReference", _TruthReference)
   evaluator = localization.Evaluator(ml_collections.ConfigDict(config), task, mesh=None)
   column = {demo_annotations.TISSUE_NAMES[c]: i
             for i, c in enumerate(demo_annotations.CLASS_LABELS)}
   prompt_columns = [column["tumour"], column["tumour"], column["benign glands"],
                     column["stroma"]]
-  oracle = evaluator.run(_OracleModel(evaluator.tokens, prompt_columns))
+  oracle_model = _OracleModel(evaluator.tokens, prompt_columns)
+  oracle = evaluator.run(oracle_model)
+  rows = stats.read_slide_rows(str(tmp_path / "eval"), "localization", "test")
   inverted = evaluator.run(_OracleModel(evaluator.tokens, prompt_columns, sign=-1.0))
   assert oracle["num_slides/tumour"] >= 1 and oracle["num_slides/stroma"] >= 1
   # The truth ranks every positive patch (>= half tissue) above every negative one.
@@ -230,12 +257,79 @@ def test_localization_evaluator_scores_oracle_and_inverted_heatmaps(demo_cohort,
   assert oracle["mean_lesion_froc"] > 0.9 and inverted["mean_lesion_froc"] < oracle[
       "mean_lesion_froc"]
   assert oracle["chance_auroc"] == 0.5
+  # Every metric has an interval holding it; counts, thresholds and chance have none.
+  for result in (oracle, inverted):
+    for key in [k for k in result if k.startswith(("auroc/", "dice/", "froc/", "mean_lesion",
+                                                   "reference/auroc", "minus_reference/"))
+                and not stats.is_interval_key(k)]:
+      assert result[key + "/ci_low"] - 1e-9 <= result[key] <= result[key + "/ci_high"] + 1e-9, key
+  assert "num_slides/tumour/ci_low" not in oracle and "chance_auroc/ci_low" not in oracle
+  # The reference (the truth itself) and the paired differences: the inverted heatmap is worse
+  # on these slides beyond doubt, the oracle ties it on AUROC.
+  assert oracle["reference/mean_lesion_auroc"] == 1.0
+  assert oracle["minus_reference/mean_lesion_auroc"] == 0.0
+  assert inverted["minus_reference/mean_lesion_auroc/ci_high"] < -0.5
+  # The Dice threshold comes from the val slides' heatmaps, and Dice is the test slides' there.
+  val = evaluator.tabulate(evaluator.slide_heatmaps(oracle_model, "val"))
+  test = evaluator.tabulate(evaluator.slide_heatmaps(oracle_model, "test"))
+  assert set(val.slide_ids).isdisjoint(test.slide_ids) and len(test.slide_ids) == 5
+  chosen = localization.choose_thresholds(val)
+  for q, query in enumerate(queries):
+    key = heatmaps.safe_name(query)
+    if f"dice/{key}" in oracle:
+      assert oracle[f"dice_threshold/{key}"] == localization.THRESHOLDS[chosen[q]]
+      per_slide = test.dice[:, q, chosen[q]]
+      assert oracle[f"dice/{key}"] == pytest.approx(np.nanmean(per_slide))
+  # Per-slide rows: what compare pairs across runs.
+  assert [r["slide_id"] for r in rows] == test.slide_ids
+  tumour = [r["auroc"]["tumour"] for r in rows if r["auroc"]["tumour"] is not None]
+  assert np.mean(tumour) == oracle["auroc/tumour"] and rows[0]["lesions"] == ["tumour",
+                                                                              "benign_glands"]
+  assert "froc_hits" in rows[0] and "froc_false_positives" in rows[0]
   with pytest.raises(ValueError, match="queries names \\['tumor'\\]"):
     localization.Evaluator(ml_collections.ConfigDict({**config, "queries": ["tumor"]}), task,
                            None)
   with pytest.raises(ValueError, match="cohort_dir='/nonexistent'"):
     localization.Evaluator(ml_collections.ConfigDict({**config, "cohort_dir": "/nonexistent"}),
                            task, None)
+  with pytest.raises(ValueError, match="threshold_split='test' is the split scored"):
+    localization.Evaluator(ml_collections.ConfigDict({**config, "threshold_split": "test"}),
+                           task, None)
+  with pytest.raises(ValueError, match="threshold_split='tune': no such split"):
+    localization.Evaluator(ml_collections.ConfigDict({**config, "threshold_split": "tune"}),
+                           task, None)
+  # A cohort too small for a val split: a fixed level, not one chosen on the test slides.
+  no_val = localization.Evaluator(ml_collections.ConfigDict(config),
+                                  _Task(str(truth_features[0]), truth_features[1], val=0), None)
+  assert no_val.threshold_split == ""
+  assert no_val.thresholds(None, "model").tolist() == [localization.DEFAULT_THRESHOLD] * 3
+
+
+def test_dice_threshold_is_chosen_on_another_split():
+  """The level that is best on the val slides is the one the test slides are scored at, even
+  where another level would score the test slides higher."""
+  levels = localization.THRESHOLDS
+
+  def table(peaks):
+    # One query; per slide a Dice curve over the levels peaking at ``peak``.
+    curves = np.stack([np.exp(-((np.arange(len(levels)) - p) / 3.0) ** 2) for p in peaks])
+    return localization.SlideTable([f"s{i}" for i in range(len(peaks))],
+                                   np.full((len(peaks), 1), 0.7), curves[:, None, :],
+                                   [[np.zeros(0)] * len(peaks)], [[np.zeros(0)] * len(peaks)])
+
+  val, test = table([3, 4, 3]), table([15, 16, 15, 14])
+  chosen = localization.choose_thresholds(val)
+  assert chosen.tolist() == [3]
+  metric = localization.table_metrics(test, ["tumour"], ["tumour"], chosen, froc=False)
+  got = metric(np.arange(4))
+  assert got["dice/tumour"] == pytest.approx(test.dice[:, 0, 3].mean())
+  best_on_test = test.dice[:, 0].mean(0).max()
+  assert got["dice/tumour"] < 0.5 * best_on_test            # what choosing on test would give
+  assert got["mean_lesion_dice"] == got["dice/tumour"] and got["auroc/tumour"] == 0.7
+  # A query no val slide can score falls back to the middle of the normalised scale.
+  empty = localization.SlideTable(["v"], np.full((1, 1), np.nan), np.full((1, 1, len(levels)),
+                                  np.nan), [[np.zeros(0)]], [[np.zeros(0)]])
+  assert levels[localization.choose_thresholds(empty)[0]] == pytest.approx(0.5)
 
 
 @pytest.mark.slow

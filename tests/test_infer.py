@@ -17,7 +17,7 @@ from tests import runs as runs_lib
 
 
 @pytest.fixture(scope="module")
-def runs(demo_cohort, demo_tiles, tmp_path_factory):
+def runs(demo_cohort, demo_tiles, demo_questions, tmp_path_factory):
   root = tmp_path_factory.mktemp("infer_runs")
   extract_features.run(["--patches", str(demo_tiles[0]), "--output_dir", str(root / "features"),
                         "--config", "configs/extract_features.py:variant=vit_tiny_test,"
@@ -29,7 +29,7 @@ def runs(demo_cohort, demo_tiles, tmp_path_factory):
   runs_lib.save_untrained_run(config, align_dir)
   config = config_args.load_config(
       f"configs/pathflip_instruct_demo.py:size=test,align_workdir={align_dir},"
-      f"questions={demo_cohort / 'questions.csv'},eval_split=")
+      f"questions={demo_questions},eval_split=")
   runs_lib.save_untrained_run(config, str(root / "instruct"))
   return root
 

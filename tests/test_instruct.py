@@ -1,5 +1,6 @@
 """Stage "instruct": questions CSV, prompt templates, token sequences, visual splicing, and the
-stage end to end on a tiny align run (8 fake devices), with LoRA and the Gemma recipe."""
+stage end to end on a tiny align run (8 fake devices), with LoRA and the Gemma recipe; the
+captioning and VQA evaluators' baselines and intervals on a toy task."""
 
 import csv
 import json
@@ -7,12 +8,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from pathflip_jax import config_args, tokenizer as tokenizer_lib, train
 from pathflip_jax.data import instructions as ins
+from pathflip_jax.evaluators import stats
 from pathflip_jax.models import decoder, instruct
 from tests import runs, test_align
 
@@ -182,9 +185,14 @@ def test_instruct_trains_and_evaluates_on_8_devices(align_run, tmp_path):
   workdir = str(tmp_path / "w")
   results = train.train_and_evaluate(config, workdir)
   for key in ("captioning/bleu_1", "captioning/cider_d", "captioning/rouge_l",
-              "captioning/random_train_caption/bleu_1", "vqa/mc/accuracy",
-              "vqa/mc/ranked_accuracy", "vqa/mc/best_single_letter_accuracy",
-              "vqa/mc/accuracy/diagnosis", "vqa/open/exact_match", "vqa/open/f1"):
+              "captioning/bleu_4/ci_high", "captioning/distinct_captions",
+              "captioning/random_train_caption/bleu_1", "captioning/nearest_train_caption/cider_d",
+              "captioning/minus_nearest_train_caption/cider_d/ci_low", "vqa/mc/accuracy",
+              "vqa/mc/ranked_accuracy", "vqa/mc/ranked_accuracy/ci_low",
+              "vqa/mc/best_single_letter_accuracy", "vqa/mc/accuracy/diagnosis",
+              "vqa/shuffled_visual/mc/ranked_accuracy",
+              "vqa/minus_shuffled_visual/mc/ranked_accuracy/diagnosis/ci_high",
+              "vqa/open/exact_match", "vqa/open/f1"):
     assert key in results and np.isfinite(results[key]), key
   assert results["vqa/mc/num_questions"] == 4 and results["captioning/num_captions"] == 4
   predictions = [json.loads(line) for line in open(os.path.join(workdir, "eval",
@@ -235,3 +243,184 @@ def test_gemma_recipe_trains_only_lora_and_projector(align_run, tmp_path):
     np.testing.assert_array_equal(trained[f"decoder/{name}"], np.asarray(value), err_msg=name)
   lora_b = [k for k in trained if "lora" in k and k.endswith("/b")]
   assert lora_b and all(np.abs(trained[k]).max() > 0 for k in lora_b)   # zero at the start
+
+
+# ------------------------------------------------------------------------------ evaluators
+
+
+class ToyInstructTask:
+  """The evaluator interface of InstructTask on toy slides, with a "model" that reads the
+  diagnosis off the slide token (its largest of the first three entries) of whatever visual
+  tokens it is shown: captions are one sentence per diagnosis, multiple-choice diagnosis
+  questions are answered by that reading, location questions always "A"."""
+
+  CLASSES = ("benign", "carcinoma", "necrosis")
+  PLACES = ("in the centre", "on the left side", "in the upper part", "at the periphery")
+
+  def __init__(self, workdir, visual_tokens: bool = True, sizes=(("train", 12), ("test", 9))):
+    self.workdir = str(workdir)
+    rng = np.random.default_rng(0)
+    self.visual, self.items, self.ids = {}, {}, {}
+    for split, n in sizes:
+      labels = np.arange(n) % len(self.CLASSES)
+      self.ids[split] = [f"{split}-{i}" for i in range(n)]
+      self.visual[split], self.items[split] = [], []
+      for i, label in enumerate(labels):
+        slide = np.eye(4)[label] * 2 + rng.normal(0, 0.3, 4)
+        tokens = np.concatenate([slide[None], rng.normal(size=(3, 4))]).astype(np.float32)
+        keep = len(tokens) if visual_tokens else 0
+        self.visual[split].append({"tokens": tokens[:keep],
+                                   "positions": np.zeros((keep, 3), np.float32)})
+        diagnosis, place = self.CLASSES[label], self.PLACES[i % 4]
+        options = tuple(np.roll(self.CLASSES + ("stroma",), i))
+        self.items[split] += [
+            ins.Instruction(slide=i, kind=ins.CAPTION, question="Describe the slide.",
+                            answer_text=f"A {diagnosis} lesion {place}, about 0.{i + 1} mm.",
+                            category="caption"),
+            ins.Instruction(slide=i, kind=ins.MULTIPLE_CHOICE, question="Which diagnosis?",
+                            options=options, answer="ABCD"[options.index(diagnosis)],
+                            answer_text=diagnosis, category="diagnosis"),
+            ins.Instruction(slide=i, kind=ins.MULTIPLE_CHOICE, question="Where is it?",
+                            options=self.PLACES, answer="ABCD"[i % 4], answer_text=place,
+                            category="location"),
+            ins.Instruction(slide=i, kind=ins.OPEN, question="Name the diagnosis.",
+                            answer_text=diagnosis, category="diagnosis")]
+
+  def eval_items(self, split, kinds):
+    return [i for i in self.items[split] if i.kind in kinds]
+
+  def slide_ids(self, split):
+    return self.ids[split]
+
+  def prompt_len(self, split, kinds):
+    return 16
+
+  def _read(self, visual, item) -> str:
+    tokens = visual[item.slide]["tokens"]
+    return self.CLASSES[int(np.argmax(tokens[0][:3])) if len(tokens) else 0]
+
+  def generate(self, model, split, items, *, prompt_len, max_new_tokens, batch_size, beams=1,
+               visual=None):
+    visual = self.visual[split] if visual is None else visual
+    out = []
+    for item in items:
+      if item.kind == ins.CAPTION:
+        out.append(f"A {self._read(visual, item)} lesion in the centre.")
+      else:
+        out.append(item.options[0] if item.category == "location" else self._read(visual, item))
+    return out
+
+  def option_log_probs(self, model, split, items, batch_size, visual=None):
+    visual = self.visual[split] if visual is None else visual
+    out = np.full((len(items), 4), -5.0)
+    for row, item in enumerate(items):
+      choice = 0 if item.category == "location" else item.options.index(self._read(visual, item))
+      out[row, choice] = 0.0
+    return out
+
+
+def _evaluator(module, task, **config):
+  evaluator = module.Evaluator(ml_collections.ConfigDict(dict(type=module.__name__.rsplit(
+      ".", 1)[-1], **config)), task, None)
+  evaluator.name = config.get("name", evaluator.name)
+  return evaluator
+
+
+def _assert_intervals(results):
+  values = [k for k in results if not stats.is_interval_key(k) and k + "/ci_low" in results]
+  assert values
+  for key in values:
+    low, high = results[key + "/ci_low"], results[key + "/ci_high"]
+    assert low - 1e-9 <= results[key] <= high + 1e-9, (key, low, results[key], high)
+
+
+def test_captioning_evaluator_baselines_on_a_toy_task(tmp_path):
+  from pathflip_jax.evaluators import captioning
+  task = ToyInstructTask(tmp_path)
+  evaluator = _evaluator(captioning, task, baseline_draws=4)
+  results = evaluator.run(None)
+  _assert_intervals(results)
+  metrics = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d")
+  for name in ("", "random_train_caption/", "nearest_train_caption/"):
+    for metric in metrics:
+      assert np.isfinite(results[name + metric]), name + metric
+  # One caption per diagnosis: no slide gets a caption of its own.
+  assert results["distinct_captions"] == 0.0 and results["num_captions"] == 9
+  # The nearest training slide by cosine of the slide tokens, found the slow way.
+  test, train = task.visual["test"], task.visual["train"]
+  rows = stats.read_slide_rows(str(tmp_path / "eval"), "captioning", "test")
+  for i, row in enumerate(rows):
+    cosines = [test[i]["tokens"][0] @ t["tokens"][0] / np.linalg.norm(t["tokens"][0])
+               for t in train]
+    j = int(np.argmax(cosines))
+    assert row["nearest_train_slide"] == f"train-{j}"
+    assert row["nearest_train_caption"] == task.items["train"][4 * j].answer_text
+    assert row["slide_id"] == f"test-{i}" and row["distinct"] is False
+  nearest = [r["nearest_train_caption"] for r in rows]
+  assert results["nearest_train_caption/distinct_captions"] == pytest.approx(
+      np.mean([nearest.count(c) == 1 for c in nearest]))
+  # Paired differences are model minus baseline, and the copied training captions (same
+  # diagnosis, same template) beat the one-line captions here.
+  for metric in metrics:
+    assert results[f"minus_nearest_train_caption/{metric}"] == pytest.approx(
+        results[metric] - results[f"nearest_train_caption/{metric}"])
+  assert results["minus_nearest_train_caption/rouge_l/ci_high"] < 0
+  # The baselines are scored once: a second run gives the same numbers.
+  assert evaluator.run(None) == results
+
+
+def test_vqa_evaluator_shuffled_and_question_only_baselines_on_a_toy_task(tmp_path):
+  from pathflip_jax.evaluators import vqa
+  question_only = tmp_path / "question_only"
+  blind = _evaluator(vqa, ToyInstructTask(question_only, visual_tokens=False))
+  blind_results = blind.run(None)
+  assert not any(k.startswith(("shuffled_visual/", "minus_shuffled")) for k in blind_results)
+  task = ToyInstructTask(tmp_path / "model")
+  results = _evaluator(vqa, task, question_only=str(question_only)).run(None)
+  _assert_intervals(results)
+  # The model reads every diagnosis right; shown another slide's tokens, only the diagnoses
+  # that happen to agree; the question-only decoder always says "benign" (a third).
+  assert results["mc/ranked_accuracy/diagnosis"] == 1.0
+  assert results["mc/ranked_accuracy/location"] == pytest.approx(3 / 9)
+  rows = stats.read_slide_rows(str(tmp_path / "model" / "eval"), "vqa", "test")
+  choice = [r for r in rows if r["type"] == ins.MULTIPLE_CHOICE]
+  shuffled = np.mean([r["shuffled_visual_ranked"] == r["answer"] for r in choice
+                      if r["category"] == "diagnosis"])
+  assert results["shuffled_visual/mc/ranked_accuracy/diagnosis"] == pytest.approx(shuffled)
+  assert shuffled < 1
+  assert results["question_only/mc/ranked_accuracy/diagnosis"] == pytest.approx(1 / 3)
+  assert results["question_only/mc/ranked_accuracy"] == blind_results["mc/ranked_accuracy"]
+  assert results["question_only/open/exact_match"] == blind_results["open/exact_match"]
+  for baseline in ("shuffled_visual", "question_only"):
+    for key in ("mc/ranked_accuracy", "mc/ranked_accuracy/diagnosis",
+                "mc/ranked_accuracy/location"):
+      assert results[f"minus_{baseline}/{key}"] == pytest.approx(
+          results[key] - results[f"{baseline}/{key}"]), (baseline, key)
+  assert results["minus_question_only/mc/ranked_accuracy/diagnosis/ci_low"] > 0
+  assert results["minus_best_single_letter/mc/ranked_accuracy"] == pytest.approx(
+      results["mc/ranked_accuracy"] - results["mc/best_single_letter_accuracy"])
+  assert results["mc/accuracy"] == results["mc/ranked_accuracy"]
+  assert results["minus_question_only/open/f1"] == pytest.approx(2 / 3)
+  # Per question: what a later run needs to use this one as its question-only baseline.
+  first = choice[0]
+  assert first["slide_id"] == "test-0" and first["category"] == "diagnosis"
+  assert set(first) >= {"question", "options", "answer", "ranked", "generated", "parsed",
+                        "ranked_correct", "generated_correct"}
+  assert len(rows) == 27 and sum(r["type"] == ins.OPEN for r in rows) == 9
+  # A question-only run evaluated on other questions is an error naming the setting.
+  other = ToyInstructTask(tmp_path / "other", sizes=(("train", 12), ("test", 6)))
+  _evaluator(vqa, other).run(None)
+  with pytest.raises(ValueError, match="question_only=.*has no row"):
+    _evaluator(vqa, task, question_only=str(tmp_path / "other")).run(None)
+  with pytest.raises(FileNotFoundError, match="question_only=.*no eval/"):
+    _evaluator(vqa, task, question_only=str(tmp_path / "missing"))
+
+
+def test_derangement_moves_every_slide():
+  from pathflip_jax.evaluators import vqa
+  for n in (2, 3, 10):
+    d = vqa.derangement(n)
+    assert sorted(d) == list(range(n)) and not np.any(d == np.arange(n))
+  assert vqa.derangement(10).tolist() == vqa.derangement(10).tolist()
+  with pytest.raises(ValueError, match="at least 2"):
+    vqa.derangement(1)

@@ -191,6 +191,48 @@ def test_region_attention_ablation_uses_mean_of_regions():
   np.testing.assert_allclose(z[1, 0], regions_bme[1, 0], rtol=1e-6)
 
 
+def test_qformer_ablations_replace_the_region_and_slide_qformers():
+  """region_qformer=False: a region's token is a projection of the mean of its patch features
+  and its patches weigh equally in heatmaps; slide_qformer=False: the slide token is the mean of
+  the region tokens, so patches outside the kept regions no longer reach it."""
+  config = slide_examples.ExampleConfig(region_patches=2, eval_num_regions=2, num_subcaptions=2,
+                                        caption_len=8, subcaption_len=8, buckets=(32,))
+  batch = _inputs(slide_examples.build_example(_element(n=30), config, _Tokens(), None))
+  # Real patches in none of the two kept regions: changing them must not reach a slide token
+  # made of region tokens.
+  n = batch["features"].shape[1]
+  outside = (jnp.arange(n) < 30).at[batch["region_index"][0][batch["region_patch_valid"][0]]].set(
+      False)
+  changed = dict(batch, features=jnp.where(outside[None, :, None], batch["features"] + 3.0,
+                                           batch["features"]))
+  models = {name: pathflip.PathFlip(_tiny_config(**switch), rngs=nnx.Rngs(0))
+            for name, switch in (("paper", {}), ("no_region_qformer", {"region_qformer": False}),
+                                 ("no_slide_qformer", {"slide_qformer": False}))}
+
+  @nnx.jit
+  def run(model):
+    patches = model.qformer.project_features(batch["features"])
+    return (model.region_tokens(patches, batch), model.region_patch_weights(patches, batch),
+            model.encode_slides(batch)["slide"], model.encode_slides(changed)["slide"])
+
+  tokens, weights, slide, slide_changed = run(models["no_region_qformer"])
+  proj = models["no_region_qformer"].region_feature_proj
+  index, valid = np.asarray(batch["region_index"][0]), np.asarray(batch["region_patch_valid"][0])
+  features = np.asarray(batch["features"][0], np.float32)
+  for m in range(2):
+    mean = features[index[m][valid[m]]].mean(0)
+    np.testing.assert_allclose(tokens[0, m], mean @ np.asarray(proj.kernel[...])
+                               + np.asarray(proj.bias[...]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(weights[0, m][valid[m]], 1.0 / valid[m].sum(), rtol=1e-6)
+  assert models["paper"].region_feature_proj is None
+  # The slide token: from every patch with the slide Q-Former, from the regions without it.
+  assert bool(outside.any())
+  _, _, slide, slide_changed = run(models["paper"])
+  assert float(jnp.abs(slide - slide_changed).max()) > 1e-4
+  _, _, slide, slide_changed = run(models["no_slide_qformer"])
+  np.testing.assert_allclose(slide, slide_changed, rtol=1e-5, atol=1e-6)
+
+
 def test_patch_attention_is_a_distribution_over_valid_patches():
   model = pathflip.PathFlip(_tiny_config(), rngs=nnx.Rngs(0))
   features = jax.random.normal(jax.random.key(0), (2, 11, 12))

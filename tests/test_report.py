@@ -1,9 +1,13 @@
 """pathflip_jax.report and docs/results.py: every metric a run wrote, beside its baseline, in
-REPORT.md and in the results page that names the run."""
+REPORT.md and in the results page that names the run; pathflip_jax.compare's paired differences
+across runs and spread over seeds, and their tables."""
 
 import importlib.util
 import json
 import pathlib
+
+import numpy as np
+import pytest
 
 from pathflip_jax import report
 
@@ -74,3 +78,151 @@ def test_results_page_names_its_run(tmp_path):
     assert "no run.json" in str(e)
   else:
     raise AssertionError("a workdir without run.json must not give a results page")
+
+
+def test_report_shows_intervals_baselines_and_paired_differences(tmp_path):
+  workdir = _workdir(tmp_path)
+  align = json.loads((workdir / "align" / "results.json").read_text())
+  align.update({
+      "zero_shot/balanced_accuracy/ci_low": 0.301, "zero_shot/balanced_accuracy/ci_high": 0.562,
+      "zero_shot/reference/balanced_accuracy": 0.512,
+      "zero_shot/reference/balanced_accuracy/ci_low": 0.4,
+      "zero_shot/reference/balanced_accuracy/ci_high": 0.6,
+      "zero_shot/minus_reference/balanced_accuracy": -0.075,
+      "zero_shot/minus_reference/balanced_accuracy/ci_low": -0.2,
+      "zero_shot/minus_reference/balanced_accuracy/ci_high": 0.05,
+      "mil/balanced_accuracy": 0.9, "mil/balanced_accuracy/ci_low": 0.8,
+      "mil/balanced_accuracy/ci_high": 1.0,
+      "localization/auroc/tumour/ci_low": 0.8, "localization/auroc/tumour/ci_high": 0.93,
+      "localization/dice/tumour": 0.5, "localization/dice_threshold/tumour": 0.35,
+      "localization/minus_reference/mean_lesion_auroc": 0.1,
+      "localization/minus_reference/mean_lesion_auroc/ci_low": float("nan"),
+      "localization/minus_reference/mean_lesion_auroc/ci_high": float("nan")})
+  (workdir / "align" / "results.json").write_text(json.dumps(align))
+  text = report.render(str(workdir), examples=[])
+  for row in ("| balanced accuracy (chance) | 0.437 [0.301, 0.562] | 0.250 |",
+              "| balanced accuracy (baseline: the patch encoder's own text alignment, mean-pooled "
+              "patches) | 0.437 [0.301, 0.562] | 0.512 [0.400, 0.600] |",
+              "| balanced accuracy (baseline: attention-MIL trained on the diagnosis labels) | "
+              "0.437 [0.301, 0.562] | 0.900 [0.800, 1.000] |",
+              "| balanced accuracy: model − the patch encoder's own text alignment | "
+              "-0.075 [-0.200, +0.050] |",
+              "| query | AUROC | Dice (threshold from val) | FROC | slides |",
+              "| tumour | 0.871 [0.800, 0.930] | 0.500 | – | 10 |",
+              # An interval that is undefined is left out, not printed as nan.
+              "| mean lesion AUROC: model − the patch encoder's own text alignment | +0.100 |",
+              "Brackets hold 95% bootstrap intervals"):
+    assert row in text, row
+  assert "ci_low" not in text and "ci high" not in text
+
+
+def _fake_run(directory, zero_shot_right, retrieval_ranks, aurocs, name="zero_shot"):
+  """A run as its evaluators leave it: config.json naming the evaluators, per-slide rows."""
+  from pathflip_jax.evaluators import stats
+  eval_dir = directory / "eval"
+  directory.mkdir(parents=True)
+  (directory / "config.json").write_text(json.dumps({"evals": {
+      name: {"type": "slide_zero_shot"}, "retrieval": {"type": "slide_retrieval"},
+      "localization": {"type": "localization"}}}))
+  ids = [f"s{i}" for i in range(len(aurocs))]
+  stats.write_slide_rows(str(eval_dir), name, "test", [
+      {"slide_id": sid, "label": i % 2,
+       "scores": [1.0, 0.0] if (i % 2 == 0) == bool(right) else [0.0, 1.0]}
+      for i, (sid, right) in enumerate(zip(ids, zero_shot_right))])
+  stats.write_slide_rows(str(eval_dir), "retrieval", "test", [
+      {"slide_id": sid, "slide_to_text_rank": rank, "text_to_slide_rank": rank}
+      for sid, rank in zip(ids, retrieval_ranks)])
+  stats.write_slide_rows(str(eval_dir), "localization", "test", [
+      {"slide_id": sid, "auroc": {"tumour": a, "necrosis": None}, "dice": {"tumour": 0.5},
+       "lesions": ["tumour", "necrosis"]} for sid, a in zip(ids, aurocs)])
+  return str(directory)
+
+
+def test_compare_pairs_runs_slide_by_slide(tmp_path):
+  from pathflip_jax import compare
+  rng = np.random.default_rng(0)
+  n = 40
+  base_auroc = rng.uniform(0.5, 0.9, size=n)
+  model = _fake_run(tmp_path / "align", [1] * 30 + [0] * 10, [1] * 20 + [3] * 20,
+                    base_auroc + 0.05, name="zs")
+  other = _fake_run(tmp_path / "align_no_region_loss", [1] * 20 + [0] * 20, [1] * 20 + [3] * 20,
+                    base_auroc)
+  result = compare.compare(model, [other, model], "test")
+  rows = {(r["metric"], r["against"]): r for r in result["rows"]}
+  auroc = rows[("localization/mean_lesion_auroc", other)]
+  # A shift of 0.05 on every slide: the paired interval has no width, though each run's own
+  # values spread over 0.5-0.9.
+  assert auroc["difference"] == pytest.approx(0.05)
+  assert auroc["ci_low"] == pytest.approx(0.05) and auroc["ci_high"] == pytest.approx(0.05)
+  assert auroc["model"] == pytest.approx(base_auroc.mean() + 0.05) and auroc["num_slides"] == n
+  zero_shot = rows[("slide_zero_shot/balanced_accuracy", other)]
+  assert zero_shot["difference"] == pytest.approx(0.25) and zero_shot["ci_low"] > 0.0
+  recall = rows[("slide_retrieval/slide_to_text_r@1", other)]
+  assert (recall["difference"], recall["ci_low"], recall["ci_high"]) == (0.0, 0.0, 0.0)
+  same = rows[("slide_zero_shot/balanced_accuracy", model)]
+  assert (same["difference"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+  # No FROC detections in these rows: said, not made up.
+  assert not any(r["metric"] == "localization/mean_lesion_froc" for r in result["rows"])
+  assert any("mean_lesion_froc" in m for m in result["missing"])
+
+  # Only the slides both runs evaluated are paired.
+  partial = _fake_run(tmp_path / "partial", [1] * 10, [1] * 10, base_auroc[:10])
+  rows = {r["metric"]: r for r in compare.compare(model, [partial])["rows"]}
+  assert rows["localization/mean_lesion_auroc"]["num_slides"] == 10
+
+  lines = report.ablation_table(result)
+  text = "\n".join(lines)
+  assert "| lesion AUROC | `" + other + "` | " in text
+  assert "| +0.050 [+0.050, +0.050] | 40 |" in text
+  assert "Not compared:" in text
+
+  out = tmp_path / "table.md"
+  printed = compare.main(["--model", model, "--against", other, "--seeds", model, other,
+                          "--output", str(out)])
+  assert out.read_text().strip() == printed.strip()
+  assert "model − run [95% interval]" in printed and "| metric | mean | sd |" in printed
+  with pytest.raises(SystemExit):
+    compare.main(["--model", model])                # nothing to compare against
+  # A run that was never evaluated: every comparison missing, each said why.
+  missing = compare.compare(model, [str(tmp_path / "nowhere")])
+  assert not missing["rows"] and len(missing["missing"]) == len(compare.METRICS)
+  assert "no per-slide rows of slide_zero_shot on split 'test'" in missing["missing"][1]
+
+
+def test_seed_summary_gives_mean_and_spread(tmp_path):
+  from pathflip_jax import compare
+  runs = [_fake_run(tmp_path / f"seed{s}", [1] * 10, [1] * (5 + s) + [2] * (5 - s),
+                    [0.6 + 0.1 * s] * 10) for s in range(3)]
+  summary = compare.seed_summary(runs)
+  auroc = summary["metrics"]["localization/mean_lesion_auroc"]
+  assert auroc["mean"] == pytest.approx(0.7) and auroc["std"] == pytest.approx(0.1)
+  assert auroc["min"] == pytest.approx(0.6) and auroc["runs"] == 3
+  recall = summary["metrics"]["slide_retrieval/slide_to_text_r@1"]
+  assert recall["values"] == pytest.approx([0.5, 0.6, 0.7])
+  text = "\n".join(report.seed_table(summary))
+  assert "| lesion AUROC | 0.700 | 0.100 | 0.600 | 0.800 | 3 |" in text
+  assert "Over 3 runs" in text
+
+
+def test_compare_over_seeds_averages_paired_differences(tmp_path):
+  """Each seed's model against the same seed's ablation: the difference is the mean over seeds,
+  and a difference every seed shows has an interval that excludes 0."""
+  from pathflip_jax import compare
+  model = [_fake_run(tmp_path / f"model{s}", [1] * 20, [1] * 20, [0.8 + 0.01 * s] * 20)
+           for s in range(3)]
+  ablation = [_fake_run(tmp_path / f"ablation{s}", [1] * 20, [1] * 10 + [3] * 10,
+                        [0.6 + 0.02 * s] * 20) for s in range(3)]
+  same = [_fake_run(tmp_path / f"same{s}", [1] * 20, [1] * 20, [0.8 + 0.01 * s] * 20)
+          for s in range(3)]
+  result = compare.compare_over_seeds(model, {"no_x": ablation, "copy": same})
+  rows = {(r["against"], r["metric"]): r for r in result["rows"]}
+  auroc = rows[("no_x", "localization/mean_lesion_auroc")]
+  assert auroc["difference"] == pytest.approx(0.81 - 0.62) and auroc["seeds"] == 3
+  assert auroc["ci_low"] > 0
+  recall = rows[("no_x", "slide_retrieval/slide_to_text_r@1")]
+  assert recall["difference"] == pytest.approx(0.5) and recall["ci_low"] > 0
+  copy = rows[("copy", "slide_zero_shot/balanced_accuracy")]
+  assert copy["difference"] == 0 and copy["ci_low"] == copy["ci_high"] == 0
+  assert "no_x" in "\n".join(report.ablation_table(result))
+  with pytest.raises(ValueError, match="one per seed"):
+    compare.compare_over_seeds(model, {"no_x": ablation[:2]})

@@ -1,9 +1,12 @@
-"""Caption metrics against sacrebleu and hand-worked values; VQA parsing, accuracies, baselines."""
+"""Caption metrics against sacrebleu and hand-worked values, on resamples, METEOR's corpus
+score from its statistics; VQA parsing, accuracies, baselines. (The comparison with the COCO
+caption evaluation itself, Java included, is tests/test_coco_metrics.py.)"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from sacrebleu.metrics import BLEU
 
@@ -31,7 +34,7 @@ REFERENCES_B = [
     "Lymph node: metastatic carcinoma.",
     "High ki-67 in tumour cells",
     "benign lesion",
-    "Adenocarcinoma, well differentiated, with glands up to 3.5 mm.",
+    "Adenocarcinoma, well differentiated, with glands of 3.5 mm.",
 ]
 
 
@@ -46,11 +49,22 @@ def _sacrebleu(hypotheses, reference_streams, order):
   return bleu.corpus_score([_joined(h) for h in hypotheses], streams).score / 100.0
 
 
-def test_tokenize_splits_punctuation_and_lowercases():
-  assert tm.tokenize("Carcinoma.") == tm.tokenize("carcinoma .") == ["carcinoma", "."]
+def test_tokenize_as_the_coco_evaluation_does():
+  # PTB tokens, lower case, COCO's punctuation dropped (its brackets "-lrb-" stay: its list is
+  # upper case).
+  assert tm.tokenize("Carcinoma.") == tm.tokenize("carcinoma .") == ["carcinoma"]
   assert tm.tokenize("Ki-67 (high), 3.5 mm; and/or") == [
-      "ki-67", "(", "high", ")", ",", "3.5", "mm", ";", "and/or"]
+      "ki-67", "-lrb-", "high", "-rrb-", "3.5", "mm", "and/or"]
+  assert tm.tokenize("Measuring about 0.4 mm. The tumour's margin isn't clear...") == [
+      "measuring", "about", "0.4", "mm", "the", "tumour", "'s", "margin", "is", "n't", "clear"]
+  assert tm.tokenize("e.g. 3.5mm, etc. vs. 10mm") == ["e.g.", "3.5", "mm", "etc.", "vs.", "10mm"]
   assert tm.tokenize("") == []
+  # One stream, a text per line: "B." before a line starting "The" ends a sentence there.
+  assert tm.coco_tokenize(["Grade B.", "The margin."]) == [["grade", "b"], ["the", "margin"]]
+  assert tm.coco_tokenize(["Grade B.", "no margin"]) == [["grade", "b."], ["no", "margin"]]
+  assert tm.coco_tokenize([]) == []
+  with pytest.raises(TypeError, match="not one str"):
+    tm.coco_tokenize("a text")
 
 
 @pytest.mark.parametrize("subset", [slice(None), slice(0, 3), slice(2, 6), slice(4, 5)])
@@ -139,6 +153,76 @@ def test_caption_metrics_keys():
   assert 1 >= result["bleu_1"] >= result["bleu_2"] >= result["bleu_4"] >= 0
 
 
+def test_corpus_metrics_on_resamples_are_recomputed_corpora():
+  """A resample (slides drawn with repeats) scores as the corpus of the drawn captions would:
+  BLEU's sums, ROUGE-L's mean and CIDEr-D's document frequencies all from the drawn ones;
+  several hypothesis sets under one name give the mean of their metrics."""
+  refs = [[a, b] if i % 2 else [a] for i, (a, b) in enumerate(zip(REFERENCES_A, REFERENCES_B))]
+  shifted = HYPOTHESES[2:] + HYPOTHESES[:2]
+  corpus = tm.CaptionCorpus(refs)
+  metrics = corpus.metrics({"model": [HYPOTHESES], "draws": [HYPOTHESES, shifted]})
+  everything = np.arange(len(refs))
+  assert metrics["model"](everything) == pytest.approx(
+      {k: v for k, v in tm.caption_metrics(HYPOTHESES, refs).items() if k != "num_captions"})
+  for idx in (np.array([0, 0, 3, 5, 5, 5]), np.array([1, 2, 2, 4, 1, 0])):
+    direct = tm.caption_metrics([HYPOTHESES[i] for i in idx], [refs[i] for i in idx])
+    shifted_direct = tm.caption_metrics([shifted[i] for i in idx], [refs[i] for i in idx])
+    for key, value in metrics["model"](idx).items():
+      assert value == pytest.approx(direct[key], abs=1e-12), key
+      assert metrics["draws"](idx)[key] == pytest.approx(
+          (direct[key] + shifted_direct[key]) / 2, abs=1e-12), key
+  # Drawn twice, a segment's n-grams count twice in the document frequencies.
+  assert metrics["model"](np.array([0, 0, 3, 5, 5, 5]))["cider_d"] != pytest.approx(
+      metrics["model"](np.array([0, 3, 5]))["cider_d"])
+  segments = corpus.segment_scores(HYPOTHESES)
+  assert segments["cider_d"].mean() == pytest.approx(metrics["model"](everything)["cider_d"])
+  assert segments["rouge_l"].mean() == pytest.approx(metrics["model"](everything)["rouge_l"])
+  with pytest.raises(ValueError, match="differ in length"):
+    corpus.metrics({"short": [HYPOTHESES[:2]]})
+  with pytest.raises(ValueError, match="list of caption lists"):
+    corpus.metrics({"flat": HYPOTHESES})
+
+
+def test_lcs_length_matches_dynamic_programming():
+  def table(a, b):
+    row = [0] * (len(b) + 1)
+    for x in a:
+      diagonal = 0
+      for j, y in enumerate(b, start=1):
+        diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    a = list(rng.choice(list("abcd"), rng.integers(0, 25)))
+    b = list(rng.choice(list("abcde"), rng.integers(0, 70)))
+    assert tm._lcs_length(a, b) == table(a, b), (a, b)
+
+
+def test_meteor_corpus_score_from_statistics():
+  # Statistics lines as METEOR 1.5's jar writes them (test length, reference length, function
+  # words, then per module exact/stem/synonym/paraphrase: test and reference content matches,
+  # test and reference function-word matches; chunks; word matches).
+  perfect = [5, 5, 0, 0, 5, 5, 0, 0] + [0] * 12 + [1, 5, 5]
+  # "the tissue shows normal fat" against "normal adipose tissue fat only": 3 exact content
+  # matches in 3 chunks, one function word ("the") in the hypothesis.
+  partial = [5, 5, 1, 0, 3, 3, 0, 0] + [0] * 12 + [3, 3, 3]
+  rows = tm.meteor_segment_stats(np.array([perfect, partial], np.float64))
+  assert rows[:, 23].tolist() == [0, 3]        # a segment matched whole adds no chunk
+  # Content words weigh 0.75, function words 0.25: P = 0.75 * 3 / (0.75 * 4 + 0.25 * 1),
+  # R = 0.75 * 3 / (0.75 * 5), Fmean = 1 / (0.15 / P + 0.85 / R); 3 chunks of 3 matches:
+  # fragmentation 1, penalty 0.6 * 1 ** 0.2.
+  p, r = 2.25 / 3.25, 2.25 / 3.75
+  assert tm.meteor_from_stats(rows[1]) == pytest.approx(1 / (0.15 / p + 0.85 / r) * 0.4)
+  assert tm.meteor_from_stats(rows[0]) == pytest.approx(1.0)
+  # The jar's EVAL of [perfect, partial, partial] (its output, 0.34820973727868937).
+  assert tm.meteor_from_stats(rows[[0, 1, 1]].sum(0)) == pytest.approx(0.34820973727868937,
+                                                                       abs=1e-15)
+  # Nothing to match (an empty hypothesis): 0, not nan.
+  empty = tm.meteor_segment_stats(np.array([[0, 4, 0, 1] + [0] * 19], np.float64))
+  assert tm.meteor_from_stats(empty[0]) == 0.0
+
+
 OPTIONS = {"A": "tumour", "B": "fat", "C": "brown fat", "D": "stroma"}
 
 
@@ -184,12 +268,14 @@ def test_multiple_choice_accuracy_by_text():
 
 
 def test_open_ended_metrics():
-  result = tm.open_ended_metrics(
-      ["The tumour.", "invasive ductal carcinoma", "fat", None],
-      ["tumour", "ductal carcinoma", ["adipose", "Fat"], "stroma"])
+  predictions = ["The tumour.", "invasive ductal carcinoma", "fat", None]
+  answers = ["tumour", "ductal carcinoma", ["adipose", "Fat"], "stroma"]
+  result = tm.open_ended_metrics(predictions, answers)
   assert result["exact_match"] == pytest.approx(2 / 4)
   # "invasive ductal carcinoma" vs "ductal carcinoma": P = 2/3, R = 1, F1 = 0.8.
   assert result["f1"] == pytest.approx((1 + 0.8 + 1 + 0) / 4)
+  exact, f1 = tm.open_ended_scores(predictions, answers)
+  assert exact.tolist() == [1, 0, 1, 0] and f1 == pytest.approx([1, 0.8, 1, 0])
   assert tm.normalize_answer("  An  Adipose, (fat) cell!") == "adipose fat cell"
 
 

@@ -182,10 +182,16 @@ class SequenceConfig:
   max_visual: int = 65            # visual tokens per slide (slide token + regions)
   shuffle_options: bool = True
   region_dropout: float = 0.0     # fraction of region tokens dropped per epoch in training
+  # "slide": the slide and region tokens reach the decoder; "none": no visual token does (the
+  # question-only baseline: what the questions and options alone let a decoder answer).
+  visual_tokens: str = "slide"
 
   def __post_init__(self):
     if not 0.0 <= self.region_dropout < 1.0:
       raise ValueError(f"data.region_dropout must be in [0, 1), got {self.region_dropout}")
+    if self.visual_tokens not in ("slide", "none"):
+      raise ValueError(f"data.visual_tokens must be 'slide' or 'none', got "
+                       f"{self.visual_tokens!r}")
 
 
 def training_example(item: Instruction, visual: dict[str, np.ndarray], template: Template,

@@ -3,7 +3,10 @@
   config.evals.<name> = ConfigDict(type="patch_zero_shot", every=..., ...)
 
 Each module defines ``Evaluator(config, task, mesh)`` with ``name`` and
-``run(model) -> dict[str, float]``; metrics are logged as ``<name>/<metric>``.
+``run(model) -> dict[str, float]``; metrics are logged as ``<name>/<metric>``. Slide-level
+metrics carry 95% bootstrap intervals over the evaluated slides (``<metric>/ci_low``,
+``<metric>/ci_high``; ``evaluators.stats``) and per-slide rows go to
+``<workdir>/eval/<name>_<split>_slides.jsonl`` for ``pathflip_jax.compare``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ TYPES = {
     "vqa": "pathflip_jax.evaluators.vqa",
     "localization": "pathflip_jax.evaluators.localization",
     "slide_linear_probe": "pathflip_jax.evaluators.slide_linear_probe",
+    "slide_mil": "pathflip_jax.evaluators.slide_mil",
 }
 
 

@@ -1,9 +1,11 @@
 """Shared pieces of evaluators: their common settings, batched and sharded application of a model
-method, slide embeddings of a split, class prompts."""
+method, slide embeddings of a split, class prompts, per-slide rows for comparisons across runs,
+and the patch encoder's own text alignment (the ``reference`` baseline)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -12,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pathflip_jax import input_pipeline, sharding
+from pathflip_jax.evaluators import metrics, stats
 
 
 class EvaluatorBase:
@@ -25,6 +28,22 @@ class EvaluatorBase:
     self.config, self.task, self.mesh = config, task, mesh
     self.every = config.get("every", 0)
     self.split = config.get("split", self.default_split)
+    # evaluators.build names each evaluator after its config entry; this default (its type)
+    # serves evaluators built directly (tests, notebooks).
+    from pathflip_jax import evaluators  # pylint: disable=import-outside-toplevel
+    module = type(self).__module__
+    self.name = config.get("type", None) or next(
+        (kind for kind, path in evaluators.TYPES.items() if path == module),
+        module.rsplit(".", 1)[-1])
+
+  def write_rows(self, rows: Sequence[dict[str, Any]], split: str | None = None) -> str | None:
+    """Writes per-slide rows to ``<task.workdir>/eval/<name>_<split>_slides.jsonl`` for paired
+    comparisons across runs (``pathflip_jax.compare``); nothing when the task has no workdir."""
+    workdir = getattr(self.task, "workdir", None)
+    if not workdir:
+      return None
+    return stats.write_slide_rows(os.path.join(workdir, "eval"), self.name,
+                                  split or self.split, rows)
 
 
 class BatchedApply:
@@ -135,6 +154,122 @@ class SlideEmbeddings:
   def texts(self, model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
     """Unit-norm embeddings of token rows (padded to the mesh's batch split)."""
     return self._texts(model, tokens)
+
+
+def classification_metrics(labels: np.ndarray, scores_nc: np.ndarray, prefix: str = ""
+                           ) -> Callable[[np.ndarray], dict[str, float]]:
+  """The dict metric (slide indices -> values) of class scores [n, classes] against labels:
+  balanced accuracy, weighted F1, macro one-vs-rest AUC and accuracy, keys ``prefix + name``,
+  each recomputed on the slides given (for :func:`stats.add_intervals`)."""
+  labels, scores_nc = np.asarray(labels), np.asarray(scores_nc)
+  predicted = scores_nc.argmax(1) if len(scores_nc) else np.zeros((0,), np.int64)
+
+  def metric(idx: np.ndarray) -> dict[str, float]:
+    y, p = labels[idx], predicted[idx]
+    return {prefix + "balanced_accuracy": metrics.balanced_accuracy(y, p),
+            prefix + "weighted_f1": metrics.weighted_f1(y, p),
+            prefix + "macro_auc": metrics.macro_auc(y, scores_nc[idx]),
+            prefix + "accuracy": float(np.mean(p == y))}
+
+  return metric
+
+
+def majority_class(task, split: str = "train") -> int | None:
+  """The most frequent label of an align task's (training) split: the majority-class
+  baseline is chosen there, never on the split it is scored on. None without labels."""
+  labels = np.array([t.label for t in task.splits[split].texts], np.int64)
+  labels = labels[labels >= 0]
+  return int(np.bincount(labels).argmax()) if len(labels) else None
+
+
+def slide_ids(task, split: str) -> list[str]:
+  """The slide ids of an align task's split, in the split's order (that of SlideEmbeddings)."""
+  return [t.slide_id for t in task.splits[split].texts]
+
+
+def patch_groups(task, split: str, count: int) -> tuple[np.ndarray, bool]:
+  """The resampling unit of each of a patch-level split's ``count`` patches: its slide when
+  the task knows it (``task.splits[split].slide_ids``), else the patch itself; and whether
+  they are slides."""
+  splits = getattr(task, "splits", None)
+  ids = getattr(splits.get(split), "slide_ids", None) if isinstance(splits, dict) else None
+  if ids is not None and len(ids) == count:
+    return np.asarray(ids), True
+  return np.arange(count), False
+
+
+def patch_majority(task: Any, labels: np.ndarray, num_classes: int) -> int:
+  """The most frequent patch label of the task's training split (the evaluated split's when
+  the task has no training labels to hand)."""
+  splits = getattr(task, "splits", None)
+  train = getattr(splits.get("train"), "labels", None) if isinstance(splits, dict) else None
+  source = np.asarray(train if train is not None and len(train) else labels)
+  return int(np.bincount(source, minlength=num_classes).argmax())
+
+
+def patch_intervals(task: Any, split: str, labels: np.ndarray, metric) -> dict[str, float]:
+  """The metrics of a patch-level evaluator (``metric``: patch indices -> dict) with intervals
+  over slides (patches grouped by slide) or, when the slides are unknown, over patches."""
+  groups, by_slide = patch_groups(task, split, len(labels))
+  items, count = stats.group_members(groups)
+  result: dict[str, float] = {}
+  stats.add_intervals(result, lambda idx: metric(items(idx)), count)
+  if by_slide:
+    result["num_slides"] = float(count)
+  return result
+
+
+def write_patch_rows(evaluator: EvaluatorBase, labels: np.ndarray,
+                     columns: dict[str, np.ndarray]) -> None:
+  """Per slide: its patches' labels and ``columns`` (per-patch values), when the slides and the
+  workdir are known."""
+  groups, by_slide = patch_groups(evaluator.task, evaluator.split, len(labels))
+  if not by_slide or not getattr(evaluator.task, "workdir", None):
+    return
+  rows = []
+  for slide_id in np.unique(groups):
+    members = np.nonzero(groups == slide_id)[0]
+    rows.append({"slide_id": str(slide_id), "labels": labels[members].tolist(),
+                 **{k: np.asarray(v)[members].tolist() for k, v in columns.items()}})
+  evaluator.write_rows(rows)
+
+
+class PatchClipReference:
+  """The patch encoder's own text alignment: the patch_clip run (``config.evals.*.reference``)
+  whose image tower extracted the features scores patches by the cosine of its projected
+  patch feature with a text embedding from its own text tower (the role CONCH plays).
+
+  Loaded once; it does not train, so what is computed from it can be cached by the caller.
+  """
+
+  def __init__(self, workdir: str, key: str = "config.evals.*.reference"):
+    from pathflip_jax import predict  # pylint: disable=import-outside-toplevel
+    self.workdir, self.key = workdir, key
+    self.model, self.tokenizer, self.text_len = predict.load_patch_clip(workdir)
+    self.feature_dim = int(self.model.image_proj.kernel.shape[0])
+
+  def class_embeddings(self, texts: Sequence[str], prompt_class: np.ndarray,
+                       num_classes: int) -> np.ndarray:
+    """Normalised mean prompt embedding per class, from the run's text tower: [classes, e]."""
+    tokens = self.tokenizer.encode_batch(list(texts), self.text_len)
+    prompt_emb = np.asarray(self.model.encode_texts(tokens), np.float32)
+    return class_embeddings(prompt_emb, prompt_class, num_classes)
+
+  def patch_embeddings(self, features: np.ndarray, slide_id: str) -> np.ndarray:
+    """Unit-norm projected patch features [n, e] of one slide."""
+    features = np.asarray(features, np.float32)
+    if features.shape[1] != self.feature_dim:
+      raise ValueError(f"{self.key}={self.workdir}: its image projection takes "
+                       f"{self.feature_dim}-d features, slide {slide_id} has "
+                       f"{features.shape[1]}-d ones (not this run's patch encoder)")
+    patches = np.asarray(self.model.image_proj(features), np.float32)
+    return patches / np.maximum(np.linalg.norm(patches, axis=1, keepdims=True), 1e-12)
+
+  def slide_embedding(self, features: np.ndarray, slide_id: str) -> np.ndarray:
+    """The mean of a slide's unit-norm patch embeddings, normalised (MI-Zero's mean pooling:
+    its cosine with a class is the slide's mean patch cosine, rescaled)."""
+    mean = self.patch_embeddings(features, slide_id).mean(0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
 def check_slide_split(task, split: str, key: str) -> None:

@@ -4,7 +4,14 @@
 ``extract_features`` exports). The L2 strength is chosen by cross-validation grouped by slide
 inside the training split only; the probe is then refit on the whole training split and scored
 on ``split``. The same probe on each patch's mean RGB (the colour-mean baseline) and the majority
-class rate are reported beside it, so the number can be judged against what colour alone gives.
+class rate (the training split's most frequent class) are reported beside it, so the number
+can be judged against what colour alone gives; ``minus_colour_mean/accuracy`` and
+``minus_colour_mean/balanced_accuracy`` are the probe minus the colour-mean probe, paired over
+the same patches. Every metric but the counts and ``l2`` has a 95% bootstrap interval
+(``/ci_low``, ``/ci_high``) over the split's *slides*, each slide's patches resampled together
+(``num_slides``), or over patches when the task does not say which slide a patch comes from.
+Per slide (patch labels and both probes' predictions) the rows go to
+``<workdir>/eval/<name>_<split>_slides.jsonl`` when the task has a workdir.
 
 Config: ``split`` ("val"), ``train_split`` ("train"), ``every`` (0: the trainer's log_steps),
 ``batch_size``, ``l2_grid``, ``folds``.
@@ -91,29 +98,46 @@ class Evaluator(common.EvaluatorBase):
     self.train_split = config.get("train_split", "train")
     self.embed = common.BatchedApply(lambda model, x: model.image_features(x), mesh,
                                      config.get("batch_size", 64))
-    self._baseline: dict[str, float] | None = None
+    # The colour-mean probe does not depend on the model: its predictions, at the first run.
+    self._baseline: np.ndarray | None = None
     common.check_split(task, config, self.split, "split")
     common.check_split(task, config, self.train_split, "train_split")
 
-  def _probe(self, train_x, test_x) -> dict[str, float]:
-    train_y, test_y = self.task.images(self.train_split)[1], self.task.images(self.split)[1]
+  def _predict(self, train_x, test_x) -> tuple[np.ndarray, float]:
+    """(predicted classes of the evaluated patches, chosen L2) of the probe."""
+    train_y = self.task.images(self.train_split)[1]
     groups = self.task.splits[self.train_split].slide_ids
-    return probe(train_x, train_y, groups, test_x, test_y, len(self.task.class_names),
-                 tuple(self.config.get("l2_grid", (1e-3, 1e-2, 1e-1))),
-                 self.config.get("folds", 3))
+    logits_fn, l2 = fit_probe(train_x, train_y, groups, len(self.task.class_names),
+                              tuple(self.config.get("l2_grid", (1e-3, 1e-2, 1e-1))),
+                              self.config.get("folds", 3))
+    return logits_fn(test_x).argmax(1), l2
 
   def run(self, model: nnx.Module) -> dict[str, float]:
-    train_images, _ = self.task.images(self.train_split)
+    train_images, train_y = self.task.images(self.train_split)
     test_images, test_y = self.task.images(self.split)
+    num_classes = len(self.task.class_names)
     if self._baseline is None:
       colour = lambda images: images.reshape(len(images), -1, 3).mean(1).astype(np.float64)
-      base = self._probe(colour(train_images), colour(test_images))
-      counts = np.bincount(test_y, minlength=len(self.task.class_names))
-      self._baseline = {"colour_mean_accuracy": base["accuracy"],
-                        "colour_mean_balanced_accuracy": base["balanced_accuracy"],
-                        "majority_class_accuracy": float(counts.max() / counts.sum()),
-                        "num_train": float(len(train_images)),
-                        "num_eval": float(len(test_images))}
+      self._baseline = self._predict(colour(train_images), colour(test_images))[0]
+    colour_predicted = self._baseline
     train_x = self.embed(model, train_images).astype(np.float64)
     test_x = self.embed(model, test_images).astype(np.float64)
-    return {**self._probe(train_x, test_x), **self._baseline}
+    predicted, l2 = self._predict(train_x, test_x)
+    majority = int(np.bincount(train_y, minlength=num_classes).argmax())
+
+    def metric(i: np.ndarray) -> dict[str, float]:
+      y = test_y[i]
+      out = {"accuracy": float(np.mean(predicted[i] == y)),
+             "balanced_accuracy": metrics.balanced_accuracy(y, predicted[i]),
+             "colour_mean_accuracy": float(np.mean(colour_predicted[i] == y)),
+             "colour_mean_balanced_accuracy": metrics.balanced_accuracy(y, colour_predicted[i]),
+             "majority_class_accuracy": float(np.mean(y == majority))}
+      for key in ("accuracy", "balanced_accuracy"):
+        out[f"minus_colour_mean/{key}"] = out[key] - out[f"colour_mean_{key}"]
+      return out
+
+    result = common.patch_intervals(self.task, self.split, test_y, metric)
+    common.write_patch_rows(self, test_y, {"predicted": predicted,
+                                           "colour_mean_predicted": colour_predicted})
+    return {**result, "l2": l2, "num_train": float(len(train_images)),
+            "num_eval": float(len(test_images))}

@@ -4,7 +4,15 @@
 name -> list of phrases, default: the class name); a class's text embedding is the normalised mean
 of its prompts' embeddings, and a patch goes to the class whose embedding is nearest (cosine), as
 in CLIP/CONCH prompt ensembling. Reports accuracy, balanced accuracy and the chance level
-(1 / number of classes for balanced accuracy; the majority class rate for accuracy).
+(1 / number of classes for balanced accuracy; for accuracy, always the training split's most
+frequent class when the task has one, else the evaluated split's).
+
+Accuracy, balanced accuracy and the majority-class accuracy have 95% bootstrap intervals
+(``/ci_low``, ``/ci_high``) over *slides*: patches of one slide are resampled together (the
+task's ``splits[split].slide_ids``; ``num_slides`` says how many), or over patches where the
+task does not say which slide a patch comes from (then ``num_slides`` is absent). Per slide
+(patch labels and predicted classes) the rows go to ``<workdir>/eval/<name>_<split>_slides.jsonl``
+when the task has a workdir.
 
 Config: ``split`` ("val"), ``every``, ``batch_size``, ``prompts``.
 """
@@ -40,8 +48,12 @@ class Evaluator(common.EvaluatorBase):
     num_classes = len(self.task.class_names)
     class_emb = common.class_embeddings(prompt_emb, self.prompt_class, num_classes)
     predicted = (self.embed_images(model, images) @ class_emb.T).argmax(1)
-    counts = np.bincount(labels, minlength=num_classes)
-    return {"accuracy": float((predicted == labels).mean()),
-            "balanced_accuracy": metrics.balanced_accuracy(labels, predicted),
-            "chance_balanced_accuracy": 1.0 / len(np.unique(labels)),
-            "majority_class_accuracy": float(counts.max() / counts.sum())}
+    majority = common.patch_majority(self.task, labels, num_classes)
+    result = common.patch_intervals(
+        self.task, self.split, labels,
+        lambda i: {"accuracy": float(np.mean(predicted[i] == labels[i])),
+                   "balanced_accuracy": metrics.balanced_accuracy(labels[i], predicted[i]),
+                   "majority_class_accuracy": float(np.mean(labels[i] == majority))})
+    result["chance_balanced_accuracy"] = 1.0 / len(np.unique(labels))
+    common.write_patch_rows(self, labels, {"predicted": predicted})
+    return result

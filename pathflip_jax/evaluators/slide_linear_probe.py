@@ -14,7 +14,13 @@ left out. Three readings of the same frozen slide embeddings:
                  paper's CPTAC protocol)
 
 Beside them: the same linear probe on the mean of each slide's patch features (what the slide
-encoder adds), the majority-class rate and chance AUC 0.5.
+encoder adds; ``mean_patch_feature/...``), and the model minus it paired over the same slides
+(``minus_mean_patch_feature/{auc,balanced_accuracy}``), the accuracy of always answering the
+training split's most frequent value (``majority_class_accuracy``) and chance AUC 0.5. Every
+metric but the counts, ``l2`` and chance has a 95% bootstrap interval over the evaluated slides
+(``/ci_low``, ``/ci_high``; few-shot: of the mean over draws). Per slide (label, the probe's
+logits, the baseline's, the zero-shot score) the rows go to
+``<workdir>/eval/<name>_<split>_slides.jsonl``.
 
 Config: ``label_key``, ``split`` ("test"), ``train_split`` ("train"), ``l2_grid``, ``folds``,
 ``shots`` ((1, 2, 4, 8)), ``draws`` (10), ``prompts``, ``batch_size``, ``seed``.
@@ -29,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pathflip_jax.evaluators import common, linear_probe, metrics
+from pathflip_jax.evaluators import common, linear_probe, metrics, stats
 
 
 def _auc(labels: np.ndarray, logits: np.ndarray) -> float:
@@ -70,7 +76,8 @@ class Evaluator(common.EvaluatorBase):
     else:
       self.prompt_tokens = None
     self.embed = common.SlideEmbeddings(task, mesh, config.get("batch_size", 8))
-    self._baseline: dict[str, float] | None = None
+    # The baseline does not depend on the model: (its test logits, constants), at the first run.
+    self._baseline: tuple[np.ndarray, dict[str, float]] | None = None
 
   def _labels(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keep mask, label index, patient group) of the split's slides."""
@@ -88,54 +95,78 @@ class Evaluator(common.EvaluatorBase):
       out.append(np.asarray(example["features"], np.float64)[valid].mean(0))
     return np.stack(out)
 
-  def _probe(self, train_x, train_y, groups, test_x, test_y) -> dict[str, float]:
+  def _fit(self, train_x, train_y, groups, test_x) -> tuple[np.ndarray, float]:
+    """(test logits, chosen L2) of the probe fitted on the training slides."""
     logits_fn, l2 = linear_probe.fit_probe(
         train_x, train_y, groups, len(self.values),
         tuple(self.config.get("l2_grid", (1e-3, 1e-2, 1e-1, 1.0))), self.config.get("folds", 3))
-    logits = logits_fn(test_x)
-    predicted = logits.argmax(1)
-    return {"accuracy": float((predicted == test_y).mean()),
-            "balanced_accuracy": metrics.balanced_accuracy(test_y, predicted),
-            "auc": _auc(test_y, logits), "l2": l2}
+    return logits_fn(test_x), l2
 
   def run(self, model: nnx.Module) -> dict[str, float]:
     train_keep, train_y, groups = self._labels(self.train_split)
     test_keep, test_y = self._labels(self.split)[:2]
     train_y, groups, test_y = train_y[train_keep], groups[train_keep], test_y[test_keep]
     if self._baseline is None:
-      base = self._probe(self._mean_patch_features(self.train_split)[train_keep], train_y,
-                         groups, self._mean_patch_features(self.split)[test_keep], test_y)
-      counts = np.bincount(test_y, minlength=len(self.values))
-      self._baseline = {"mean_patch_feature/balanced_accuracy": base["balanced_accuracy"],
-                        "mean_patch_feature/auc": base["auc"],
-                        "majority_class_accuracy": float(counts.max() / counts.sum()),
-                        "chance_auc": 0.5, "num_train": float(len(train_y)),
-                        "num_eval": float(len(test_y))}
+      base_logits, _ = self._fit(self._mean_patch_features(self.train_split)[train_keep],
+                                 train_y, groups,
+                                 self._mean_patch_features(self.split)[test_keep])
+      self._baseline = (base_logits, {"chance_auc": 0.5, "num_train": float(len(train_y)),
+                                      "num_eval": float(len(test_y))})
+    base_logits, constants = self._baseline
+    # The majority value is the training split's: nothing is chosen on the evaluated slides.
+    majority = int(np.bincount(train_y, minlength=len(self.values)).argmax())
     train_x = self.embed(model, self.train_split)["slide"][train_keep].astype(np.float64)
     test_out = self.embed(model, self.split)
     test_x = test_out["slide"][test_keep].astype(np.float64)
-    result = self._probe(train_x, train_y, groups, test_x, test_y)
+    logits, l2 = self._fit(train_x, train_y, groups, test_x)
     rng = np.random.default_rng(self.config.get("seed", 0))
+    few_shot: dict[int, list[np.ndarray]] = {}
     for k in self.config.get("shots", (1, 2, 4, 8)):
       per_class = [np.nonzero(train_y == c)[0] for c in range(len(self.values))]
       if min(len(p) for p in per_class) < k:
         continue
-      scores = []
+      few_shot[k] = []
       for _ in range(int(self.config.get("draws", 10))):
         picked = np.concatenate([rng.choice(p, k, replace=False) for p in per_class])
         # Few slides: the L2 the full probe chose, no cross-validation (more folds than
         # slides skips it).
         logits_fn, _ = linear_probe.fit_probe(train_x[picked], train_y[picked],
                                               groups[picked], len(self.values),
-                                              (result["l2"],), folds=len(picked) + 1)
-        logits = logits_fn(test_x)
-        scores.append((metrics.balanced_accuracy(test_y, logits.argmax(1)),
-                       _auc(test_y, logits)))
-      result[f"few_shot/k{k}/balanced_accuracy"] = float(np.mean([s[0] for s in scores]))
-      result[f"few_shot/k{k}/auc"] = float(np.mean([s[1] for s in scores]))
+                                              (l2,), folds=len(picked) + 1)
+        few_shot[k].append(logits_fn(test_x))
+    zero_shot = None
     if self.prompt_tokens is not None:
       prompt_te = self.embed.texts(model, self.prompt_tokens)
       value_ce = common.class_embeddings(prompt_te, self.prompt_value, 2)
       similarity = test_x @ value_ce.T
-      result["zero_shot_auc"] = metrics.binary_auc(test_y, similarity[:, 1] - similarity[:, 0])
-    return {**result, **self._baseline}
+      zero_shot = similarity[:, 1] - similarity[:, 0]
+
+    def metric(idx: np.ndarray) -> dict[str, float]:
+      y = test_y[idx]
+      predicted, base_predicted = logits[idx].argmax(1), base_logits[idx].argmax(1)
+      out = {"accuracy": float(np.mean(predicted == y)),
+             "balanced_accuracy": metrics.balanced_accuracy(y, predicted),
+             "auc": _auc(y, logits[idx]),
+             "mean_patch_feature/balanced_accuracy": metrics.balanced_accuracy(y, base_predicted),
+             "mean_patch_feature/auc": _auc(y, base_logits[idx]),
+             "majority_class_accuracy": float(np.mean(y == majority))}
+      for key in ("auc", "balanced_accuracy"):
+        out[f"minus_mean_patch_feature/{key}"] = out[key] - out[f"mean_patch_feature/{key}"]
+      for k, draws in few_shot.items():
+        out[f"few_shot/k{k}/balanced_accuracy"] = float(np.mean(
+            [metrics.balanced_accuracy(y, d[idx].argmax(1)) for d in draws]))
+        out[f"few_shot/k{k}/auc"] = float(np.mean([_auc(y, d[idx]) for d in draws]))
+      if zero_shot is not None:
+        out["zero_shot_auc"] = metrics.binary_auc(y, zero_shot[idx])
+      return out
+
+    result: dict[str, float] = {}
+    stats.add_intervals(result, metric, len(test_y))
+    result["l2"] = l2
+    ids = [r["slide_id"] for r, k in zip(self.rows[self.split], test_keep) if k]
+    self.write_rows([{"slide_id": sid, "label": int(test_y[i]),
+                      "scores": [float(v) for v in logits[i]],
+                      "mean_patch_feature_scores": [float(v) for v in base_logits[i]]}
+                     | ({"zero_shot_score": float(zero_shot[i])} if zero_shot is not None else {})
+                     for i, sid in enumerate(ids)])
+    return {**result, **constants}

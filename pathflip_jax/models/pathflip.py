@@ -37,6 +37,10 @@ class PathFlipConfig:
     region_heads: heads of the text-conditioned region attention (paper: 8).
     region_attention: False replaces the text-conditioned attention by the mean of the slide's
       region embeddings (the ablation "mean-pooled regions").
+    region_qformer: False replaces the region Q-Former by a linear projection of the mean of
+      each region's patch features (the ablation "no region Q-Former").
+    slide_qformer: False replaces the slide Q-Former by the mean of the slide's region tokens
+      (the ablation "no slide Q-Former").
     position_frequencies: sinusoid frequencies per axis of the 2-D region positions.
     region_init_scale, region_init_bias: initial logit scale (log space) and bias of the
       region-level sigmoid loss.
@@ -49,6 +53,8 @@ class PathFlipConfig:
   context_mlp_ratio: float = 4.0
   region_heads: int = 8
   region_attention: bool = True
+  region_qformer: bool = True
+  slide_qformer: bool = True
   position_frequencies: int = 16
   region_init_scale: float = math.log(1 / 0.07)
   region_init_bias: float = 0.0
@@ -166,6 +172,9 @@ class PathFlip(nnx.Module):
                              else None)
     self.region_logit_scale = nnx.Param(jnp.full((), config.region_init_scale, param_dtype))
     self.region_logit_bias = nnx.Param(jnp.full((), config.region_init_bias, param_dtype))
+    # Created last, so that the paper's model draws the same initial parameters either way.
+    self.region_feature_proj = (None if config.region_qformer else
+                                layers.Dense(config.qformer.feature_dim, e, (None, "embed"), **kw))
 
   # ------------------------------------------------------------------------------ text
   def encode_texts(self, tokens_bt: jax.Array) -> jax.Array:
@@ -189,18 +198,27 @@ class PathFlip(nnx.Module):
   def region_patch_weights(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]
                            ) -> jax.Array:
     """How much each of a region's patches makes its token [b, m, p], summing to 1 over the
-    region's valid patches: the region Q-Former's attention over them."""
+    region's valid patches: the region Q-Former's attention over them (equal weights without a
+    region Q-Former)."""
     b, m, p = batch["region_index"].shape
+    if self.region_feature_proj is not None:
+      return uniform_weights(batch["region_patch_valid"].reshape(b * m, p)).reshape(b, m, p)
     attention_kp = self.qformer.patch_attention(
         self.region_patches(patches_bnw, batch["region_index"]),
         batch["region_patch_valid"].reshape(b * m, p))
     return attention_kp.reshape(b, m, p)
 
   def region_tokens(self, patches_bnw: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """The region Q-Former: each region's patches -> one token per region [b, m, e]."""
+    """The region Q-Former: each region's patches -> one token per region [b, m, e] (without
+    it: the projected mean of the region's patch features)."""
     b, m, p = batch["region_index"].shape
-    tokens_ke = self._pooled(self.region_patches(patches_bnw, batch["region_index"]),
-                             batch["region_patch_valid"].reshape(b * m, p))
+    valid_kp = batch["region_patch_valid"].reshape(b * m, p)
+    if self.region_feature_proj is not None:
+      features_kpf = self.region_patches(batch["features"], batch["region_index"])
+      mean_kf = jnp.einsum("kp,kpf->kf", uniform_weights(valid_kp),
+                           features_kpf.astype(jnp.float32))
+      return self.region_feature_proj(mean_kf.astype(self.dtype)).reshape(b, m, -1)
+    tokens_ke = self._pooled(self.region_patches(patches_bnw, batch["region_index"]), valid_kp)
     return tokens_ke.reshape(b, m, -1)
 
   def encode_slides(self, batch: Mapping[str, jax.Array],
@@ -210,11 +228,16 @@ class PathFlip(nnx.Module):
     ``patches_bnw``: the projected patch features, when the caller has them already."""
     if patches_bnw is None:
       patches_bnw = self.qformer.project_features(batch["features"])
-    slide_be = self._pooled(patches_bnw, batch["patch_valid"])
-    positions = region_positions(batch["region_pos"], self.config.position_frequencies)
-    regions_bme = self.region_tokens(patches_bnw, batch) + self.position_proj(positions)
-    tokens = jnp.concatenate([slide_be[:, None], regions_bme], axis=1)
     region_valid = batch["region_valid"]
+    own_bme = self.region_tokens(patches_bnw, batch)
+    if self.config.slide_qformer:
+      slide_be = self._pooled(patches_bnw, batch["patch_valid"])
+    else:   # the ablation: the mean of the region tokens stands for the slide
+      slide_be = jnp.einsum("bm,bme->be", uniform_weights(region_valid),
+                            own_bme.astype(jnp.float32)).astype(own_bme.dtype)
+    positions = region_positions(batch["region_pos"], self.config.position_frequencies)
+    regions_bme = own_bme + self.position_proj(positions)
+    tokens = jnp.concatenate([slide_be[:, None], regions_bme], axis=1)
     valid = jnp.concatenate([jnp.ones_like(region_valid[:, :1]), region_valid], axis=1)
     for block in self.context:
       tokens = block(tokens, valid)

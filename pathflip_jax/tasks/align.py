@@ -16,7 +16,8 @@ Config keys read here (see ``configs/pathflip_demo.py``): ``features_dir``, ``ma
 ``captions``, ``label_key``, ``class_names``, ``dtype``, ``tokenizer`` ("" trains one on the
 training split's text), ``vocab_size``, ``tokenizer_type``, ``data.*``
 (``slide_examples.ExampleConfig``), ``model.*``, ``slide_loss``, ``region_loss``,
-``region_attention``, ``loss.{slide_weight, region_weight, temperature, label_smoothing}``.
+``region_attention``, ``region_qformer``, ``slide_qformer`` (the paper's ablations),
+``loss.{slide_weight, region_weight, temperature, label_smoothing}``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int
   bad = sorted(set(m) - known)
   if bad:
     raise ValueError(f"config.model has unknown keys {bad}; known: {sorted(known)}")
-  m["region_attention"] = bool(config.get("region_attention", m.get("region_attention", True)))
+  # The paper's ablations are top-level config fields (configs/common.py align_stage).
+  for switch in ("region_attention", "region_qformer", "slide_qformer"):
+    m[switch] = bool(config.get(switch, m.get(switch, True)))
   return pathflip.PathFlipConfig(qformer=qformer.QFormerConfig(**q), **m)
 
 

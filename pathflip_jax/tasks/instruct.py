@@ -123,12 +123,15 @@ class InstructTask:
                                                       config.get("features_dir", ""))
     self.class_names = self.align_task.class_names
     self.visual = self._visual_tokens(align_model)
+    self.visual_dim = int(self.visual["train"][0]["tokens"].shape[1])
+    if self.sequence.visual_tokens == "none":   # the question-only baseline
+      self.visual = {split: [{k: v[:0] for k, v in slide.items()} for slide in slides]
+                     for split, slides in self.visual.items()}
     most = max((len(v["tokens"]) for s in self.visual.values() for v in s), default=0)
     if most > self.sequence.max_visual:
       raise ValueError(f"a slide has {most} visual tokens; config.data.max_visual="
                        f"{self.sequence.max_visual} (raise it, or lower the align run's "
                        "data.eval_num_regions)")
-    self.visual_dim = int(self.visual["train"][0]["tokens"].shape[1])
     self.items = self._instructions()
     self.tokenizer, self.decoder_config, self._gemma = self._language_model()
     counts = {s: {k: sum(i.kind == k for i in v) for k in (ins.CAPTION, ins.MULTIPLE_CHOICE,
@@ -277,15 +280,17 @@ class InstructTask:
 
   def generate(self, model: instruct.InstructModel, split: str, items: Sequence[ins.Instruction],
                *, prompt_len: int, max_new_tokens: int, batch_size: int, beams: int = 1,
-               ) -> list[str]:
-    """Greedy (beams=1) or beam-search answers to ``items`` of ``split``, decoded."""
+               visual: Sequence[dict[str, np.ndarray]] | None = None) -> list[str]:
+    """Greedy (beams=1) or beam-search answers to ``items`` of ``split``, decoded. ``visual``:
+    the slides' visual tokens to show (default ``self.visual[split]``; e.g. shuffled ones)."""
+    visual = self.visual[split] if visual is None else visual
     stops = [self.tokenizer.eos_id] + self._suffix_stop()
     texts = []
     for start in range(0, len(items), batch_size):
       chunk = list(items[start:start + batch_size])
       real = len(chunk)
       chunk += chunk[-1:] * (batch_size - real)
-      batch = ins.prompt_batch(chunk, self.visual[split], self.template, self.tokenizer,
+      batch = ins.prompt_batch(chunk, visual, self.template, self.tokenizer,
                                self.sequence.max_visual, prompt_len)
       graphdef, state = nnx.split(model)
       embeddings = _embed(graphdef, state, batch["tokens"], batch["visual"], batch["visual_pos"])
@@ -312,14 +317,17 @@ class InstructTask:
     return ids if len(ids) == 1 else []
 
   def option_log_probs(self, model: instruct.InstructModel, split: str,
-                       items: Sequence[ins.Instruction], batch_size: int) -> np.ndarray:
+                       items: Sequence[ins.Instruction], batch_size: int,
+                       visual: Sequence[dict[str, np.ndarray]] | None = None) -> np.ndarray:
     """log P(answer of option k | prompt) for each multiple-choice item: [items, 4]. Options
-    in the order shown; the answer is formatted as the template formats it (with EOS)."""
+    in the order shown; the answer is formatted as the template formats it (with EOS).
+    ``visual``: as in :meth:`generate`."""
+    visual = self.visual[split] if visual is None else visual
     sequences = []
     for item in items:
       for letter in ins.LETTERS:
         as_if = dataclasses.replace(item, answer=letter)
-        sequences.append(ins.training_example(as_if, self.visual[split][item.slide],
+        sequences.append(ins.training_example(as_if, visual[item.slide],
                                               self.template, self.tokenizer,
                                               dataclasses.replace(self.sequence,
                                                                   shuffle_options=False,

@@ -109,10 +109,15 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
   return patch_clip.PatchClipConfig(vision=vision, text=text, embed_dim=m.embed_dim)
 
 
-def cohort_corpus(cohort_dir: str) -> list[str]:
-  """Captions and their sentences: what the demo's tokenizer is trained on."""
+def cohort_corpus(cohort_dir: str, split: str = "train") -> list[str]:
+  """Captions and their sentences of one split's slides: what the demo's tokenizer is trained
+  on (the training split only, so evaluation text stays unseen)."""
+  splits = {row["slide_id"]: row.get("split", "train")
+            for row in patch_shards.read_jsonl(os.path.join(cohort_dir, "manifest.jsonl"))}
   texts = []
   for row in patch_shards.read_jsonl(os.path.join(cohort_dir, "captions.jsonl")):
+    if splits.get(row["slide_id"]) != split:
+      continue
     texts.append(row["caption"])
     texts.extend(s["text"] for s in row["sentences"])
   return texts
