@@ -1,11 +1,13 @@
-"""Writes docs/results.md, the one page of measured numbers, from a named quickstart run.
+"""Writes docs/results.md, the one page of measured numbers, from named quickstart runs.
 
+  python -m pathflip_jax.quickstart --size study --ablation_seeds 3 --workdir runs/study
   python -m pathflip_jax.quickstart --workdir runs/quickstart
-  python docs/results.py runs/quickstart
+  python docs/results.py runs/study runs/quickstart
 
-The page names its run (command, date, machine, git commit, from W/run.json) and holds every
-table of the run's REPORT.md (``pathflip_jax.report``: each metric beside its baseline), the
-stage times, and one strip of example heatmaps (docs/results/heatmaps.jpg). README, configs and
+Each run gets a section that names it (command, date, machine, git commit, from W/run.json)
+and holds every table of its REPORT.md (``pathflip_jax.report``: each metric beside its
+baselines, the paper's claims, the ablations when it ran them), and the stage times; the first
+run also gives one strip of example heatmaps (docs/results/heatmaps.jpg). README, configs and
 docstrings point here instead of quoting numbers.
 """
 
@@ -79,16 +81,32 @@ def heatmap_strip(workdir: str, out_path: str) -> str | None:
   return None
 
 
-def render(workdir: str) -> str:
-  """docs/results.md's text for the quickstart run in ``workdir`` (also writes the strip)."""
-  from pathflip_jax import report  # pylint: disable=import-outside-toplevel
-  lines = ["# Results", "",
-           "<!-- Written by docs/results.py from a quickstart workdir; rerun it after a new run. "
-           "-->", ""]
-  lines += provenance(_load(os.path.join(workdir, "run.json")))
+def _run_section(workdir: str) -> list[str]:
+  """One run's section: what ran, then its report one heading level down."""
+  from pathflip_jax import quickstart, report  # pylint: disable=import-outside-toplevel
+  record = _load(os.path.join(workdir, "run.json"))
+  lines = provenance(record)
   oracle = _load(os.path.join(workdir, "instruct", "eval", "vqa_oracle_test.json")) or None
-  lines.append(report.render(workdir, examples=[], vqa_oracle=oracle, title=""))
-  caption = heatmap_strip(workdir, os.path.join(DOCS, "results", "heatmaps.jpg"))
+  comparison, seeds = quickstart.Quickstart(
+      workdir, size=record.get("size", "demo"), seed=record.get("seed", 0),
+      ablation_seeds=record.get("ablation_seeds", 0)).ablation_summary()
+  text = report.render(workdir, examples=[], vqa_oracle=oracle, title="",
+                       comparison=comparison, seeds=seeds)
+  lines += [("#" + line) if line.startswith("#") else line for line in text.splitlines()]
+  return lines
+
+
+def render(workdirs: list[str] | str) -> str:
+  """docs/results.md's text for the quickstart runs in ``workdirs`` (also writes the strip of
+  the first run's heatmaps)."""
+  workdirs = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+  lines = ["# Results", "",
+           "<!-- Written by docs/results.py from quickstart workdirs; rerun it after a new run. "
+           "-->", ""]
+  for workdir in workdirs:
+    record = _load(os.path.join(workdir, "run.json"))
+    lines += [f"## The `{record.get('size', 'demo')}` cohort", ""] + _run_section(workdir)
+  caption = heatmap_strip(workdirs[0], os.path.join(DOCS, "results", "heatmaps.jpg"))
   if caption:
     lines += ["## Example heatmaps", "", caption, "", "![example heatmaps](results/heatmaps.jpg)",
               ""]
@@ -97,12 +115,13 @@ def render(workdir: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("workdir", help="a finished quickstart workdir")
+  parser.add_argument("workdirs", nargs="+", help="finished quickstart workdirs (the first gives "
+                      "the heatmap strip)")
   parser.add_argument("--output", default=os.path.join(DOCS, "results.md"))
   args = parser.parse_args()
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-  text = render(os.path.abspath(args.workdir))
+  text = render([os.path.abspath(w) for w in args.workdirs])
   with open(args.output, "w", encoding="utf-8") as f:
     f.write(text)
   print(f"wrote {args.output}")

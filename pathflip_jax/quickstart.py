@@ -233,6 +233,17 @@ class Quickstart:
     runs["model"][0] = self.paths["align"]
     return runs
 
+  def ablation_summary(self) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]] | None]:
+    """The ablation table's paired differences averaged over seeds and each configuration's
+    spread over its seeds (``pathflip_jax.compare``); (None, None) without ablations."""
+    if not self.ablation_seeds:
+      return None, None
+    from pathflip_jax import compare  # pylint: disable=import-outside-toplevel
+    runs = self.ablation_runs()
+    comparison = compare.compare_over_seeds(runs["model"],
+                                            {n: d for n, d in runs.items() if n != "model"})
+    return comparison, {name: compare.seed_summary(dirs) for name, dirs in runs.items()}
+
   def _ablations_done(self) -> bool:
     return all(_results(d) is not None for dirs in self.ablation_runs().values() for d in dirs)
 
@@ -293,13 +304,7 @@ class Quickstart:
       with open(os.path.join(self.paths["instruct"], "eval", "vqa_oracle_test.json"), "w",
                 encoding="utf-8") as f:
         json.dump(oracle, f, indent=1, sort_keys=True)
-    comparison = seeds = None
-    if self.ablation_seeds:
-      from pathflip_jax import compare  # pylint: disable=import-outside-toplevel
-      runs = self.ablation_runs()
-      comparison = compare.compare_over_seeds(runs["model"],
-                                              {n: d for n, d in runs.items() if n != "model"})
-      seeds = {name: compare.seed_summary(dirs) for name, dirs in runs.items()}
+    comparison, seeds = self.ablation_summary()
     text = report.render(self.workdir, self.example_slides(), oracle, comparison=comparison,
                          seeds=seeds)
     path = os.path.join(self.workdir, "REPORT.md")
@@ -316,7 +321,7 @@ class Quickstart:
     start = time.time()
     record_path = os.path.join(self.workdir, "run.json")
     record = provenance.run_record(command or ["Quickstart", self.workdir])
-    record.update(size=self.size, seed=self.seed)
+    record.update(size=self.size, seed=self.seed, ablation_seeds=self.ablation_seeds)
     earlier = []
     if os.path.exists(record_path):
       with open(record_path) as f:

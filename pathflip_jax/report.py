@@ -25,6 +25,11 @@ BASELINE_NAMES = {
     "chance": "chance",
     "mean_patch_feature": "the same probe on mean patch features",
     "colour_mean": "the same probe on colour means",
+    "random_train_caption": "a random training caption",
+    "nearest_train_caption": "the nearest-neighbour training caption",
+    "best_single_letter": "always the best single letter",
+    "question_only": "the question-only decoder",
+    "shuffled_visual": "shuffled visual tokens",
 }
 
 
@@ -90,8 +95,12 @@ def _rows(results: dict[str, Any], items: Sequence[tuple[str, str, str | float |
 
 def _metric_label(metric: str) -> str:
   """``mean_lesion_auroc`` -> ``mean lesion AUROC``: a result key's words as the tables say them."""
-  words = {"auc": "AUC", "auroc": "AUROC", "froc": "FROC", "dice": "Dice", "f1": "F1"}
-  return " ".join(words.get(w, w) for w in metric.replace("/", " ").replace("_", " ").split())
+  words = {"auc": "AUC", "auroc": "AUROC", "froc": "FROC", "dice": "Dice", "f1": "F1",
+           "mc": "multiple choice", "cider_d": "CIDEr-D", "rouge_l": "ROUGE-L",
+           "meteor": "METEOR", **{f"bleu_{n}": f"BLEU-{n}" for n in range(1, 5)}}
+  parts = [words.get(p, p) for p in metric.split("/")]
+  return " ".join(words.get(w, w) for part in parts for w in (
+      [part] if part in words.values() else part.replace("_", " ").split()))
 
 
 def differences_table(results: dict[str, Any], prefix: str) -> list[str]:
@@ -153,6 +162,125 @@ def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
                for k in order])
 
 
+CAPTION_METRICS = (("BLEU-1", "bleu_1"), ("BLEU-2", "bleu_2"), ("BLEU-3", "bleu_3"),
+                   ("BLEU-4", "bleu_4"), ("METEOR", "meteor"), ("ROUGE-L", "rouge_l"),
+                   ("CIDEr-D", "cider_d"), ("distinct captions", "distinct_captions"))
+CAPTION_BASELINES = ("random_train_caption", "nearest_train_caption")
+VQA_BASELINES = (("best single letter", "best_single_letter_accuracy"),
+                 ("question only", "question_only/mc/ranked_accuracy"),
+                 ("shuffled visual tokens", "shuffled_visual/mc/ranked_accuracy"))
+
+
+def caption_tables(instruct: dict[str, Any]) -> list[str]:
+  """The captioning section: COCO-style metrics beside a random training caption and the
+  nearest-neighbour one (the training caption of the closest slide embedding), then the paired
+  differences."""
+  lines = ["## Captioning", "",
+           "COCO-style metrics (PTB tokenization; CIDEr-D as pycocoevalcap) of the generated "
+           "captions against each test slide's reference. Baselines: a random training "
+           "caption; the nearest-neighbour caption, the training caption of the slide whose "
+           "embedding is closest. Distinct captions: the share of test slides whose caption no "
+           "other slide gets.", ""]
+  rows = [(name, cell(instruct, f"captioning/{key}"),
+           *(cell(instruct, f"captioning/{b}/{key}") for b in CAPTION_BASELINES))
+          for name, key in CAPTION_METRICS if f"captioning/{key}" in instruct]
+  lines += markdown_table(["metric", "model", "random training caption",
+                           "nearest-neighbour caption"], rows)
+  return lines + differences_table(instruct, "captioning/")
+
+
+def _vqa_categories(instruct: dict[str, Any]) -> list[str]:
+  """The multiple-choice categories with a ranked accuracy in the results."""
+  prefix = "vqa/mc/ranked_accuracy/"
+  return sorted({k[len(prefix):] for k in instruct
+                 if k.startswith(prefix) and k.count("/") == 3
+                 and k[len(prefix):] not in ("ci_low", "ci_high")})
+
+
+def vqa_tables(instruct: dict[str, Any]) -> list[str]:
+  """The VQA section: per multiple-choice category, option log-likelihood ranking (the
+  headline) beside the best single letter, the question-only decoder and shuffled visual
+  tokens, the generated answer after them; then open questions and the paired differences."""
+  categories = _vqa_categories(instruct)
+  header = ["category", "most likely option", *(name for name, _ in VQA_BASELINES),
+            "generated answer"]
+  rows = [(c, cell(instruct, f"vqa/mc/ranked_accuracy/{c}"),
+           *(cell(instruct, f"vqa/mc/{key}/{c}" if "/" not in key else f"vqa/{key}/{c}")
+             for _, key in VQA_BASELINES), cell(instruct, f"vqa/mc/accuracy/{c}"))
+          for c in categories]
+  rows.append(("**all**", cell(instruct, "vqa/mc/ranked_accuracy"),
+               *(cell(instruct, f"vqa/mc/{key}" if "/" not in key else f"vqa/{key}")
+                 for _, key in VQA_BASELINES), cell(instruct, "vqa/mc/accuracy")))
+  lines = ["## Visual question answering", "",
+           "Multiple choice (four options): the option the decoder gives the highest "
+           "log-likelihood, beside always the best single letter, a decoder trained on the same "
+           "questions without visual tokens (question only) and the model given another test "
+           "slide's visual tokens (shuffled); the generated answer last.", ""]
+  lines += markdown_table(header, rows)
+  open_rows = _rows(instruct, [("open: exact match", "vqa/open/exact_match", None),
+                               ("open: token F1", "vqa/open/f1", None)])
+  if any(r[1] is not None for r in open_rows):
+    lines += markdown_table(["metric", "value", "baseline"], open_rows)
+  return lines + differences_table(instruct, "vqa/")
+
+
+HEADLINE_METRICS = ("localization/mean_lesion_auroc", "slide_zero_shot/balanced_accuracy",
+                    "slide_retrieval/slide_to_text_r@1")
+
+
+def _difference(values: dict[str, Any], key: str) -> str:
+  """A paired difference of the results with its interval, signed."""
+  return with_interval(values[key], values.get(key + CI_LOW), values.get(key + CI_HIGH),
+                       sign=True)
+
+
+def _excludes_zero_above(values: dict[str, Any], key: str) -> bool | None:
+  """Whether the interval of ``key`` lies above 0 (None: no interval)."""
+  low = values.get(key + CI_LOW)
+  return None if not _finite(low) else bool(low > 0)
+
+
+def claims_table(comparison: dict[str, Any] | None, instruct: dict[str, Any]) -> list[str]:
+  """The paper's claims as measured here: each ablation lowers lesion AUROC, zero-shot or
+  retrieval R@1 with an interval excluding 0; captions beat the nearest-neighbour caption on
+  CIDEr-D; VQA option ranking beats the question-only and shuffled baselines in every
+  category. Each verdict is read off the paired differences; no line for what was not run."""
+  rows = []
+  if comparison:
+    for name in dict.fromkeys(r["against"] for r in comparison["rows"]):
+      measured = [r for r in comparison["rows"]
+                  if r["against"] == name and r["metric"] in HEADLINE_METRICS]
+      if not measured:
+        continue
+      lowered = [r for r in measured if _finite(r["ci_low"]) and r["ci_low"] > 0]
+      rows.append((f"the full model beats `{name}=False` on lesion AUROC, zero-shot or R@1",
+                   "holds" if lowered else "does not hold",
+                   "; ".join(f"{r['label']} " + with_interval(
+                       r["difference"], r["ci_low"], r["ci_high"], sign=True) for r in measured)))
+  key = "captioning/minus_nearest_train_caption/cider_d"
+  if key in instruct:
+    verdict = _excludes_zero_above(instruct, key)
+    rows.append(("captions beat the nearest-neighbour caption on CIDEr-D",
+                 {True: "holds", False: "does not hold", None: "no interval"}[verdict],
+                 _difference(instruct, key)))
+  categories = _vqa_categories(instruct)
+  for baseline, name in (("question_only", "the question-only decoder"),
+                         ("shuffled_visual", "shuffled visual tokens")):
+    keys = {c: f"vqa/minus_{baseline}/mc/ranked_accuracy/{c}" for c in categories}
+    keys = {c: k for c, k in keys.items() if k in instruct}
+    if not keys:
+      continue
+    verdicts = [_excludes_zero_above(instruct, k) for k in keys.values()]
+    rows.append((f"VQA option ranking beats {name} in every category",
+                 "holds" if all(verdicts) else "does not hold",
+                 "; ".join(f"{c} {_difference(instruct, k)}" for c, k in keys.items())))
+  if not rows:
+    return []
+  return (["## The paper's claims on this cohort", "",
+           "A claim holds when the paired difference's 95% interval lies above 0.", ""]
+          + markdown_table(["claim", "verdict", "paired differences [95% interval]"], rows))
+
+
 def render(workdir: str, examples: Sequence[dict[str, Any]],
            vqa_oracle: dict[str, dict[str, Any]] | None = None,
            title: str = "# PathFLIP quickstart report",
@@ -176,6 +304,8 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
   if any(k.endswith(CI_LOW) for results in (patch, align, instruct) for k in results):
     lines += ["Brackets hold 95% bootstrap intervals over the evaluated slides (1000 resamples); "
               "a paired difference is the model minus a baseline on the same resamples.", ""]
+
+  lines += claims_table(comparison, instruct)
 
   if patch:
     lines += ["## Patch encoder (val patches)", ""]
@@ -256,23 +386,8 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
       lines += [f"### {name}", ""] + seed_table(summary)
 
   if instruct:
-    lines += ["## Captioning", ""]
-    lines += markdown_table(["metric", "value", "baseline: a random training caption"], _rows(
-        instruct, [(name, f"captioning/{key}", f"captioning/random_train_caption/{key}")
-                   for name, key in (("BLEU-1", "bleu_1"), ("BLEU-4", "bleu_4"),
-                                     ("ROUGE-L", "rouge_l"), ("CIDEr-D", "cider_d"))]))
-    lines += ["## Visual question answering", ""]
-    categories = sorted({k.split("/")[3] for k in instruct
-                         if k.startswith("vqa/mc/accuracy/") and k.count("/") >= 3
-                         and k.split("/")[3] not in ("ci_low", "ci_high")})
-    lines += markdown_table(["metric", "value", "baseline"], _rows(instruct, [
-        ("multiple choice, generated answer (best single letter)", "vqa/mc/accuracy",
-         "vqa/mc/best_single_letter_accuracy"),
-        ("multiple choice, most likely option (best single letter)", "vqa/mc/ranked_accuracy",
-         "vqa/mc/best_single_letter_accuracy")]
-        + [(f"multiple choice: {c} (chance)", f"vqa/mc/accuracy/{c}", 0.25) for c in categories]
-        + [("open: exact match", "vqa/open/exact_match", None),
-           ("open: token F1", "vqa/open/f1", None)]))
+    lines += caption_tables(instruct)
+    lines += vqa_tables(instruct)
     if vqa_oracle:
       lines += ["How much of each multiple-choice category the tiled patches can answer: an oracle "
                 "that knows every patch's exact tissue composition and nothing else "

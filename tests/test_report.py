@@ -43,7 +43,7 @@ def test_report_puts_each_metric_beside_its_baseline(tmp_path):
               "| tumour | 0.871 | – | – | 10 |",
               "| **lesions (mean)** | 0.654 | – | – | – |",
               "| BLEU-1 | 0.543 | 0.512 |",
-              "| multiple choice, generated answer (best single letter) | 0.667 | 0.289 |",
+              "| **all** | – | 0.289 | – | – | 0.667 |",
               "| linear probe accuracy (baseline: same probe on colour means) | 0.912 | 0.833 |"):
     assert row in text, row
   # A metric the run did not write has no row (no made-up value).
@@ -114,6 +114,45 @@ def test_report_shows_intervals_baselines_and_paired_differences(tmp_path):
               "Brackets hold 95% bootstrap intervals"):
     assert row in text, row
   assert "ci_low" not in text and "ci high" not in text
+
+
+def test_report_states_the_papers_claims_from_paired_differences(tmp_path):
+  """Captions against the nearest-neighbour caption, VQA ranking against the question-only and
+  shuffled baselines per category, each ablation on the headline metrics: a verdict read off
+  each interval."""
+  workdir = _workdir(tmp_path)
+  instruct = json.loads((workdir / "instruct" / "results.json").read_text())
+
+  def difference(key, value, low, high):
+    instruct.update({key: value, key + "/ci_low": low, key + "/ci_high": high})
+
+  difference("captioning/minus_nearest_train_caption/cider_d", 0.2, 0.05, 0.35)
+  for category, low in (("location", 0.1), ("size", -0.02)):
+    instruct[f"vqa/mc/ranked_accuracy/{category}"] = 0.9
+    instruct[f"vqa/question_only/mc/ranked_accuracy/{category}"] = 0.3
+    difference(f"vqa/minus_question_only/mc/ranked_accuracy/{category}", 0.6, 0.5, 0.7)
+    difference(f"vqa/minus_shuffled_visual/mc/ranked_accuracy/{category}", 0.1, low, 0.2)
+  (workdir / "instruct" / "results.json").write_text(json.dumps(instruct))
+  comparison = {"model": "a", "split": "test", "missing": [], "rows": [
+      {"metric": "localization/mean_lesion_auroc", "label": "lesion AUROC", "against": name,
+       "model": 0.8, "other": 0.7, "difference": 0.1, "ci_low": low, "ci_high": 0.2,
+       "num_slides": 40.0} for name, low in (("region_loss", 0.02), ("slide_qformer", -0.01))]}
+  text = report.render(str(workdir), examples=[], comparison=comparison)
+  for row in ("| captions beat the nearest-neighbour caption on CIDEr-D | holds | "
+              "+0.200 [+0.050, +0.350] |",
+              "| VQA option ranking beats the question-only decoder in every category | holds | "
+              "location +0.600 [+0.500, +0.700]; size +0.600 [+0.500, +0.700] |",
+              "| VQA option ranking beats shuffled visual tokens in every category | does not "
+              "hold |",
+              "| the full model beats `region_loss=False` on lesion AUROC, zero-shot or R@1 | "
+              "holds | lesion AUROC +0.100 [+0.020, +0.200] |",
+              "| the full model beats `slide_qformer=False` on lesion AUROC, zero-shot or R@1 | "
+              "does not hold |",
+              "| location | 0.900 | – | 0.300 | – | – |"):
+    assert row in text, row
+  # Nothing measured, no claims section.
+  (tmp_path / "bare").mkdir()
+  assert "claims" not in report.render(str(_workdir(tmp_path / "bare")), examples=[])
 
 
 def _fake_run(directory, zero_shot_right, retrieval_ranks, aurocs, name="zero_shot"):
