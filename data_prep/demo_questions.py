@@ -11,7 +11,11 @@ Every answer here is a function of that view only, with each region's tissue com
 from the cohort's label maps (the mean tissue fractions of its patches):
 
   present    a type covers at least 10% of some region; absent: no tiled patch shows any of it
-             (types in between are never an option of presence or absence questions)
+             (types in between are never an option of absence questions)
+  presence   asked of a place (a ninth of the tissue's box, as for location): a type is present
+             there when a region whose centre lies at least 0.03 inside it covers 10% of it,
+             absent when no region centred within 0.03 of it shows any (types in between are
+             never an option)
   diagnosis  the slide's label, asked only where the rule agrees: tumour present -> necrosis
              present: carcinoma with necrosis; more lymphocytes than stroma: lymph node
              metastasis; else carcinoma; no tumour -> benign
@@ -27,14 +31,19 @@ A question is left out where its answer is fragile: a centre within 0.03 of a th
 largest area less than 1.25 times the next, an amount within 10% of a tertile.
 
 Multiple-choice questions have four options (A-D), the right letter cycling per split and
-category, and are chosen per split and question text so that the options alone do not give the
-answer away: no answer takes more than about 0.3 of a text's questions nor is right in more
-than about 0.3 of the questions offering it (a question is skipped rather than asked past that).
-Evaluation slides (val, test) get up to ``--eval_questions`` per category, each about another
-fact (diagnosis: one); their location and size questions take every answer of a text equally
-often, with distractors drawn as often as they are answers, so that the four options are
-exchangeable. Training slides get ``--eval_questions`` x ``--train_question_draws`` per
-category, facts repeated with other distractors. Open questions (diagnosis, presence list,
+category, and are chosen so that the options alone do not give the answer away. Presence and
+absence questions (whose distractors the slide forces: its absent or present types) are asked
+in whole cycles per option set, each member of a set that can be right right once per cycle,
+sets with fewer than three such members never: the cohort's tissues co-occur (necrosis only
+beside tumour, lymphocytes not beside stroma and tumour), so a set can otherwise imply its
+answer. (For the same reason presence is asked of a place: on the whole slide the absent types
+nearly fix the diagnosis, and no option set has three members that can be right.) Location and size
+questions of evaluation slides take every answer of a text equally often, with distractors drawn
+as often as they are answers, so that the four options are exchangeable; on training slides no
+answer takes more than about 0.3 of a text's questions nor is right in more than about 0.3 of
+the questions offering it. Evaluation slides (val, test) get up to ``--eval_questions`` per
+category, each about another fact (diagnosis: one); training slides get ``--eval_questions`` x
+``--train_question_draws`` per category, facts repeated with other distractors. Open questions (diagnosis, presence list,
 description = the caption, location of a lesion) use the same definitions.
 
 Writes ``--output`` (the SlideBench-like CSV of ``instructions.read_questions``) and, beside it,
@@ -72,15 +81,28 @@ DOMINANCE = 1.25           # the largest area must hold this many times the next
 SIZE_MARGIN = 0.1          # an amount this close (relative) to a tertile has no robust size
 ANSWER_CAP = 0.3           # at most this share of a question text's questions has one answer
 TRAIN_SLACK = 2            # ... give or take this many questions on training slides
-EVAL_SLACK = 1             # ... and on evaluation slides (presence, absence)
 MIN_ANSWERS = 3            # location and size questions of evaluation slides: the fewest
                            # different answers a question text may have
 PLACES, SIZE_WORDS = make_demo_cohort.PLACES, make_demo_cohort.SIZE_WORDS   # the captions' words
 ABSENT = "absent"
+_THIRDS = {"upper": (0.0, 1 / 3), "lower": (2 / 3, 1.0), "central": (1 / 3, 2 / 3),
+           "left": (0.0, 1 / 3), "right": (2 / 3, 1.0), "middle": (1 / 3, 2 / 3)}
+# Each place's box ((x0, x1), (y0, y1)) in the tissue's box, as place_words names them.
+PLACE_BOXES = {
+    "in the upper left": (_THIRDS["left"], _THIRDS["upper"]),
+    "in the upper right": (_THIRDS["right"], _THIRDS["upper"]),
+    "in the lower left": (_THIRDS["left"], _THIRDS["lower"]),
+    "in the lower right": (_THIRDS["right"], _THIRDS["lower"]),
+    "in the centre": (_THIRDS["middle"], _THIRDS["central"]),
+    "on the left side": (_THIRDS["left"], _THIRDS["central"]),
+    "on the right side": (_THIRDS["right"], _THIRDS["central"]),
+    "in the upper part": (_THIRDS["middle"], _THIRDS["upper"]),
+    "in the lower part": (_THIRDS["middle"], _THIRDS["lower"]),
+}
 CATEGORIES = ("diagnosis", "presence", "absence", "location", "size")
 QUESTION = {
     "diagnosis": "What is the most likely diagnosis for this slide?",
-    "presence": "Which of these tissue types is present on the slide?",
+    "presence": "Which of these tissue types is present {} of the tissue?",
     "absence": "Which of these tissue types is NOT present on the slide?",
     "location": "Where is the largest area of {} located?",
     "size": "How large is the largest area of {}?",
@@ -128,6 +150,18 @@ class SlideRegions:
 
   def absent(self, tissue: str) -> bool:
     return self.amount(tissue) <= 0.0
+
+  def in_place(self, place: str, margin: float = 0.0) -> np.ndarray:
+    """[M] bool: regions whose centre lies in ``place`` (one of ``PLACES``, a ninth of the
+    tissue's box), its borders moved in by ``margin`` (out, where negative)."""
+    (x0, x1), (y0, y1) = PLACE_BOXES[place]
+    x, y = self.positions[:, 0], self.positions[:, 1]
+    return ((x >= x0 + margin) & (x < x1 - margin) & (y >= y0 + margin) & (y < y1 - margin))
+
+  def peak_in(self, tissue: str, place: str, margin: float = 0.0) -> float:
+    """The largest share of ``tissue`` in a region of ``place`` (0 where it has none)."""
+    inside = self.in_place(place, margin)
+    return float(self.fractions[inside, TISSUES.index(tissue)].max()) if inside.any() else 0.0
 
   @functools.cached_property
   def cells(self) -> np.ndarray:
@@ -222,6 +256,8 @@ class SlideFacts:
 
   present: list[str]
   absent: list[str]
+  present_in: dict[str, list[str]]     # per place: types present there (robustly)
+  absent_in: dict[str, list[str]]      # per place: types nowhere near it
   diagnosis: str
   place: dict[str, str | None]
   size: dict[str, str | None]
@@ -256,9 +292,16 @@ def robust_size(view: SlideRegions, tissue: str, tertiles: Sequence[float] | Non
 
 
 def slide_facts(view: SlideRegions, tertiles: dict[str, list[float] | None]) -> SlideFacts:
+  # In a place: present where a region at least LOCATION_MARGIN inside it holds PRESENT_MIN of
+  # the type; absent where no region within LOCATION_MARGIN of it holds any.
+  present_in = {p: [t for t in TISSUES if view.peak_in(t, p, LOCATION_MARGIN) >= PRESENT_MIN]
+                for p in PLACES if view.in_place(p).any()}
+  absent_in = {p: [t for t in TISSUES if view.peak_in(t, p, -LOCATION_MARGIN) <= 0.0]
+               for p in present_in}
   return SlideFacts(
       present=[t for t in TISSUES if view.present(t)],
       absent=[t for t in TISSUES if view.absent(t)],
+      present_in=present_in, absent_in=absent_in,
       diagnosis=diagnosis_rule(view),
       place={t: robust_place(view, t) if view.present(t) else None for t in ASKED},
       size={t: robust_size(view, t, tertiles.get(t)) for t in ASKED})
@@ -454,6 +497,60 @@ def select_evaluation(pools: dict[str, list[tuple[str, str, list[str]]]], quota:
   return out
 
 
+def select_balanced_sets(pools: dict[str, list[tuple[str, str, list[str]]]], quota: int,
+                         rng: np.random.Generator, repeat_facts: bool = False
+                         ) -> list[tuple[str, tuple[str, str, tuple[str, ...]]]]:
+  """(slide, (question, correct, distractors)) picks of one split and category whose
+  distractors are forced by the slide (presence: its absent types; absence: its present
+  ones), chosen so that for every option set each of its four members is the answer equally
+  often. Balancing each option's marginal share is not enough: the cohort's tissues co-occur
+  (necrosis only beside tumour), so an option set can imply its answer; with every set asked
+  in whole cycles (each member right once), the options alone say nothing and a question-only
+  predictor is at chance on every set. At most ``quota`` questions per slide; a slide's fact
+  (its correct answer) is asked once unless ``repeat_facts`` (training: the same fact with other
+  distractors). Sets that cannot complete a cycle (a member never the lone present or absent
+  type of any slide) are never asked."""
+  by_set: dict[tuple[str, tuple[str, ...]], dict[str, list[str]]] = {}
+  for slide_id, pool in pools.items():
+    for question, correct, distractors in pool:
+      for wrong in itertools.combinations(sorted(distractors), 3):
+        key = (question, tuple(sorted((correct,) + wrong)))
+        by_set.setdefault(key, {}).setdefault(correct, []).append(slide_id)
+  left = {s: quota for s in pools}
+  asked: set[tuple] = set()
+  out = []
+  active = [k for k in sorted(by_set) if len(by_set[k]) >= MIN_ANSWERS]
+  while active:
+    progressed = False
+    for key in [active[int(i)] for i in rng.permutation(len(active))]:
+      question, members = key
+      spare, cycle = dict(left), []
+      # The scarcest answer first, each from the slide with the most quota left.
+      for answer in sorted(by_set[key], key=lambda a: (len(by_set[key][a]), a)):
+        offers = [s for s in by_set[key][answer] if spare[s] > 0
+                  and (s, question, answer, members) not in asked
+                  and (repeat_facts or (s, question, answer) not in asked)]
+        if not offers:
+          continue
+        best = max(spare[s] for s in offers)
+        offers = [s for s in offers if spare[s] == best]
+        slide_id = offers[int(rng.integers(len(offers)))]
+        spare[slide_id] -= 1
+        cycle.append((slide_id, answer))
+      if len(cycle) < len(by_set[key]):   # an answer ran out: the set's cycles end
+        active.remove(key)
+        continue
+      for slide_id, answer in cycle:
+        left[slide_id] -= 1
+        asked.update({(slide_id, question, answer, members), (slide_id, question, answer)})
+        wrong = tuple(m for m in members if m != answer)
+        out.append((slide_id, (question, answer, wrong)))
+      progressed = True
+    if not progressed:
+      break
+  return out
+
+
 def draw_like_answers(pool: Sequence[str], answered: dict[str, int],
                       rng: np.random.Generator) -> tuple[str, ...]:
   """Three distractors from ``pool``, each drawn (without replacement) in proportion to how
@@ -475,9 +572,9 @@ def candidates(category: str, facts: SlideFacts, diagnosis: str
       return []
     return [(QUESTION["diagnosis"], diagnosis, [d for d in DIAGNOSES if d != diagnosis])]
   if category == "presence":
-    if len(facts.absent) < 3:
-      return []
-    return [(QUESTION["presence"], t, list(facts.absent)) for t in facts.present]
+    return [(QUESTION["presence"].format(place), t, list(facts.absent_in[place]))
+            for place, present in facts.present_in.items() if len(facts.absent_in[place]) >= 3
+            for t in present]
   if category == "absence":
     if len(facts.present) < 3:
       return []
@@ -591,6 +688,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # would only reorder them, which training does itself (instructions.shuffle_options).
         if round_ and category == "diagnosis":
           continue
+        if category in ("presence", "absence"):
+          continue   # below, in whole cycles per option set
         seen = used.setdefault((slide_id, category), set())
         # Diagnoses are balanced in every split by the cohort itself.
         picked = balancer.pick(("train", category), pools[(slide_id, category)], seen,
@@ -598,24 +697,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if picked is not None:
           seen.add(picked)
           ask(slide_id, category, picked)
-  # Evaluation slides. Location and size: every answer of a question text equally often (see
-  # select_evaluation), distractors drawn like the answers (draw_like_answers). Presence and
-  # absence, whose distractors are forced (the slide's absent or present types): answers chosen
-  # so that each type stays right in about a quarter of the questions offering it, with a
-  # tighter cap.
+  # Presence and absence, whose distractors are forced (the slide's absent or present types),
+  # on every split: whole cycles per option set (select_balanced_sets). Location and size on
+  # evaluation slides: every answer of a question text equally often (select_evaluation),
+  # distractors drawn like the answers (draw_like_answers).
+  for split in ("train", "val", "test"):
+    slides = [s for s in order if split_of[s] == split]
+    for category in ("presence", "absence"):
+      picks = select_balanced_sets({s: pools[(s, category)] for s in slides},
+                                   train_quota if split == "train" else args.eval_questions,
+                                   rng, repeat_facts=split == "train")
+      for index in rng.permutation(len(picks)):
+        slide_id, picked = picks[int(index)]
+        ask(slide_id, category, picked)
   for split in ("val", "test"):
     slides = [s for s in order if split_of[s] == split]
     for category in CATEGORIES:
       if category in ("presence", "absence"):
-        seen: dict[str, set[tuple]] = {s: set() for s in slides}
-        for _ in range(args.eval_questions):
-          for slide_id in slides:
-            pool = [c for c in pools[(slide_id, category)]
-                    if not any(c[:2] == u[:2] for u in seen[slide_id])]
-            picked = balancer.pick((split, category), pool, seen[slide_id], slack=EVAL_SLACK)
-            if picked is not None:
-              seen[slide_id].add(picked)
-              ask(slide_id, category, picked)
         continue
       quota = 1 if category == "diagnosis" else args.eval_questions
       picks = select_evaluation({s: pools[(s, category)] for s in slides}, quota, rng,

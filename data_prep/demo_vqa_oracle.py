@@ -15,7 +15,8 @@ and its place relative to the tissue's bounding box, the view the instruct stage
   diagnosis  tumour present (>= 10% of some region) -> necrosis present: carcinoma with
              necrosis; more lymphocytes than stroma: lymph node metastasis; else carcinoma;
              no tumour -> benign
-  presence   the option covering the most of some region; absence: the least
+  presence   the option covering the most of some region centred in the place the question
+             names; absence: the option covering the least of the slide
   location   the largest connected area of the type on the region grid, its type-weighted
              centre in thirds of the tissue's box
   size       that area's amount (in regions) against the tertiles; "absent" if not present
@@ -24,11 +25,13 @@ With the true compositions (from the cohort's label maps) it is a perfect region
 accuracy (``oracle``) tells whether the questions are answerable from the decoder's input at all
 (>= 0.98 in every category by construction of the questions, unless the view is cut, e.g. by
 fewer regions than the questions were written for). Beside it, per category: the best single
-letter (always answering it) and two predictors that see the question and option texts only,
-fitted on the *training* questions and applied to the split's: ``question_only`` (per question
-text, the option text most often the right answer) and ``option_prior`` (the option text right
-in the largest share of the questions offering it). Balanced options keep all three <= 0.40
-(``--check`` requires it of the letter and question-only; the option prior is reported).
+letter (always answering it) and three predictors that see the question and option texts
+only, fitted on the *training* questions and applied to the split's: ``question_only`` (per
+question text, the option text most often the right answer), ``option_prior`` (the option text
+right in the largest share of the questions offering it) and ``option_set`` (per question text
+and set of four options, the member most often right). Balanced options keep them <= 0.40
+(``--check`` requires it of the letter, question-only and option set; the option prior is
+reported).
 ``--predictions`` (the vqa evaluator's per-question output) adds the model's accuracy on the
 same questions.
 
@@ -70,6 +73,15 @@ def question_tissue(question: instructions.Question) -> str:
   return tissue
 
 
+def question_place(question: instructions.Question) -> str:
+  """The place a presence question names ("... present in the upper left of the tissue?")."""
+  for place in sorted(dq.PLACES, key=len, reverse=True):
+    if f" {place} " in question.question:
+      return place
+  raise ValueError(f"presence question {question.question!r} of slide {question.slide_id}: "
+                   f"no place named (expected one of {dq.PLACES})")
+
+
 def oracle_answer(question: instructions.Question, view: dq.SlideRegions,
                   tertiles: dict[str, Sequence[float] | None]) -> str:
   """The option text the rules pick from a slide's region view ("" where the view gives no
@@ -77,7 +89,8 @@ def oracle_answer(question: instructions.Question, view: dq.SlideRegions,
   options = list(question.options)
   category = question.category
   if category == "presence":
-    return max(options, key=view.peak)
+    place = question_place(question)
+    return max(options, key=lambda t: view.peak_in(t, place))
   if category == "absence":
     return min(options, key=view.peak)
   if category == "diagnosis":
@@ -94,23 +107,31 @@ def oracle_answer(question: instructions.Question, view: dq.SlideRegions,
   raise ValueError(f"question category {category!r}: the oracle answers {dq.CATEGORIES}")
 
 
-def question_only(train: Sequence[instructions.Question], by_rate: bool = False
-                  ) -> Callable[[instructions.Question], str]:
+def question_only(train: Sequence[instructions.Question], by_rate: bool = False,
+                  by_set: bool = False) -> Callable[[instructions.Question], str]:
   """A predictor that sees the question and option texts only, fitted on ``train``: per question
   text (else per category), the option that was most often the right answer, or with
   ``by_rate`` the one right in the largest share of the questions offering it (stronger where
-  distractors are forced, e.g. types that are rarely absent are rarely absence distractors).
+  distractors are forced, e.g. types that are rarely absent are rarely absence distractors),
+  or with ``by_set`` the one most often right with the same four options (what a decoder
+  trained without visual tokens can learn: which member of an option set is right).
   Ties: the more often right, then the later text."""
   offered: dict[tuple, dict[str, int]] = {}
   right: dict[tuple, dict[str, int]] = {}
+
+  def keys(q: instructions.Question) -> tuple[tuple, ...]:
+    text = (q.category, q.question)
+    return ((text + (tuple(sorted(q.options)),), text, (q.category,)) if by_set
+            else (text, (q.category,)))
+
   for q in train:
-    for key in ((q.category, q.question), (q.category,)):
+    for key in keys(q):
       for text in q.options:
         offered.setdefault(key, {})[text] = offered.get(key, {}).get(text, 0) + 1
       right.setdefault(key, {})[q.correct_text] = right.get(key, {}).get(q.correct_text, 0) + 1
 
   def predict(q: instructions.Question) -> str:
-    key = (q.category, q.question) if (q.category, q.question) in offered else (q.category,)
+    key = next(k for k in keys(q) + ((),) if k in offered or not k)
     seen, hits = offered.get(key, {}), right.get(key, {})
     if by_rate:
       return max(q.options, key=lambda t: (hits.get(t, 0) / seen[t] if seen.get(t) else 0.0,
@@ -183,6 +204,7 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions
   chosen = [q for q in chosen if q.slide_id in views]
   train = [q for q in every if q.split == "train"]
   blind, prior = question_only(train), question_only(train, by_rate=True)
+  by_set = question_only(train, by_set=True)
   probed = {}
   if features_dir:
     train_ids = {q.slide_id for q in every if q.split == "train"}
@@ -196,11 +218,12 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions
   for q in chosen:
     for key in (q.category, "all"):
       entry = rows.setdefault(key, {"oracle": [], "letters": [], "blind": [], "prior": [],
-                                    "model": [], "probe": []})
+                                    "set": [], "model": [], "probe": []})
       entry["oracle"].append(oracle_answer(q, views[q.slide_id], tertiles) == q.correct_text)
       entry["letters"].append(q.answer)
       entry["blind"].append(blind(q) == q.correct_text)
       entry["prior"].append(prior(q) == q.correct_text)
+      entry["set"].append(by_set(q) == q.correct_text)
       if q.slide_id in probed:
         entry["probe"].append(oracle_answer(q, probed[q.slide_id], tertiles) == q.correct_text)
       if (q.slide_id, q.question) in model:
@@ -212,7 +235,8 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions
     result[key] = {"questions": len(letters), "oracle": float(np.mean(entry["oracle"])),
                    "best_single_letter": letters.count(letter) / len(letters), "letter": letter,
                    "question_only": float(np.mean(entry["blind"])),
-                   "option_prior": float(np.mean(entry["prior"]))}
+                   "option_prior": float(np.mean(entry["prior"])),
+                   "option_set": float(np.mean(entry["set"]))}
     if entry["model"]:
       result[key]["model"] = float(np.mean(entry["model"]))
     if entry["probe"]:
@@ -231,8 +255,9 @@ def failures(result: dict[str, Any]) -> list[str]:
       out.append(f"{key}: rule-based {row['oracle']:.3f} < {MIN_ORACLE}")
     if row["best_single_letter"] > MAX_TRIVIAL:
       out.append(f"{key}: always {row['letter']} {row['best_single_letter']:.3f} > {MAX_TRIVIAL}")
-    if row["question_only"] > MAX_TRIVIAL:
-      out.append(f"{key}: question-only {row['question_only']:.3f} > {MAX_TRIVIAL}")
+    for name in ("question_only", "option_set"):
+      if row[name] > MAX_TRIVIAL:
+        out.append(f"{key}: {name.replace('_', '-')} {row[name]:.3f} > {MAX_TRIVIAL}")
   return out
 
 
@@ -242,12 +267,12 @@ def table(result: dict[str, Any]) -> list[str]:
   order = sorted(k for k in result if k != "all") + ["all"]
   probe, model = "patch_probe" in result["all"], "model" in result["all"]
   header = ["category", "questions", "rule-based", "best single letter", "question-only",
-            "option prior"]
+            "option prior", "option set"]
   header += ["patch probe"] * probe + ["model"] * model
   return report.markdown_table(header, [
       (k, result[k]["questions"], result[k]["oracle"],
        f"{result[k]['best_single_letter']:.3f} ({result[k]['letter']})",
-       result[k]["question_only"], result[k]["option_prior"])
+       result[k]["question_only"], result[k]["option_prior"], result[k]["option_set"])
       + (result[k].get("patch_probe"),) * probe
       + (result[k].get("model"),) * model for k in order])
 

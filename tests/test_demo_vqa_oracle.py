@@ -48,9 +48,20 @@ def test_oracle_answers_from_the_region_view():
   necrosis_where = _question("location", "Where is the largest area of necrosis located?",
                              where.options)
   assert oracle.oracle_answer(necrosis_where, view, TERTILES) == ""
-  present = _question("presence", "Which of these tissue types is present on the slide?",
-                      ("fat", "tumour", "necrosis", "lymphocytes"))
-  assert oracle.oracle_answer(present, view, TERTILES) == "tumour"
+  with_stroma, without = ("fat", "tumour", "necrosis", "stroma"), ("fat", "tumour", "necrosis",
+                                                                   "lymphocytes")
+  # The lower-left region is 40% tumour, 60% stroma: tumour is the answer unless stroma is an
+  # option.
+  for place, options, answer in (("in the upper right", with_stroma, "tumour"),
+                                 ("in the lower left", without, "tumour"),
+                                 ("in the lower left", with_stroma, "stroma"),
+                                 ("in the centre", with_stroma, "stroma")):
+    present = _question("presence", f"Which of these tissue types is present {place} of the "
+                        "tissue?", options)
+    assert oracle.oracle_answer(present, view, TERTILES) == answer, place
+  with pytest.raises(ValueError, match="no place named"):
+    oracle.oracle_answer(_question("presence", "Which of these is present?", without), view,
+                         TERTILES)
   absent = _question("absence", "Which of these tissue types is NOT present on the slide?",
                      ("tumour", "stroma", "necrosis"))
   assert oracle.oracle_answer(absent, view, TERTILES) == "necrosis"
@@ -82,10 +93,19 @@ def test_question_only_baselines():
   # An unseen question text falls back on its category's training questions.
   fat = _question("location", "Where is the largest area of fat located?", places, 2)
   assert oracle.question_only(train)(fat) == "in the centre"
+  # The same four options, the answer told apart by the set (b beside a: a is right).
+  sets = [_question("presence", "Q?", ("a", "b", "c", "d"), 0),
+          _question("presence", "Q?", ("b", "c", "d", "e"), 0),
+          _question("presence", "Q?", ("b", "c", "d", "e"), 0),
+          _question("presence", "Q?", ("a", "c", "d", "e"), 1)]
+  by_set = oracle.question_only(sets, by_set=True)
+  assert by_set(_question("presence", "Q?", ("d", "c", "b", "a"), 3)) == "a"
+  assert oracle.question_only(sets)(_question("presence", "Q?", ("d", "c", "b", "a"), 3)) == "b"
   result = {"size": {"oracle": 0.97, "best_single_letter": 0.5, "letter": "B",
-                     "question_only": 0.2}, "all": {}}
+                     "question_only": 0.2, "option_set": 0.45}, "all": {}}
   assert oracle.failures(result) == ["size: rule-based 0.970 < 0.98",
-                                     "size: always B 0.500 > 0.4"]
+                                     "size: always B 0.500 > 0.4",
+                                     "size: option-set 0.450 > 0.4"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +135,8 @@ def test_ceiling_table_on_a_demo_cohort(demo_cohort, demo_tiles, questions, tmp_
   assert result["all"]["questions"] == len(table)
   assert result["diagnosis"]["model"] == 1.0 and result["location"]["model"] == 0.0
   # The answers are defined on the region view the rules read: every one is recovered.
-  assert all(result[c]["oracle"] == 1.0 for c in dq.CATEGORIES)
+  assert all(result[c]["oracle"] == 1.0 for c in dq.CATEGORIES if c in result)
+  assert set(result) >= {"all", "presence", "location", "size", "diagnosis"}
   assert result["all"]["best_single_letter"] <= 0.3
   out = capsys.readouterr().out
   assert "| all | " in out and "| rule-based |" in out and "| question-only |" in out
