@@ -183,14 +183,64 @@ def probe_views(cohort_dir: str, features_dir: str, train_ids: set[str], slide_i
           for s, (coords, size, features) in slides.items()}
 
 
+def token_views(cohort_dir: str, patches_dir: str, align_workdir: str, train_ids: set[str],
+                slide_ids: set[str], definitions: dict[str, Any], ridge: float = 1.0
+                ) -> dict[str, dq.SlideRegions]:
+  """Region views of ``slide_ids`` whose compositions are read off the region tokens the
+  instruct stage's decoder gets from ``align_workdir`` (``instruct.encode_visual_tokens``): a
+  ridge regression from a region token to its region's true tissue fractions, fitted on the
+  ``train_ids`` slides' regions. A linear read-out of what the decoder is given: whether the
+  tokens carry what the questions ask, apart from how well the decoder learns to read them."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from pathflip_jax import predict, sharding
+  from pathflip_jax.tasks import instruct
+  align_task, model = predict.load_align(align_workdir)
+  mesh = sharding.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
+  tokens = instruct.encode_visual_tokens(align_task, model, mesh, 8)
+  truth = true_views(cohort_dir, patches_dir, train_ids | slide_ids, definitions)
+  pairs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+  for split, slides in tokens.items():
+    for text, visual in zip(align_task.splits[split].texts, slides):
+      if text.slide_id not in truth:
+        continue
+      view = truth[text.slide_id]
+      # Region tokens (after the slide token) matched to the true view's regions by place.
+      index = {tuple(np.round(p, 5)): i for i, p in enumerate(view.positions)}
+      matched = [(j, index[key]) for j, key in
+                 enumerate(tuple(np.round(p, 5)) for p in visual["positions"][1:, 1:])
+                 if key in index]
+      regions = [i for _, i in matched]
+      pairs[text.slide_id] = (visual["tokens"][1:][[j for j, _ in matched]],
+                              view.fractions[regions], view.positions[regions])
+  train = [pairs[s] for s in sorted(train_ids) if s in pairs]
+  if not train:
+    raise ValueError(f"{align_workdir}: no training slide with region tokens to fit the token "
+                     "probe on")
+  x = np.concatenate([t for t, _, _ in train]).astype(np.float64)
+  y = np.concatenate([f for _, f, _ in train])
+  mean_x, mean_y = x.mean(0), y.mean(0)
+  xc = x - mean_x
+  weights = np.linalg.solve(xc.T @ xc + ridge * len(x) * np.eye(x.shape[1]), xc.T @ (y - mean_y))
+  out = {}
+  for slide_id in sorted(slide_ids & set(pairs)):
+    region_tokens, _, positions = pairs[slide_id]
+    predicted = np.clip((region_tokens - mean_x) @ weights + mean_y, 0.0, None)
+    predicted /= np.maximum(predicted.sum(axis=1, keepdims=True), 1e-9)
+    out[slide_id] = dq.SlideRegions(predicted, positions)
+  return out
+
+
 def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions: str = "",
-             features_dir: str = "", questions: str = "") -> dict[str, Any]:
+             features_dir: str = "", questions: str = "", align_workdir: str = ""
+             ) -> dict[str, Any]:
   """Per category, then "all" over every multiple-choice question of ``split`` ("": every
   split): ``questions``, ``oracle`` (the rule-based answerer on the true region view),
   ``best_single_letter`` (its share; ``letter``: which), ``question_only`` and
   ``option_prior`` (see :func:`question_only`; fitted on the training questions), and with
   ``predictions`` the model's accuracy (``model``), with ``features_dir`` the patch probe's
-  (``patch_probe``). ``questions``: the CSV (default COHORT/questions.csv), written by
+  (``patch_probe``), with ``align_workdir`` the region-token probe's (``token_probe``,
+  :func:`token_views`). ``questions``: the CSV (default COHORT/questions.csv), written by
   data_prep.demo_questions with its definitions beside it."""
   questions = questions or os.path.join(cohort_dir, "questions.csv")
   definitions = dq.read_definitions(questions)
@@ -209,6 +259,11 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions
   if features_dir:
     train_ids = {q.slide_id for q in every if q.split == "train"}
     probed = probe_views(cohort_dir, features_dir, train_ids, set(views), definitions)
+  tokened = {}
+  if align_workdir:
+    train_ids = {q.slide_id for q in every if q.split == "train"}
+    tokened = token_views(cohort_dir, patches_dir, align_workdir, train_ids, set(views),
+                          definitions)
   model = {}
   if predictions:
     for _, row in manifest.json_lines(predictions):
@@ -218,7 +273,7 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions
   for q in chosen:
     for key in (q.category, "all"):
       entry = rows.setdefault(key, {"oracle": [], "letters": [], "blind": [], "prior": [],
-                                    "set": [], "model": [], "probe": []})
+                                    "set": [], "model": [], "probe": [], "tokens": []})
       entry["oracle"].append(oracle_answer(q, views[q.slide_id], tertiles) == q.correct_text)
       entry["letters"].append(q.answer)
       entry["blind"].append(blind(q) == q.correct_text)
@@ -226,6 +281,9 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions
       entry["set"].append(by_set(q) == q.correct_text)
       if q.slide_id in probed:
         entry["probe"].append(oracle_answer(q, probed[q.slide_id], tertiles) == q.correct_text)
+      if q.slide_id in tokened:
+        entry["tokens"].append(oracle_answer(q, tokened[q.slide_id], tertiles)
+                               == q.correct_text)
       if (q.slide_id, q.question) in model:
         entry["model"].append(model[(q.slide_id, q.question)])
   result = {}
@@ -241,6 +299,8 @@ def evaluate(cohort_dir: str, patches_dir: str, split: str = "test", predictions
       result[key]["model"] = float(np.mean(entry["model"]))
     if entry["probe"]:
       result[key]["patch_probe"] = float(np.mean(entry["probe"]))
+    if entry["tokens"]:
+      result[key]["token_probe"] = float(np.mean(entry["tokens"]))
   return result
 
 
@@ -266,14 +326,15 @@ def table(result: dict[str, Any]) -> list[str]:
   the patch probe and model where they ran)."""
   order = sorted(k for k in result if k != "all") + ["all"]
   probe, model = "patch_probe" in result["all"], "model" in result["all"]
+  tokens = "token_probe" in result["all"]
   header = ["category", "questions", "rule-based", "best single letter", "question-only",
             "option prior", "option set"]
-  header += ["patch probe"] * probe + ["model"] * model
+  header += ["patch probe"] * probe + ["region-token probe"] * tokens + ["model"] * model
   return report.markdown_table(header, [
       (k, result[k]["questions"], result[k]["oracle"],
        f"{result[k]['best_single_letter']:.3f} ({result[k]['letter']})",
        result[k]["question_only"], result[k]["option_prior"], result[k]["option_set"])
-      + (result[k].get("patch_probe"),) * probe
+      + (result[k].get("patch_probe"),) * probe + (result[k].get("token_probe"),) * tokens
       + (result[k].get("model"),) * model for k in order])
 
 
@@ -290,13 +351,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       help="the vqa evaluator's per-question output (eval/vqa_<split>.jsonl)")
   parser.add_argument("--features", default="",
                       help="extract_features output of the cohort: adds the patch probe")
+  parser.add_argument("--align_workdir", default="",
+                      help="an align run of the cohort: adds the region-token probe (a ridge "
+                           "read-out of region compositions from the decoder's region tokens)")
   parser.add_argument("--output", default="", help="write the result as JSON here")
   parser.add_argument("--check", action="store_true",
                       help=f"exit with status 1 unless, in every category, rule-based >= "
                            f"{MIN_ORACLE} and best single letter, question-only <= {MAX_TRIVIAL}")
   args = parser.parse_args(argv)
   result = evaluate(args.cohort_dir, args.patches, args.split, args.predictions, args.features,
-                    args.questions)
+                    args.questions, args.align_workdir)
   print("\n".join(table(result)))
   problems = failures(result)
   for problem in problems:

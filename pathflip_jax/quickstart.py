@@ -300,7 +300,8 @@ class Quickstart:
     oracle = None
     if os.path.exists(predictions):
       oracle = demo_vqa_oracle.evaluate(self.paths["cohort"], self.paths["patches"], "test",
-                                        predictions, features_dir=self.paths["features"])
+                                        predictions, features_dir=self.paths["features"],
+                                        align_workdir=self.paths["align"])
       with open(os.path.join(self.paths["instruct"], "eval", "vqa_oracle_test.json"), "w",
                 encoding="utf-8") as f:
         json.dump(oracle, f, indent=1, sort_keys=True)

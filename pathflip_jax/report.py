@@ -153,12 +153,13 @@ def vqa_ceiling_table(result: dict[str, dict[str, Any]]) -> list[str]:
   (then "all") the questions, the model (a dash without predictions), the best single letter,
   the patch probe (when it ran) and the oracle."""
   order = sorted(k for k in result if k != "all") + ["all"]
-  probe = "patch_probe" in result["all"]
+  probe, tokens = "patch_probe" in result["all"], "token_probe" in result["all"]
   header = ["category", "questions", "model", "best single letter"]
-  header += ["patch probe"] * probe + ["oracle"]
+  header += ["patch probe"] * probe + ["region-token probe"] * tokens + ["oracle"]
   return markdown_table(
       header, [(k, result[k]["questions"], result[k].get("model"), result[k]["best_single_letter"])
-               + (result[k].get("patch_probe"),) * probe + (result[k]["oracle"],)
+               + (result[k].get("patch_probe"),) * probe
+               + (result[k].get("token_probe"),) * tokens + (result[k]["oracle"],)
                for k in order])
 
 
@@ -395,7 +396,10 @@ def render(workdir: str, examples: Sequence[dict[str, Any]],
                 "patch probe is a realistic pipeline on the same rules: a logistic regression "
                 "on the frozen patch features, trained on every training patch's tissue label "
                 "(far more supervision than the model's questions), naming each patch's main "
-                "tissue.", ""]
+                "tissue. The region-token probe reads the same rules off the region tokens the "
+                "decoder gets: a ridge regression from a token to its region's tissue fractions, "
+                "fitted on the training slides (whether the tokens carry the answers, apart from "
+                "how well the decoder learnt to read them).", ""]
       lines += vqa_ceiling_table(vqa_oracle)
     captions = os.path.join(workdir, "instruct", "eval", "captioning_test.jsonl")
     if os.path.exists(captions):

@@ -193,7 +193,8 @@ def test_quickstart_reports_and_resumes(quickstart_workdir, capsys):
   assert re.search(r"\| all \| \d+ \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \| [01]\.\d{3} \|",
                    report)
   assert "| patch probe |" in report
-  assert (workdir / "instruct" / "eval" / "vqa_oracle_test.json").exists()
+  oracle = json.load(open(workdir / "instruct" / "eval" / "vqa_oracle_test.json"))
+  assert 0.0 <= oracle["all"]["token_probe"] <= 1.0 and "| region-token probe |" in report
   examples = quickstart.Quickstart(str(workdir), size="test").example_slides()
   images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report)
   assert examples and len(images) == len(examples) * len(quickstart.EXAMPLE_QUERIES)
