@@ -254,7 +254,9 @@ def claims_table(comparison: dict[str, Any] | None, instruct: dict[str, Any]) ->
       if not measured:
         continue
       lowered = [r for r in measured if _finite(r["ci_low"]) and r["ci_low"] > 0]
-      rows.append((f"the full model beats `{name}=False` on lesion AUROC, zero-shot or R@1",
+      # Runs are named after what they switch off ("no_region_loss": region_loss=False).
+      field = name.removeprefix("no_")
+      rows.append((f"the full model beats `{field}=False` on lesion AUROC, zero-shot or R@1",
                    "holds" if lowered else "does not hold",
                    "; ".join(f"{r['label']} " + with_interval(
                        r["difference"], r["ci_low"], r["ci_high"], sign=True) for r in measured)))

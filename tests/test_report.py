@@ -133,10 +133,11 @@ def test_report_states_the_papers_claims_from_paired_differences(tmp_path):
     difference(f"vqa/minus_question_only/mc/ranked_accuracy/{category}", 0.6, 0.5, 0.7)
     difference(f"vqa/minus_shuffled_visual/mc/ranked_accuracy/{category}", 0.1, low, 0.2)
   (workdir / "instruct" / "results.json").write_text(json.dumps(instruct))
+  # Ablation runs as the quickstart names them: what they switch off.
   comparison = {"model": "a", "split": "test", "missing": [], "rows": [
       {"metric": "localization/mean_lesion_auroc", "label": "lesion AUROC", "against": name,
        "model": 0.8, "other": 0.7, "difference": 0.1, "ci_low": low, "ci_high": 0.2,
-       "num_slides": 40.0} for name, low in (("region_loss", 0.02), ("slide_qformer", -0.01))]}
+       "num_slides": 40.0} for name, low in (("no_region_loss", 0.02), ("no_slide_qformer", -0.01))]}
   text = report.render(str(workdir), examples=[], comparison=comparison)
   for row in ("| captions beat the nearest-neighbour caption on CIDEr-D | holds | "
               "+0.200 [+0.050, +0.350] |",
