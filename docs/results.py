@@ -51,8 +51,11 @@ def provenance(record: dict) -> list[str]:
            f"({jax_info.get('devices')} x {jax_info.get('device_kind')})"]
   earlier = record.get("earlier") or []
   if earlier:
-    lines.append(f"- resumed: {len(earlier)} earlier invocation(s) ran some stages first "
-                 f"(the first started {earlier[-1].get('started')})")
+    # Stages finished by an earlier invocation keep its numbers: name each one's code.
+    lines.append(f"- resumed: {len(earlier)} earlier invocation(s) ran some stages first:")
+    for run in reversed(earlier):
+      dirty = " with uncommitted changes" if run.get("git_dirty") else ""
+      lines.append(f"  - started {run.get('started')}, git {run.get('git_commit')}{dirty}")
   return lines + [""]
 
 

@@ -62,13 +62,14 @@ def test_results_page_names_its_run(tmp_path):
       "git_commit": "abc123", "git_dirty": False,
       "machine": {"cpu": "AMD EPYC", "cores": 2, "memory_gib": 23.5, "platform": "Linux"},
       "jax": {"version": "0.10.2", "backend": "cpu", "devices": 1, "device_kind": "cpu"},
-      "earlier": [{"started": "2026-12-07T20:00"}]}))
+      "earlier": [{"started": "2026-12-07T20:00", "git_commit": "fed987", "git_dirty": True}]}))
   text = results.render(str(workdir))
   assert text.startswith("# Results")
   for line in ("- command: `python -m pathflip_jax.quickstart --workdir W`",
                "- code: git abc123", "- machine: AMD EPYC, 2 cores, 23.5 GiB; Linux",
-               "- resumed: 1 earlier invocation(s) ran some stages first (the first started "
-               "2026-12-07T20:00)", "| balanced accuracy (chance) | 0.437 | 0.250 |"):
+               "- resumed: 1 earlier invocation(s) ran some stages first:",
+               "  - started 2026-12-07T20:00, git fed987 with uncommitted changes",
+               "| balanced accuracy (chance) | 0.437 | 0.250 |"):
     assert line in text, line
   assert "# PathFLIP quickstart report" not in text
   (workdir / "run.json").unlink()
@@ -137,7 +138,8 @@ def test_report_states_the_papers_claims_from_paired_differences(tmp_path):
   comparison = {"model": "a", "split": "test", "missing": [], "rows": [
       {"metric": "localization/mean_lesion_auroc", "label": "lesion AUROC", "against": name,
        "model": 0.8, "other": 0.7, "difference": 0.1, "ci_low": low, "ci_high": 0.2,
-       "num_slides": 40.0} for name, low in (("no_region_loss", 0.02), ("no_slide_qformer", -0.01))]}
+       "num_slides": 40.0}
+      for name, low in (("no_region_loss", 0.02), ("no_slide_qformer", -0.01))]}
   text = report.render(str(workdir), examples=[], comparison=comparison)
   for row in ("| captions beat the nearest-neighbour caption on CIDEr-D | holds | "
               "+0.200 [+0.050, +0.350] |",
