@@ -12,6 +12,12 @@ writes one record per slide -- float16 features [N, D], level-0 coordinates [N, 
 Resumable: slides in a committed shard are skipped, so a killed run re-run completes without
 duplicates. A slide with an unreadable patch is reported in ``failures.jsonl`` and skipped; the
 rest of the job goes on.
+
+Several processes (or machines) split the slides with ``--num_shards N --shard_index K`` (the
+K-th of every N slides in slide-id order), all writing one output directory: each names its
+shards with its part, and each leaves ``slides.jsonl`` listing every slide committed so far, so
+the last to finish leaves the whole index; re-running with any split (or none) skips what is
+done. ``--patches`` and ``--output_dir`` may be URLs (``s3://``, ``gs://``).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from pathflip_jax import compilation_cache, config_args, input_pipeline, progress as progress_lib
-from pathflip_jax import sharding
+from pathflip_jax import sharding, storage
 from pathflip_jax.data import feature_shards, patch_shards, tiling
 from pathflip_jax.models import vit
 
@@ -83,19 +89,20 @@ def build_encoder(config: ml_collections.ConfigDict, patch_size: int,
     from pathflip_jax import predict  # noqa: PLC0415
     model, clip_config, default_name = predict.load_image_encoder(config.checkpoint)
     name = config.name or default_name
-    source = os.path.abspath(config.checkpoint)
+    source = storage.absolute(config.checkpoint)
     weights_hash = feature_shards.weights_hash(_named_arrays(model))
     return Encoder(model, name, weights_hash, source, clip_config.vision.image_size,
                    tuple(clip_config.mean), tuple(clip_config.std))
   if config.weights:
-    if not os.path.exists(config.weights):
+    if not storage.exists(config.weights):
       raise FileNotFoundError(f"config key 'weights': {config.weights} does not exist (weights are "
-                              "never downloaded; give the path of a local timm-format checkpoint)")
+                              "never downloaded from the internet; give the path or bucket URL "
+                              "of a timm-format checkpoint you have)")
     from pathflip_jax.convert import timm_vit
     model, vit_config, weights_hash = timm_vit.load_timm_vit(
-        config.weights, config.variant, image_size=image_size,
+        storage.cache().local_copy(config.weights), config.variant, image_size=image_size,
         prefix=config.weights_prefix or None)
-    source = os.path.abspath(config.weights)
+    source = storage.absolute(config.weights)
     name = config.name or f"{config.variant}"
   else:
     vit_config = vit.get_config(
@@ -121,7 +128,7 @@ def encoder_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   out = {key: config[key] for key in ENCODER_KEYS}
   for key in ("weights", "checkpoint"):
     if out[key]:
-      out[key] = os.path.abspath(out[key])
+      out[key] = storage.absolute(out[key])
   return out
 
 
@@ -227,11 +234,10 @@ class _SlideBuffer:
 
 
 def _tiling_params(patches_dir: str) -> dict[str, Any]:
-  path = os.path.join(patches_dir, "tiling.json")
-  if not os.path.exists(path):
+  path = storage.join(patches_dir, "tiling.json")
+  if not storage.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f).get("params", {})
+  return json.loads(storage.read_text(path)).get("params", {})
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -246,7 +252,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="stop after this many slides (0: all); a later run continues")
   parser.add_argument("--progress_interval", type=float, default=5.0,
                       help="seconds between progress lines (0: none)")
-  return parser.parse_args(argv)
+  parser.add_argument("--num_shards", type=int, default=1,
+                      help="split the slides over this many processes (each runs the command "
+                           "with its --shard_index)")
+  parser.add_argument("--shard_index", type=int, default=0,
+                      help="this process's part: the slides whose position in slide-id order "
+                           "is this modulo --num_shards")
+  args = parser.parse_args(argv)
+  if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+    parser.error(f"--shard_index {args.shard_index} --num_shards {args.num_shards}: expected "
+                 "0 <= shard_index < num_shards")
+  return args
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -255,12 +271,17 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   config = config_args.load_config(args.config)
   started = time.perf_counter()
 
+  storage.check_reachable(args.patches, "--patches", must_exist=True)
+  storage.check_reachable(args.output_dir, "--output_dir")
   rows = patch_shards.read_slide_index(args.patches)
+  if args.num_shards > 1:
+    rows = sorted(rows, key=lambda r: r["slide_id"])[args.shard_index::args.num_shards]
   if args.slides:
     wanted = set(args.slides.split(","))
     unknown = wanted - {r["slide_id"] for r in rows}
     if unknown:
-      raise SystemExit(f"--slides: {sorted(unknown)} not tiled in {args.patches}")
+      raise SystemExit(f"--slides: {sorted(unknown)} not tiled in {args.patches}"
+                       + (" (or in another --shard_index)" if args.num_shards > 1 else ""))
     rows = [r for r in rows if r["slide_id"] in wanted]
   sizes = {r["patch_size"] for r in rows}
   if len(sizes) > 1:
@@ -274,14 +295,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "weights_hash": encoder.weights_hash, "feature_dim": encoder.feature_dim,
               "image_size": encoder.image_size, "tiling": tiling_params,
               "encoder_config": encoder_config(config)}
-  writer = feature_shards.FeatureWriter(args.output_dir, identity,
-                                        slides_per_shard=config.slides_per_shard,
-                                        max_shard_bytes=config.max_shard_mb << 20)
+  writer = feature_shards.FeatureWriter(
+      args.output_dir, identity, slides_per_shard=config.slides_per_shard,
+      max_shard_bytes=config.max_shard_mb << 20,
+      part=args.shard_index if args.num_shards > 1 else None)
   todo = [r for r in rows if not writer.is_done(r["slide_id"])]
   if args.limit_slides:
     todo = todo[:args.limit_slides]
   _log(f"{len(rows)} slides in {args.patches}, {len(rows) - len(todo)} already done or "
-       f"deferred, {len(todo)} to do -> {os.path.abspath(args.output_dir)}")
+       f"deferred, {len(todo)} to do -> {storage.absolute(args.output_dir)}"
+       + (f" (part {args.shard_index} of {args.num_shards})" if args.num_shards > 1 else ""))
   _log(f"encoder {encoder.name} ({encoder.weights_source}), {encoder.feature_dim}-d, input "
        f"{encoder.image_size}px from {patch_size}px patches, weights sha256 "
        f"{encoder.weights_hash[:12]}")
@@ -371,7 +394,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "steady_patches_per_s": progress.rate(),
       "seconds": elapsed, "shards": writer.written,
       "encoder": encoder.name, "feature_dim": encoder.feature_dim,
-      "output_dir": os.path.abspath(args.output_dir), "failures": failure_rows,
+      "output_dir": storage.absolute(args.output_dir), "failures": failure_rows,
   }
   steady = summary["steady_patches_per_s"]
   steady = f", {steady:.1f} after the first batch" if steady else ""

@@ -20,6 +20,13 @@ slide rows are written to ``_state/shards/``, so
 Outputs (see WORKSPACE.md): ``patches-XXXXX-of-YYYYY.array_record``, ``slides.jsonl``,
 ``failures.jsonl``, ``thumbnails/<slide>.png`` (patch grid and tissue outline drawn) and
 ``tissue/<slide>.geojson`` (QuPath annotations, level-0 pixels).
+
+Object stores: the manifest, the slides and ``--output_dir`` may be URLs (``s3://``, ``gs://``),
+read and written through ``pathflip_jax.storage`` by the launcher and by every Beam worker
+(each worker needs the store's credentials). A slide is read from a copy in the worker's
+local cache (size-limited: ``PATHFLIP_CACHE_GB``); a file the job writes to the store is
+uploaded whole, so "committed by a rename" becomes "committed by its upload": a shard is
+uploaded after its slides' rows, and is whole or absent.
 """
 
 from __future__ import annotations
@@ -28,11 +35,11 @@ import argparse
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
 import re
-import shutil
 import sys
 import threading
 import time
@@ -54,8 +61,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pathflip_jax import config_args
 from pathflip_jax import progress as progress_lib
+from pathflip_jax import storage
 from pathflip_jax.data import manifest as manifest_lib
-from pathflip_jax.data import patch_shards, qupath, records, slides, tiling
+from pathflip_jax.data import patch_shards, records, slides, tiling
 
 STATE_DIR = "_state"
 STAGING_DIR = "_staging"
@@ -120,19 +128,19 @@ class JobConfig:
 
 
 def _state(output_dir: str, *parts: str) -> str:
-  return os.path.join(output_dir, STATE_DIR, *parts)
+  return storage.join(output_dir, STATE_DIR, *parts)
 
 
 def _staging(output_dir: str, key: str, *parts: str) -> str:
-  return os.path.join(output_dir, STAGING_DIR, key, *parts)
+  return storage.join(output_dir, STAGING_DIR, key, *parts)
 
 
 def _write_json(path: str, value: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.partial-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(value, indent=1))
+
+
+def _read_json(path: str) -> Any:
+  return json.loads(storage.read_text(path))
 
 
 def _failure_path(output_dir: str, key: str) -> str:
@@ -143,7 +151,7 @@ def _record_failure(config: JobConfig, task: SlideTask, failure: Failure) -> Non
   _write_json(_failure_path(config.output_dir, task.key), {
       "slide_id": failure.slide_id, "path": failure.path, "reason": failure.reason,
       "error": failure.error})
-  shutil.rmtree(_staging(config.output_dir, task.key), ignore_errors=True)
+  storage.remove(_staging(config.output_dir, task.key))
 
 
 def _failure_from(task: SlideTask, error: BaseException) -> Failure:
@@ -186,15 +194,14 @@ class PlanSlideFn(beam.DoFn):
                         fallback_mpp=config.fallback_mpp) as slide:
         plan, pictures = tiling.plan_slide(slide, task.slide_id, config.params)
       digest = tiling.plan_digest(plan)
-      os.makedirs(os.path.join(config.output_dir, THUMBNAIL_DIR), exist_ok=True)
-      os.makedirs(os.path.join(config.output_dir, TISSUE_DIR), exist_ok=True)
-      thumbnail = os.path.join(config.output_dir, THUMBNAIL_DIR, f"{task.key}.png")
-      tiling.render_thumbnail(plan, pictures).save(thumbnail + ".partial.png", compress_level=3)
-      os.replace(thumbnail + ".partial.png", thumbnail)
-      qupath.write_geojson(os.path.join(config.output_dir, TISSUE_DIR, f"{task.key}.geojson"),
-                           tiling.tissue_feature_collection(plan, pictures))
+      png = io.BytesIO()
+      tiling.render_thumbnail(plan, pictures).save(png, format="PNG", compress_level=3)
+      storage.write_bytes(storage.join(config.output_dir, THUMBNAIL_DIR, f"{task.key}.png"),
+                          png.getvalue())
+      storage.write_text(storage.join(config.output_dir, TISSUE_DIR, f"{task.key}.geojson"),
+                         json.dumps(tiling.tissue_feature_collection(plan, pictures)))
       plan_dir = _staging(config.output_dir, task.key, digest)
-      _write_json(os.path.join(plan_dir, "plan.json"),
+      _write_json(storage.join(plan_dir, "plan.json"),
                   {"num_patches": plan.num_patches, "num_batches": plan.num_batches})
     except Exception as e:  # noqa: BLE001 - every failure is reported per slide
       yield task.key, (task, _failure_from(task, e))
@@ -226,7 +233,7 @@ class TileBatchFn(beam.DoFn):
     config = self._config
     path = _staging(config.output_dir, task.key, digest,
                     f"batch-{index:05d}-n{plan.num_patches:05d}.array_record")
-    if os.path.exists(path):  # staged by an earlier, interrupted run
+    if storage.exists(path):  # staged by an earlier, interrupted run
       yield task.key, BatchDone(index, path, plan.num_patches)
       return
     try:
@@ -280,9 +287,9 @@ class WriteShardFn(beam.DoFn):
   def process(self, element) -> Iterable[int]:
     shard, slides_done = element
     out_dir = self._config.output_dir
-    final = os.path.join(out_dir, shard)
+    final = storage.join(out_dir, shard)
     sidecar = _state(out_dir, "shards", f"{shard}.jsonl")
-    if os.path.exists(final):  # a retried bundle: already committed
+    if storage.exists(final):  # a retried bundle: already committed
       return
     rows = []
     with patch_shards.ShardWriter(final) as writer:
@@ -295,14 +302,11 @@ class WriteShardFn(beam.DoFn):
           raise RuntimeError(f"{shard}: slide {task.slide_id} staged {writer.count - offset} "
                              f"records, expected {count}")
         rows.append(_slide_row(task, summary, shard, offset))
-      os.makedirs(os.path.dirname(sidecar), exist_ok=True)
       patch_shards.write_jsonl(sidecar, rows)
-    # The shard is committed (renamed); its slides' staging and old failures can go.
+    # The shard is committed (renamed, or uploaded); its slides' staging and old failures can go.
     for task, *_ in slides_done:
-      shutil.rmtree(_staging(out_dir, task.key), ignore_errors=True)
-      failure = _failure_path(out_dir, task.key)
-      if os.path.exists(failure):
-        os.remove(failure)
+      storage.remove(_staging(out_dir, task.key))
+      storage.remove(_failure_path(out_dir, task.key))
     yield len(rows)
 
 
@@ -338,11 +342,10 @@ def build_pipeline(pipeline: beam.Pipeline, tasks: Sequence[SlideTask], config: 
 
 def _check_output_config(output_dir: str, params: tiling.TilingParams) -> None:
   """A directory holds patches of one set of parameters; a mismatch is an error, not a mix."""
-  path = os.path.join(output_dir, CONFIG_FILE)
+  path = storage.join(output_dir, CONFIG_FILE)
   wanted = {"schema_version": records.SCHEMA_VERSION, "params": params.fingerprint()}
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
+  if storage.exists(path):
+    existing = _read_json(path)
     if existing != json.loads(json.dumps(wanted)):
       diff = {k: (existing.get("params", {}).get(k), v) for k, v in wanted["params"].items()
               if existing.get("params", {}).get(k) != v}
@@ -353,15 +356,18 @@ def _check_output_config(output_dir: str, params: tiling.TilingParams) -> None:
 
 
 def _clean_interrupted(output_dir: str) -> None:
-  """Removes what a killed run can leave: temporary shards and orphaned shard sidecars."""
-  for tmp in glob.glob(os.path.join(output_dir, ".patches-*.inprogress-*")):
-    os.remove(tmp)
-  for tmp in glob.glob(os.path.join(output_dir, STAGING_DIR, "*", "*", ".batch-*.inprogress-*")):
-    os.remove(tmp)
-  for sidecar in glob.glob(_state(output_dir, "shards", "*.jsonl")):
-    shard = os.path.basename(sidecar)[:-len(".jsonl")]
-    if not os.path.exists(os.path.join(output_dir, shard)):
-      os.remove(sidecar)
+  """Removes what a killed run can leave: temporary shards (local; an upload is whole or absent)
+  and orphaned shard sidecars."""
+  if not storage.is_url(output_dir):
+    for tmp in glob.glob(os.path.join(output_dir, ".patches-*.inprogress-*")):
+      os.remove(tmp)
+    for tmp in glob.glob(os.path.join(output_dir, STAGING_DIR, "*", "*",
+                                      ".batch-*.inprogress-*")):
+      os.remove(tmp)
+  present = set(storage.listdir(output_dir))
+  for name in storage.listdir(_state(output_dir, "shards")):
+    if name.endswith(".jsonl") and name[:-len(".jsonl")] not in present:
+      storage.remove(_state(output_dir, "shards", name))
 
 
 def _row_key(row: dict) -> str:
@@ -370,9 +376,10 @@ def _row_key(row: dict) -> str:
 
 def _committed_rows(output_dir: str) -> dict[str, dict]:
   rows = {}
-  for sidecar in sorted(glob.glob(_state(output_dir, "shards", "*.jsonl"))):
-    for row in patch_shards.read_jsonl(sidecar):
-      rows[row["slide_id"]] = row
+  for name in storage.listdir(_state(output_dir, "shards")):
+    if name.endswith(".jsonl"):
+      for row in patch_shards.read_jsonl(_state(output_dir, "shards", name)):
+        rows[row["slide_id"]] = row
   return rows
 
 
@@ -385,23 +392,24 @@ def plan_run(output_dir: str, rows: Sequence[dict], slides_per_shard: int) -> li
   the slide is retried in a new generation, as are slides no plan lists.
   """
   plans = {}
-  for path in glob.glob(_state(output_dir, "plan-g*.json")):
-    with open(path) as f:
-      plan = json.load(f)
-    plans[plan["generation"]] = plan
+  for name in storage.listdir(_state(output_dir)):
+    if name.startswith("plan-g") and name.endswith(".json"):
+      plan = _read_json(_state(output_dir, name))
+      plans[plan["generation"]] = plan
   home: dict[str, tuple[str, int]] = {}
   for generation in sorted(plans):
     for shard, slide_ids in plans[generation]["shards"].items():
       for position, slide_id in enumerate(slide_ids):
         home[slide_id] = (shard, position)
   committed = _committed_rows(output_dir)
+  present = set(storage.listdir(output_dir))
   tasks, fresh = [], []
   for row in rows:
     slide_id = row["slide_id"]
     if slide_id in committed:
       continue
     placed = home.get(slide_id)
-    if placed and not os.path.exists(os.path.join(output_dir, placed[0])):
+    if placed and placed[0] not in present:
       tasks.append(SlideTask(row, *placed))
     else:
       fresh.append(row)
@@ -422,6 +430,7 @@ def plan_run(output_dir: str, rows: Sequence[dict], slides_per_shard: int) -> li
 def write_indexes(output_dir: str, rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
   """Rebuilds slides.jsonl and failures.jsonl from the committed shards and failure state."""
   committed = _committed_rows(output_dir)
+  failed = set(storage.listdir(_state(output_dir, "failures")))
   slide_rows, failure_rows = [], []
   listed = set()
   for row in rows:
@@ -432,9 +441,8 @@ def write_indexes(output_dir: str, rows: Sequence[dict]) -> tuple[list[dict], li
       continue
     failure_path = _failure_path(output_dir, slide_key(slide_id))
     extra = {k: v for k, v in row.items() if k not in ("slide_id", "path", "mpp")}
-    if os.path.exists(failure_path):
-      with open(failure_path) as f:
-        failure = json.load(f)
+    if f"{slide_key(slide_id)}.json" in failed:
+      failure = _read_json(failure_path)
       failure_rows.append(failure)
       slide_rows.append({"slide_id": slide_id, "path": row["path"], "status": "failed",
                          "reason": failure["reason"], "error": failure["error"], **extra})
@@ -443,8 +451,8 @@ def write_indexes(output_dir: str, rows: Sequence[dict]) -> tuple[list[dict], li
   # Slides tiled by earlier runs but no longer in the manifest keep their rows: their records are
   # still in the shards.
   slide_rows += [r for s, r in committed.items() if s not in listed]
-  patch_shards.write_jsonl(os.path.join(output_dir, patch_shards.SLIDES_FILE), slide_rows)
-  patch_shards.write_jsonl(os.path.join(output_dir, patch_shards.FAILURES_FILE), failure_rows)
+  patch_shards.write_jsonl(storage.join(output_dir, patch_shards.SLIDES_FILE), slide_rows)
+  patch_shards.write_jsonl(storage.join(output_dir, patch_shards.FAILURES_FILE), failure_rows)
   return slide_rows, failure_rows
 
 
@@ -464,6 +472,7 @@ class Progress(threading.Thread):
     self._interval = interval
     self._stop = threading.Event()
     self._start = time.time()
+    self._failed_before = set(storage.listdir(_state(output_dir, "failures")))
     # Patches of slides staged by an interrupted run are not this run's work: not in the rate.
     self._progress = progress_lib.Progress(None, "patches", "tile_slides", interval,
                                            start=self._count()[1], stream=stream)
@@ -473,6 +482,7 @@ class Progress(threading.Thread):
     done = cut = planned = planned_slides = 0
     committed = {_row_key(r): r["num_patches"]
                  for r in _committed_rows(self._dir).values()} if self._keys else {}
+    failed = set(storage.listdir(_state(self._dir, "failures")))
     for key in self._keys:
       if key in committed:
         done += 1
@@ -480,18 +490,16 @@ class Progress(threading.Thread):
         planned += committed[key]
         planned_slides += 1
         continue
-      failure = _failure_path(self._dir, key)
-      if os.path.exists(failure) and os.path.getmtime(failure) >= self._start:
+      if f"{key}.json" in failed and self._failed_now(key):
         done += 1
         planned_slides += 1
         continue
-      for plan_file in glob.glob(_staging(self._dir, key, "*", "plan.json")):
+      for digest in storage.listdir(_staging(self._dir, key)):
         try:
-          with open(plan_file) as f:
-            plan = json.load(f)
-          names = os.listdir(os.path.dirname(plan_file))
+          plan = _read_json(_staging(self._dir, key, digest, "plan.json"))
+          names = storage.listdir(_staging(self._dir, key, digest))
         except (OSError, ValueError):
-          continue  # committed or cleaned up between the listing and the read
+          continue  # not planned yet, or committed and cleaned up meanwhile
         planned += plan["num_patches"]
         planned_slides += 1
         counts = [int(n.split("-n")[1].split(".")[0]) for n in names
@@ -499,6 +507,14 @@ class Progress(threading.Thread):
         cut += sum(counts)
         done += len(counts) == plan["num_batches"]
     return done, cut, planned, planned_slides
+
+  def _failed_now(self, key: str) -> bool:
+    """Whether a slide's failure record is this run's (locally by its time; on a store, one
+    that was not there when the run started)."""
+    failure = _failure_path(self._dir, key)
+    if storage.is_url(self._dir):
+      return f"{key}.json" not in self._failed_before
+    return os.path.exists(failure) and os.path.getmtime(failure) >= self._start
 
   def report(self) -> None:
     """Counts what is on disk now and prints the line."""
@@ -592,11 +608,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args, beam_args = _parse_args(sys.argv[1:] if argv is None else argv)
   params, slides_per_shard = _resolve_params(args)
   try:
+    storage.check_reachable(args.manifest, "--manifest", must_exist=True)
+    storage.check_reachable(args.output_dir, "--output_dir")
     rows = manifest_lib.read_manifest(args.manifest, reserved=RESERVED_COLUMNS)
   except manifest_lib.ManifestError as e:
     raise SystemExit(f"manifest error: {e}") from None
-  output_dir = os.path.abspath(args.output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  except (storage.StorageError, FileNotFoundError) as e:
+    raise SystemExit(f"[tile_slides] {e}") from None
+  output_dir = storage.absolute(args.output_dir)
+  storage.check_reachable(output_dir, "--output_dir")
+  storage.makedirs(output_dir)
   _check_output_config(output_dir, params)
   _clean_interrupted(output_dir)
   tasks = plan_run(output_dir, rows, slides_per_shard)
@@ -618,7 +639,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         progress.report()
   slide_rows, failure_rows = write_indexes(output_dir, rows)
   staging = os.path.join(output_dir, STAGING_DIR)
-  if os.path.isdir(staging) and not os.listdir(staging):
+  if not storage.is_url(output_dir) and os.path.isdir(staging) and not os.listdir(staging):
     os.rmdir(staging)
   ok = [r for r in slide_rows if r["status"] == "ok"]
   summary = {

@@ -20,6 +20,15 @@ takes an abstract target (shapes, dtypes and the *current* mesh's shardings), so
 Layout: each checkpoint's meta records ``layout`` (:data:`LAYOUT`); reading a checkpoint of an
 earlier layout (or the config of a run whose checkpoints are) stops with :class:`LayoutError`,
 which says that the run predates the layout and what to do.
+
+Object stores: a workdir may be a URL. Orbax writes local paths and ``gs://`` itself; on other
+stores (``s3://``: Orbax and tensorstore refuse it at the pinned versions) the checkpoints of
+``W/checkpoints`` and ``W/best`` are written to a local mirror in the cache
+(``storage.cache()``) and each finished step is uploaded whole, a marker file
+(:data:`UPLOADED`) last: a step without its marker is incomplete and is never read. Reading such
+a run downloads the step it needs into the mirror. With several processes the mirror must be a
+folder they all see (one machine, or ``PATHFLIP_CACHE_DIR`` on a shared disk); the trainer
+checks that at start.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -41,7 +51,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pathflip_jax import optim
+from pathflip_jax import multihost, optim, storage
 
 # The parameter and config layout checkpoints are written in. 2: the shared layers of
 # models/layers.py (renamed ViT and text-tower attention parameters) and the experiment
@@ -55,13 +65,78 @@ class LayoutError(ValueError):
   """A checkpoint, or the config of a run, written in an earlier layout."""
 
 
+UPLOADED = "pathflip_uploaded"   # the marker of a step uploaded whole to an object store
+
+
+def orbax_writes(path: str) -> bool:
+  """Whether Orbax reads and writes ``path`` itself (local paths and gs://)."""
+  return not storage.is_url(path) or storage.scheme(path) == "gs"
+
+
+class Mirror:
+  """A checkpoint folder on a store Orbax cannot write, and its local copy in the cache."""
+
+  def __init__(self, url: str):
+    self.url = url.rstrip("/")
+    cache = storage.cache()
+    self.local = os.path.join(cache.directory, "checkpoints", cache.key(self.url))
+
+  def remote_steps(self) -> list[int]:
+    """Steps uploaded whole (their marker is there), ascending."""
+    return sorted(int(name) for name in storage.listdir(self.url) if name.isdigit()
+                  and storage.exists(storage.join(self.url, name, UPLOADED)))
+
+  def _local_complete(self, step: int) -> bool:
+    return os.path.exists(os.path.join(self.local, str(step), UPLOADED))
+
+  def reconcile(self) -> None:
+    """Makes the local copy hold no step the store lacks (a save killed before its upload
+    finished) and the store's latest step (a copy on another machine, or a fresh cache)."""
+    remote = self.remote_steps()
+    os.makedirs(self.local, exist_ok=True)
+    for name in os.listdir(self.local):
+      if name.isdigit() and int(name) not in remote or ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(self.local, name), ignore_errors=True)
+    if remote:
+      self.pull(remote[-1])
+
+  def pull(self, step: int) -> str:
+    """The local folder of ``step``, downloaded if the copy lacks it."""
+    folder = os.path.join(self.local, str(step))
+    if not self._local_complete(step):
+      if not storage.exists(storage.join(self.url, str(step), UPLOADED)):
+        raise FileNotFoundError(f"{self.url}/{step}: no complete checkpoint there")
+      shutil.rmtree(folder, ignore_errors=True)
+      storage.download(storage.join(self.url, str(step)), folder + ".download")
+      os.replace(folder + ".download", folder)
+    return folder
+
+  def push(self, step: int) -> None:
+    """Uploads local step ``step``, its marker last; then deletes the store's steps that the
+    local copy no longer keeps (Orbax's max_to_keep removed them)."""
+    folder = os.path.join(self.local, str(step))
+    target = storage.join(self.url, str(step))
+    storage.upload(folder, target)
+    storage.write_text(storage.join(target, UPLOADED), json.dumps({"time": time.time()}))
+    with open(os.path.join(folder, UPLOADED), "w") as f:
+      f.write("{}")
+    kept = {int(n) for n in os.listdir(self.local) if n.isdigit()}
+    for old in self.remote_steps():
+      if old not in kept:
+        storage.remove(storage.join(self.url, str(old), UPLOADED))
+        storage.remove(storage.join(self.url, str(old)))
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  return json.loads(storage.read_text(path))
+
+
 def checkpoint_layout(step_dir: str) -> int:
   """The layout a checkpoint folder (``.../checkpoints/<step>``) was written in."""
-  path = os.path.join(step_dir, "meta", "metadata")
-  if not os.path.exists(path):
+  path = storage.join(step_dir, "meta", "metadata")
+  if not storage.exists(path):
     return 1
-  with open(path) as f:
-    return int(json.load(f).get("layout", 1))
+  return int(_read_json(path).get("layout", 1))
 
 
 def check_layout(step_dir: str, source: str = "") -> None:
@@ -77,21 +152,43 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 2, best_metric: str = "",
                best_mode: str = "max", keep_best: int = 1, async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = storage.absolute(workdir)
     self.best_metric = best_metric
+    self._mirrors: dict[str, Mirror] = {}
     options = dict(enable_async_checkpointing=async_save, create=True)
     self.latest = ocp.CheckpointManager(
-        os.path.join(self.workdir, "checkpoints"),
+        self._folder("checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
     self.best = None
     if best_metric:
       if best_mode not in ("max", "min"):
         raise ValueError(f"config.checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
       self.best = ocp.CheckpointManager(
-          os.path.join(self.workdir, "best"),
+          self._folder("best"),
           options=ocp.CheckpointManagerOptions(
               max_to_keep=keep_best, best_fn=lambda m: m[best_metric], best_mode=best_mode,
               **options))
+
+  def _folder(self, name: str) -> str:
+    """Where Orbax writes W/<name>: there itself, or a local mirror uploaded step by step."""
+    url = storage.join(self.workdir, name)
+    if orbax_writes(url):
+      return url
+    mirror = Mirror(url)
+    if jax.process_index() == 0:
+      mirror.reconcile()
+    _check_shared(mirror.local, url)
+    self._mirrors[name] = mirror
+    return mirror.local
+
+  def _upload(self, name: str, manager: ocp.CheckpointManager, step: int) -> None:
+    mirror = self._mirrors.get(name)
+    if mirror is None:
+      return
+    manager.wait_until_finished()        # Orbax has committed the step (every process's part)
+    multihost.barrier(f"checkpoint/{name}/{step}")
+    if jax.process_index() == 0:
+      mirror.push(step)
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -100,6 +197,7 @@ class Checkpointer:
            metrics: dict[str, float] | None = None) -> None:
     """Saves ``state`` (and the data iterator's position) as checkpoint ``step``."""
     self.latest.save(step, args=_save_args(state, data_iterator, step, metrics))
+    self._upload("checkpoints", self.latest, step)
 
   def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
     """Saves ``state`` under W/best when ``metrics[best_metric]`` is among the best kept."""
@@ -109,7 +207,10 @@ class Checkpointer:
       raise KeyError(f"config.checkpoint.best_metric={self.best_metric!r} is not among the "
                      f"evaluation metrics {sorted(metrics)}")
     clean = {k: float(v) for k, v in metrics.items()}
-    return self.best.save(step, args=_save_args(state, None, step, clean), metrics=clean)
+    saved = self.best.save(step, args=_save_args(state, None, step, clean), metrics=clean)
+    if saved:
+      self._upload("best", self.best, step)
+    return saved
 
   def best_step(self) -> int | None:
     """The step of the best checkpoint kept (None without ``best_metric`` or before a save)."""
@@ -143,6 +244,27 @@ class Checkpointer:
       self.best.close()
 
 
+def _check_shared(folder: str, url: str) -> None:
+  """With several processes, the local mirror of ``url`` must be one folder they all see: each
+  process writes its part of a checkpoint there and process 0 uploads the whole."""
+  if jax.process_count() == 1:
+    return
+  token = time.time_ns() % (2 ** 62) if jax.process_index() == 0 else 0
+  if token:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".process0"), "w") as f:
+      f.write(str(token))
+  token = multihost.agree_max(f"mirror/{url}", token)
+  mark = os.path.join(folder, ".process0")
+  seen = open(mark).read().strip() if os.path.exists(mark) else ""
+  if seen != str(token):
+    raise storage.StorageError(
+        f"checkpoints on {url} with {jax.process_count()} processes: Orbax cannot write that "
+        f"store, so each process writes its part to the local mirror {folder}, which this "
+        f"process does not share with process 0. Set PATHFLIP_CACHE_DIR to a folder every "
+        "process sees, or use a gs:// or shared-disk workdir")
+
+
 def _save_args(state, data_iterator, step, metrics):
   meta = {"step": int(step), "time": time.time(), "layout": LAYOUT,
           "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
@@ -154,36 +276,46 @@ def _save_args(state, data_iterator, step, metrics):
 
 def uses_best(workdir: str) -> bool:
   """Whether the run in ``workdir`` was trained with ``config.checkpoint.use_best``."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     return False
-  with open(path) as f:
-    checkpoint = json.load(f).get("checkpoint") or {}
+  checkpoint = _read_json(path).get("checkpoint") or {}
   return bool(checkpoint.get("use_best"))
 
 
 def model_dir(path: str) -> str:
   """Where the model of the run in ``path`` lies: W/best for a run trained with
   ``config.checkpoint.use_best``, else W/checkpoints; a checkpoint folder as given."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(os.path.join(path, "checkpoints")):
+  path = storage.absolute(path)
+  if not storage.isdir(storage.join(path, "checkpoints")):
     return path
   if uses_best(path):
-    best = os.path.join(path, "best")
-    if not os.path.isdir(best):
+    best = storage.join(path, "best")
+    if not storage.isdir(best):
       raise FileNotFoundError(f"{best} not found: {path} was trained with "
                               "config.checkpoint.use_best but holds no best checkpoint")
     return best
-  return os.path.join(path, "checkpoints")
+  return storage.join(path, "checkpoints")
 
 
-def _manager(path: str, model: bool = True) -> ocp.CheckpointManager:
+def _manager(path: str, model: bool = True, step: int | None = None) -> ocp.CheckpointManager:
   """A read-only manager over ``path``: a workdir, its checkpoints/ or best/ folder. For a
-  workdir, ``model``: the folder holding the run's model (``model_dir``); else checkpoints/."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = model_dir(path) if model else os.path.join(path, "checkpoints")
-  if not os.path.isdir(path):
+  workdir, ``model``: the folder holding the run's model (``model_dir``); else checkpoints/.
+  On a store Orbax cannot read, a local mirror holding ``step`` (default: the latest)."""
+  path = storage.absolute(path)
+  if storage.isdir(storage.join(path, "checkpoints")):
+    path = model_dir(path) if model else storage.join(path, "checkpoints")
+  if not orbax_writes(path):
+    mirror = Mirror(path)
+    # A folder of its own: a training run on this machine may be writing the other one.
+    mirror.local += "-read"
+    steps = mirror.remote_steps()
+    if not steps:
+      raise FileNotFoundError(f"{path}: no complete checkpoint in it")
+    mirror.reconcile()
+    mirror.pull(steps[-1] if step is None else step)
+    path = mirror.local
+  if not storage.isdir(path):
     raise FileNotFoundError(f"{path}: no such checkpoint directory")
   with _quiet_read_only():
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
@@ -201,7 +333,7 @@ def checkpoint_steps(path: str) -> list[int]:
 def model_checkpoint(path: str) -> str:
   """The checkpoint folder ``load_params(path)`` reads: ``model_dir``'s latest step."""
   manager = _manager(path)
-  return os.path.join(str(manager.directory), str(manager.latest_step()))
+  return storage.join(str(manager.directory), str(manager.latest_step()))
 
 
 def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
@@ -210,17 +342,17 @@ def restore_from(manager: ocp.CheckpointManager | str, abstract_state: Any,
   """Restores state (onto ``abstract_state``'s shardings) and, if given, the data iterator; a
   workdir given by path restores from its checkpoints/ (to continue training it)."""
   if isinstance(manager, str):
-    manager = _manager(manager, model=False)
+    manager = _manager(manager, model=False, step=step)
   step = manager.latest_step() if step is None else step
   # A checkpoint of an earlier layout would fail inside Orbax with a message about tree
   # structure; this says what it is instead.
-  check_layout(os.path.join(str(manager.directory), str(step)))
+  check_layout(storage.join(str(manager.directory), str(step)))
   # Explicit restore args: each array is read straight into the target's sharding (the mesh of
   # this run, whatever the mesh of the run that saved it).
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
   items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
            "meta": ocp.args.JsonRestore()}
-  has_data = os.path.isdir(os.path.join(str(manager.directory), str(step), "data"))
+  has_data = storage.isdir(storage.join(str(manager.directory), str(step), "data"))
   if data_iterator is not None and has_data:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -282,10 +414,10 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
   Arrays are read onto one local device whatever mesh saved them: a checkpoint of a multi-host
   run (devices of other processes) loads in a single process too.
   """
-  manager = _manager(path)
+  manager = _manager(path, step=step)
   step = manager.latest_step() if step is None else step
-  check_layout(os.path.join(str(manager.directory), str(step)))
-  state_dir = os.path.join(str(manager.directory), str(step), "state")
+  check_layout(storage.join(str(manager.directory), str(step)))
+  state_dir = storage.join(str(manager.directory), str(step), "state")
   with _quiet_read_only():
     metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
     tree = getattr(metadata, "item_metadata", metadata)
@@ -307,17 +439,16 @@ def run_config(workdir: str, stage: str | Sequence[str], name: str = ""
   ``name`` is how the user gave the workdir (e.g. "config.align_workdir=W"), for the errors."""
   name = name or workdir
   stages = (stage,) if isinstance(stage, str) else tuple(stage)
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} not found: {name} is not a training workdir "
                             "(python -m pathflip_jax.train --workdir ...)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  checkpoints = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(s) for s in os.listdir(checkpoints) if s.isdigit()) \
-      if os.path.isdir(checkpoints) else []
+  config = ml_collections.ConfigDict(_read_json(path))
+  checkpoints = storage.join(workdir, "checkpoints")
+  steps = (sorted(int(s) for s in storage.listdir(checkpoints) if s.isdigit())
+           if orbax_writes(checkpoints) else Mirror(checkpoints).remote_steps())
   if steps:
-    check_layout(os.path.join(checkpoints, str(steps[-1])), f"{name} ({path})")
+    check_layout(storage.join(checkpoints, str(steps[-1])), f"{name} ({path})")
   if config.get("stage") not in stages:
     wanted = (f"a {stages[0]!r} run" if len(stages) == 1 else
               "a run of stage " + " or ".join(repr(s) for s in stages))

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from pathflip_jax import checkpointing, config_args, heatmaps, predict, sharding
+from pathflip_jax import checkpointing, config_args, heatmaps, predict, sharding, storage
 from pathflip_jax.data import instructions as ins
 from pathflip_jax.data import slide_examples, slides, tiling, tissue
 from pathflip_jax.evaluators import common
@@ -309,7 +309,16 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
           ) -> dict[str, Any]:
   """Runs everything on one slide; returns the summary (also ``output_dir/summary.json``)."""
   t0 = time.time()
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
+  try:
+    storage.check_reachable(workdir, "--workdir", must_exist=True)
+    storage.check_reachable(slide_path, "--slide", must_exist=True)
+  except (storage.StorageError, FileNotFoundError) as e:
+    raise InferError(str(e)) from None
+  # Outputs for a URL are written in the local cache and uploaded together at the end.
+  final_dir = output_dir
+  if storage.is_url(output_dir):
+    output_dir = storage.cache().staging(output_dir)
   align_dir, instruct_dir = resolve_runs(workdir)
   if questions and instruct_dir is None:
     raise InferError(f"--question needs an instruct run; {workdir} is an align run")
@@ -318,7 +327,7 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
   questions = list(questions)
   for q in questions:
     _parse_question(q)                          # fail on a malformed question before the work
-  slide_id = os.path.splitext(os.path.basename(slide_path))[0]
+  slide_id = os.path.splitext(storage.basename(slide_path))[0]
   try:
     slide = slides.Slide(slide_path, mpp=mpp)
   except slides.SlideError as e:
@@ -354,7 +363,7 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
   encoded, prompts_te, region_t = jax.device_get(_encode(graphdef, state, batch,
                                                          jnp.asarray(tokens)))
   summary: dict[str, Any] = {
-      "slide_id": slide_id, "slide": os.path.abspath(slide_path), "workdir": workdir,
+      "slide_id": slide_id, "slide": storage.absolute(slide_path), "workdir": workdir,
       "align_workdir": align_dir, "instruct_workdir": instruct_dir,
       # Which checkpoint of each run made these outputs (a run trained with
       # checkpoint.use_best: W/best, the one its val evaluation chose).
@@ -394,17 +403,22 @@ def infer(workdir: str, slide_path: str, output_dir: str, queries: Sequence[str]
       _log(f"caption: {summary['caption']}")
   summary["seconds"] = round(time.time() - t0, 1)
   summary["page"] = write_page(output_dir, summary)
+  if final_dir != output_dir:
+    summary = json.loads(json.dumps(summary).replace(output_dir, final_dir.rstrip("/")))
   with open(os.path.join(output_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
+  if final_dir != output_dir:
+    storage.upload(output_dir, final_dir)
   _log(f"done in {summary['seconds']}s -> {summary['page']}")
   return summary
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="an instruct or align run")
-  parser.add_argument("--slide", required=True, help="slide file (anything large_image reads)")
-  parser.add_argument("--output_dir", required=True)
+  parser.add_argument("--workdir", required=True, help="an instruct or align run (path or URL)")
+  parser.add_argument("--slide", required=True,
+                      help="slide file (anything large_image reads), or its URL")
+  parser.add_argument("--output_dir", required=True, help="a folder, or a URL to upload it to")
   parser.add_argument("--query", action="append", default=[],
                       help="text to localise (repeat for several); default: the class names")
   parser.add_argument("--question", action="append", default=[],

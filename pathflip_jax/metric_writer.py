@@ -17,33 +17,45 @@ from typing import Any, Mapping
 
 from tensorboardX import SummaryWriter
 
+from pathflip_jax import storage
+
 
 class MetricWriter:
   """Writes from one process only (``enabled``; the trainer enables process 0 of a multi-host
-  run, whose metrics are global means that every process holds)."""
+  run, whose metrics are global means that every process holds). A workdir on an object store
+  gets metrics.jsonl rewritten whole at each write, and the TensorBoard event file written in a
+  local staging folder and uploaded after each write."""
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = storage.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self._remote = storage.is_url(workdir)
+    self._lines: list[str] = []
     self._tensorboard: SummaryWriter | None = None
+    self._tensorboard_url = storage.join(workdir, "tensorboard")
+    self._tensorboard_dir = self._tensorboard_url
     if not enabled:
       return
-    if os.path.exists(self.path):
+    if storage.exists(self.path):
       self._truncate_after(resume_step)
-    self._tensorboard = _tensorboard_writer(os.path.join(workdir, "tensorboard"), resume_step)
+    if self._remote:
+      self._tensorboard_dir = storage.cache().staging(self._tensorboard_url)
+      for name in storage.listdir(self._tensorboard_url):   # earlier runs' files: kept there
+        open(os.path.join(self._tensorboard_dir, name), "wb").close()
+    self._tensorboard = _tensorboard_writer(self._tensorboard_dir, resume_step)
 
   def _truncate_after(self, step: int) -> None:
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
     kept = []
-    for line in lines:
+    for line in storage.read_text(self.path).splitlines(keepends=True):
+      if not line.strip():
+        continue
       try:
         if json.loads(line).get("step", 0) <= step:
-          kept.append(line)
+          kept.append(line if line.endswith("\n") else line + "\n")
       except json.JSONDecodeError:   # a line cut by a kill
         continue
-    with open(self.path, "w") as f:
-      f.writelines(kept)
+    self._lines = kept
+    storage.write_text(self.path, "".join(kept))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -52,16 +64,31 @@ class MetricWriter:
     for key, value in metrics.items():
       value = float(value)
       row[key] = value if math.isfinite(value) else str(value)
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      storage.write_text(self.path, "".join(self._lines))
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self._tensorboard is not None:
       for key, value in metrics.items():
         self._tensorboard.add_scalar(key, float(value), int(step))
       self._tensorboard.flush()
+      self._upload_tensorboard()
+
+  def _upload_tensorboard(self) -> None:
+    if not self._remote:
+      return
+    for name in os.listdir(self._tensorboard_dir):
+      local = os.path.join(self._tensorboard_dir, name)
+      if os.path.getsize(local):     # placeholders of earlier runs' files stay as they are
+        storage.upload(local, storage.join(self._tensorboard_url, name))
 
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+      self._upload_tensorboard()
 
 
 def _tensorboard_writer(logdir: str, resume_step: int) -> SummaryWriter:
@@ -80,5 +107,5 @@ def _tensorboard_writer(logdir: str, resume_step: int) -> SummaryWriter:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The rows of ``W/metrics.jsonl``."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

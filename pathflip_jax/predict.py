@@ -14,13 +14,12 @@ its best checkpoint for a run trained with ``config.checkpoint.use_best``, or a 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 from flax import nnx
 
-from pathflip_jax import checkpointing, tasks, tokenizer as tokenizer_lib
+from pathflip_jax import checkpointing, storage, tasks, tokenizer as tokenizer_lib
 from pathflip_jax.models import patch_clip, vit
 from pathflip_jax.tasks import align, patch_clip as patch_clip_task
 
@@ -49,14 +48,14 @@ def load_align(workdir: str, features_dir: str = "", name: str = ""
   config = checkpointing.run_config(workdir, "align", name)
   if features_dir:
     config.features_dir = features_dir
-  if not os.path.isdir(config.features_dir):
-    raise FileNotFoundError(f"{os.path.join(workdir, 'config.json')}: its features_dir="
+  if not storage.isdir(config.features_dir):
+    raise FileNotFoundError(f"{storage.join(workdir, 'config.json')}: its features_dir="
                             f"{config.features_dir} does not exist (set config.features_dir to "
                             "where the features are now)")
   # The tokenizer the run trained with: its config's, or the one it trained into its workdir.
   if not config.get("tokenizer"):
-    config.tokenizer = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(config.tokenizer):
+    config.tokenizer = storage.join(workdir, "tokenizer.model")
+    if not storage.exists(config.tokenizer):
       raise FileNotFoundError(f"{config.tokenizer} not found: the tokenizer of the align run "
                               f"{workdir} is missing")
   task = align.AlignTask(config, workdir)
@@ -88,4 +87,4 @@ def load_image_encoder(workdir: str, step: int | None = None
   model = checkpointing.model_from_checkpoint(
       lambda: vit.VisionTransformer(clip_config.vision, rngs=nnx.Rngs(0)), workdir, step,
       prefix="vision/")
-  return model, clip_config, f"patch_clip:{os.path.basename(workdir)}"
+  return model, clip_config, f"patch_clip:{storage.basename(workdir)}"

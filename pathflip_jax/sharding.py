@@ -63,10 +63,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} model={sizes[2]} needs "
                      f"{int(np.prod(sizes))} devices, {len(devices)} are available")
-  # Auto axes: jit's sharding propagation (pjit semantics) decides intermediate layouts, and code
-  # indexes results the same way on 1 or many devices (see NOTES-dependencies.md, item 1).
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  # jax.make_mesh orders the devices by the physical topology (TPU/GPU interconnect) so the
+  # mesh axes map onto fast links. Auto axes: jit's sharding propagation (pjit semantics)
+  # decides intermediate layouts, and code indexes results the same way on 1 or many devices
+  # (see NOTES-dependencies.md, item 1).
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None]) -> P:
@@ -125,5 +127,13 @@ def shard_module(module: ModuleT, mesh: Mesh) -> ModuleT:
   """Places an existing module's variables (e.g. imported weights) in their sharded layout."""
   shardings = state_shardings(module, mesh)
   state = jax.device_put(nnx.state(module), shardings)
+  nnx.update(module, state)
+  return module
+
+
+def replicate_module(module: ModuleT, mesh: Mesh) -> ModuleT:
+  """Places a module's variables whole on every device of ``mesh`` (evaluation: with several
+  processes, each then holds the whole model; the values must be the same on every process)."""
+  state = jax.device_put(nnx.state(module), replicated(mesh))
   nnx.update(module, state)
   return module

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from pathflip_jax import storage
+
 PAD, EOS, BOS, UNK, IMAGE = "<pad>", "<eos>", "<bos>", "<unk>", "<image>"
 # Ids in a model trained by this project (Gemma's layout, then <image>).
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, IMAGE_ID = 0, 1, 2, 3, 4
@@ -61,18 +63,14 @@ def train(corpus: Iterable[str], model_prefix: str, *, vocab_size: int = 1000,
                        f"256 byte pieces and every character of the corpus ({e})") from None
     raise
   data = model.getvalue()
-  parent = os.path.dirname(os.path.abspath(model_prefix))
-  os.makedirs(parent, exist_ok=True)
   path = model_prefix + ".model"
   sp = spm.SentencePieceProcessor(model_proto=data)
   vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-  # Written under a unique name, then renamed: the processes of a multi-host run each train the
-  # same (byte-identical) model into one workdir, and no reader sees a half-written file.
-  for target, content in ((path, data), (model_prefix + ".vocab", vocab.encode("utf-8"))):
-    tmp = f"{target}.{os.getpid()}.partial"
-    with open(tmp, "wb") as f:
-      f.write(content)
-    os.replace(tmp, target)
+  # Each file written whole (a temporary file and a rename; on an object store one upload): the
+  # processes of a multi-host run each train the same (byte-identical) model into one workdir,
+  # and no reader sees a half-written file.
+  storage.write_bytes(path, data)
+  storage.write_bytes(model_prefix + ".vocab", vocab.encode("utf-8"))
   return path
 
 
@@ -98,11 +96,9 @@ class Tokenizer:
 
   def __init__(self, model_path: str | os.PathLike):
     path = os.fspath(model_path)
-    if not os.path.isfile(path):
+    if not storage.exists(path) or storage.isdir(path):
       raise FileNotFoundError(f"{path}: tokenizer model not found")
-    with open(path, "rb") as f:
-      data = f.read()
-    self._setup(path, data)
+    self._setup(path, storage.read_bytes(path))
 
   def _setup(self, path: str, data: bytes) -> None:
     self.path = path

@@ -27,8 +27,6 @@ checkpoint left off, with the same data order.
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -43,8 +41,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pathflip_jax import (checkpointing, config_args, evaluators as evaluators_lib,
-                          input_pipeline, metric_writer, optim, progress as progress_lib,
-                          sharding, tasks)
+                          input_pipeline, metric_writer, multihost, optim,
+                          progress as progress_lib, sharding, storage, tasks)
 
 TrainState = dict[str, Any]   # {"params": nnx.State, "opt_state": optax state, "step": int32}
 
@@ -157,15 +155,17 @@ def restore_or_init(config: ml_collections.ConfigDict, ckpt: checkpointing.Check
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """W/config.json; a resumed run whose config differs says so (it still runs)."""
-  path = os.path.join(workdir, "config.json")
+  path = storage.join(workdir, "config.json")
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != text:
-        print(f"[train] note: {path} differs from this run's config; overwriting",
-              file=sys.stderr)
-  with open(path, "w") as f:
-    f.write(text)
+  if storage.exists(path) and storage.read_text(path) != text:
+    print(f"[train] note: {path} differs from this run's config; overwriting", file=sys.stderr)
+  storage.write_text(path, text)
+
+
+def _due(evaluators, step: int, log_steps: int, force: bool) -> list:
+  """The evaluators that run at ``step`` (each every ``evaluator.every`` or ``log_steps``)."""
+  return [e for e in evaluators if force or ((e.every or log_steps)
+                                             and step % (e.every or log_steps) == 0)]
 
 
 def _evaluate(evaluators, make_model: Callable[[], nnx.Module], step: int, total: int,
@@ -173,19 +173,50 @@ def _evaluate(evaluators, make_model: Callable[[], nnx.Module], step: int, total
   """Runs the evaluators due at ``step``; the model is assembled only if one is due."""
   out = {}
   model = None
-  for evaluator in evaluators:
-    every = evaluator.every or log_steps
-    if force or (every and step % every == 0):
-      t0 = time.time()
-      model = model or make_model()
-      for key, value in evaluator.run(model).items():
-        out[f"{evaluator.name}/{key}"] = float(value)
-      # The log line leaves the intervals out (results.json and REPORT.md have them).
+  for evaluator in _due(evaluators, step, log_steps, force):
+    t0 = time.time()
+    model = model or make_model()
+    for key, value in evaluator.run(model).items():
+      out[f"{evaluator.name}/{key}"] = float(value)
+    # The log line leaves the intervals out (results.json and REPORT.md have them).
+    if jax.process_index() == 0:
       print(f"[train] eval {evaluator.name} at step {step}/{total} ({time.time() - t0:.1f}s): "
             + ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in out.items()
                         if k.startswith(evaluator.name + "/") and "/ci_" not in k),
             file=sys.stderr, flush=True)
   return out
+
+
+def evaluation_model(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> nnx.Module:
+  """The model for the evaluators. With several processes its parameters are replicated over
+  the mesh: every process then holds them whole, and an evaluator's own computations (on the
+  full split, which every process reads) give every process the same, fully addressable
+  results."""
+  if jax.process_count() > 1:
+    params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+  return nnx.merge(graphdef, params)
+
+
+# --------------------------------------------------------------------------- metrics on device
+
+
+@jax.jit
+def _accumulate(window: dict[str, jax.Array], metrics: dict[str, jax.Array], step: jax.Array
+                ) -> dict[str, jax.Array]:
+  """Adds one step's metrics to the running sums on device; ``first_bad`` keeps the first step
+  whose loss was not finite (0: none). Nothing leaves the device until the trainer fetches it."""
+  out = {k: window.get(k, jnp.zeros((), jnp.float32)) + v.astype(jnp.float32)
+         for k, v in metrics.items()}
+  out["count"] = window["count"] + 1
+  finite = jnp.isfinite(metrics["loss"])
+  out["first_bad"] = jnp.where((window["first_bad"] == 0) & ~finite, step, window["first_bad"])
+  return out
+
+
+def _empty_window() -> dict[str, np.ndarray]:
+  # Host values (numpy), not device arrays: with several processes a jitted function takes
+  # them as the same value on every process.
+  return {"count": np.zeros((), np.float32), "first_bad": np.zeros((), np.int32)}
 
 
 def _check_best_metric(config: ml_collections.ConfigDict) -> tuple[bool, str]:
@@ -210,8 +241,9 @@ def _check_best_metric(config: ml_collections.ConfigDict) -> tuple[bool, str]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config.stage`` in ``workdir`` (resuming if it holds a checkpoint); returns the
   final evaluation metrics (also in ``W/results.json``)."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.absolute(workdir)
+  storage.check_reachable(workdir, "--workdir")
+  storage.makedirs(workdir)
   # A multi-host run (jax.distributed initialised) shares one workdir: one process writes the
   # run's files, every process writes its part of each checkpoint (Orbax, grain).
   primary = jax.process_index() == 0
@@ -265,53 +297,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,), out_shardings=(shardings, None))
 
   evaluators = evaluators_lib.build(config.get("evals"), task, mesh)
-  if use_best and jax.process_count() > 1:
-    raise ValueError("config.checkpoint.use_best needs the evaluators during training, which a "
-                     "multi-process run skips; train without it and choose a step with "
-                     "python -m pathflip_jax.evaluate --step")
-  if evaluators and jax.process_count() > 1:
-    # Evaluators feed every process the whole split; on several hosts evaluate the checkpoint
-    # afterwards on one (python -m pathflip_jax.evaluate).
-    print(f"[train] {jax.process_count()} processes: evaluators skipped; run "
-          "python -m pathflip_jax.evaluate on one host afterwards", file=sys.stderr)
-    evaluators = []
+  make_eval_model = lambda: evaluation_model(graphdef, state["params"], mesh)  # noqa: E731
   writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=primary)
   # The first step compiles: the rate (and ETA) is measured from it on.
   progress = progress_lib.Progress(micro_steps, "steps", "train", config.progress_seconds,
                                    start=start, skip_first=True)
-  window: list[dict[str, float]] = []
+  padded_axes = getattr(task, "padded_axes", {})
+  window = _empty_window()
+  last_loss: dict[str, float] = {}
   eval_metrics: dict[str, float] = {}
   checkpoint_step = micro_steps
   try:
     for step in range(start + 1, micro_steps + 1):
-      batch = input_pipeline.to_global(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(metrics["loss"]):
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f"non-finite loss ({metrics['loss']}) at step {step}; stopped without saving. "
-            f"The last good checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints "
-            "(it restores); lower config.optim.lr, set config.optim.grad_clip_norm, or check "
-            "the input data.")
-      window.append(metrics)
-      progress.update(step, loss=metrics["loss"])
-      if step % config.log_steps == 0 or step == micro_steps:
-        means = {f"train/{k}": float(np.mean([m[k] for m in window])) for k in window[0]}
-        rate = progress.rate()
-        means["train/steps_per_second"] = float("nan") if rate is None else rate
-        writer.write(step, means)
-        window = []
+      # Every process pads to the same length (the longest bucket any picked for this step).
+      local = input_pipeline.agree_padding(next(train_iter), padded_axes, "train_batch")
+      state, metrics = train_step(state, input_pipeline.to_global(local, mesh))
+      # Metrics stay on device (no host sync per step) until a log, checkpoint or evaluation
+      # step fetches them; a non-finite loss is caught there, before anything is saved.
+      window = _accumulate(window, metrics, np.int32(step))
       final = step == micro_steps
-      eval_metrics = _evaluate(evaluators, lambda: nnx.merge(graphdef, state["params"]), step,
-                               micro_steps, config.log_steps, final)
+      log_now = step % config.log_steps == 0 or final
+      save_now = step % config.checkpoint.every == 0 or final
+      if log_now or save_now or _due(evaluators, step, config.log_steps, final):
+        fetched = jax.device_get(window)
+        if int(fetched["first_bad"]):
+          ckpt.wait()
+          bad = int(fetched["first_bad"])
+          raise NonFiniteLossError(
+              f"non-finite loss at step {bad}; stopped without saving. The last good "
+              f"checkpoint is step {ckpt.latest_step()} in {workdir}/checkpoints (it "
+              "restores); lower config.optim.lr, set config.optim.grad_clip_norm, or check "
+              "the input data.")
+        if log_now:
+          count = float(fetched.pop("count"))
+          fetched.pop("first_bad")
+          means = {f"train/{k}": float(v) / count for k, v in fetched.items()}
+          rate = progress.rate()
+          means["train/steps_per_second"] = float("nan") if rate is None else rate
+          writer.write(step, means)
+          last_loss = {"loss": means["train/loss"]}
+          window = _empty_window()
+      progress.update(step, **last_loss)
+      eval_metrics = _evaluate(evaluators, make_eval_model, step, micro_steps,
+                               config.log_steps, final)
       if eval_metrics:
         writer.write(step, eval_metrics)
         # Only steps where the metric's evaluator ran (evaluators can have their own ``every``);
         # there save_best names a metric that evaluator does not give.
         if best_evaluator and any(k.startswith(best_evaluator + "/") for k in eval_metrics):
           ckpt.save_best(step, state, eval_metrics)
-      if step % config.checkpoint.every == 0 or final:
+      if save_now:
         ckpt.save(step, state, train_iter, eval_metrics)
     final_done = start < micro_steps
     if use_best and ckpt.best_step() != micro_steps:
@@ -319,12 +354,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, meta = ckpt.restore_best(checkpointing.abstract(state, shardings))
       checkpoint_step, final_done = int(meta["step"]), False
       value = meta["metrics"][config.checkpoint.best_metric]
-      print(f"[train] the run's model is its best checkpoint, step {checkpoint_step} "
-            f"({config.checkpoint.best_metric} {value:.4f}); evaluating it",
-            file=sys.stderr, flush=True)
+      if primary:
+        print(f"[train] the run's model is its best checkpoint, step {checkpoint_step} "
+              f"({config.checkpoint.best_metric} {value:.4f}); evaluating it",
+              file=sys.stderr, flush=True)
     if not final_done:  # evaluate what the checkpoint holds
-      eval_metrics = _evaluate(evaluators, lambda: nnx.merge(graphdef, state["params"]),
-                               checkpoint_step, micro_steps, config.log_steps, True)
+      eval_metrics = _evaluate(evaluators, make_eval_model, checkpoint_step, micro_steps,
+                               config.log_steps, True)
   finally:
     ckpt.close()
     writer.close()
@@ -334,22 +370,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = {"step": micro_steps, "origin": origin, "checkpoint_step": checkpoint_step,
              **eval_metrics}
   if primary:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
+    storage.write_text(storage.join(workdir, "results.json"),
+                       json.dumps(results, indent=1, sort_keys=True))
+  multihost.barrier("results")
   return results
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
-  flags.DEFINE_string("workdir", None, "the run's directory (created; a re-run resumes there)",
-                      flag_values=flag_values)
-  flags.DEFINE_bool("jax_distributed", False,
-                    "multi-host: jax.distributed.initialize() first; on Cloud TPU pods and SLURM "
-                    "its settings are detected, elsewhere give the three below",
-                    flag_values=flag_values)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("num_processes", None, "processes in all", flag_values=flag_values)
-  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "the run's directory, or a URL (s3://, gs://); created; "
+                      "a re-run resumes there", flag_values=flag_values)
+  multihost.define_flags(flag_values)
 
 
 def main(argv=None) -> None:
@@ -357,17 +387,13 @@ def main(argv=None) -> None:
       argv, "python -m pathflip_jax.train", __doc__.split("\n\n")[0], _define_flags)
   if not args.workdir:
     raise SystemExit("python -m pathflip_jax.train: --workdir is required")
-  if args.jax_distributed:
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
-    print(f"[train] process {jax.process_index()} of {jax.process_count()}: "
-          f"{jax.local_device_count()} local of {jax.device_count()} devices",
-          file=sys.stderr, flush=True)
+  multihost.initialize(args, "train")
   from pathflip_jax import compilation_cache  # pylint: disable=import-outside-toplevel
   compilation_cache.enable()
   try:
     results = train_and_evaluate(config, args.workdir)
-  except (NonFiniteLossError, FileNotFoundError, checkpointing.LayoutError) as e:
+  except (NonFiniteLossError, FileNotFoundError, checkpointing.LayoutError,
+          storage.StorageError) as e:
     # Input the run cannot use (the message names the file or config key), not a bug.
     raise SystemExit(f"[train] {e}") from None
   print(json.dumps(results, indent=1, sort_keys=True))

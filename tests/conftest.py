@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (set before JAX initialises), shared synthetic slides."""
 
+import logging
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -71,3 +72,33 @@ def demo_questions(demo_cohort, demo_tiles, tmp_path_factory) -> pathlib.Path:
   questions_job.run(["--cohort_dir", str(demo_cohort), "--patches", str(demo_tiles[0]),
                      "--output", str(out)])
   return out
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> str:
+  """An S3 bucket on moto's server on 127.0.0.1 (moto[server], a test requirement): the URL
+  ``s3://pathflip-test``. The endpoint and fake credentials go into this process's environment
+  (subprocesses inherit them), as a user's AWS_* settings would."""
+  import socket  # noqa: PLC0415
+
+  from moto.server import ThreadedMotoServer  # noqa: PLC0415
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  # The server logs every request (werkzeug, INFO): thousands of lines in a failing test's log.
+  logging.getLogger("werkzeug").setLevel(logging.WARNING)
+  server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+  server.start()
+  settings = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+  before = {k: os.environ.get(k) for k in settings}
+  os.environ.update(settings)
+  import boto3  # noqa: PLC0415
+  boto3.client("s3").create_bucket(Bucket="pathflip-test")
+  yield "s3://pathflip-test"
+  server.stop()
+  for key, value in before.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value

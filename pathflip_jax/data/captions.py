@@ -25,6 +25,8 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from pathflip_jax import storage
+
 # Words that end with a period without ending a sentence (compared lower-case, without the
 # final period). Units ("mm.", "cm.") are left out: they often do end a sentence.
 ABBREVIATIONS = frozenset({
@@ -141,27 +143,26 @@ def read_sentences(path: str) -> dict[str, list[str]]:
   """slide_id -> sentences of a ``decompose_captions`` output (sentences as strings) or of a
   demo cohort's ``captions.jsonl`` (sentences as ``{"text": ...}``)."""
   out: dict[str, list[str]] = {}
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_number}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict) or row.get("slide_id") in (None, ""):
-        raise ValueError(f"{where}: expected a JSON object with a 'slide_id'")
-      items = row.get("sentences")
-      if not isinstance(items, list):
-        raise ValueError(f"{where}: expected a 'sentences' list")
-      texts = [s.get("text") if isinstance(s, dict) else s for s in items]
-      if not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{where}: every sentence must be a string or have a 'text' string")
-      slide_id = str(row["slide_id"])
-      if slide_id in out:
-        raise ValueError(f"{where}: slide_id {slide_id!r} appears twice")
-      out[slide_id] = [t for t in texts if t.strip()]
+  for line_number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f"{path}:{line_number}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict) or row.get("slide_id") in (None, ""):
+      raise ValueError(f"{where}: expected a JSON object with a 'slide_id'")
+    items = row.get("sentences")
+    if not isinstance(items, list):
+      raise ValueError(f"{where}: expected a 'sentences' list")
+    texts = [s.get("text") if isinstance(s, dict) else s for s in items]
+    if not all(isinstance(t, str) for t in texts):
+      raise ValueError(f"{where}: every sentence must be a string or have a 'text' string")
+    slide_id = str(row["slide_id"])
+    if slide_id in out:
+      raise ValueError(f"{where}: slide_id {slide_id!r} appears twice")
+    out[slide_id] = [t for t in texts if t.strip()]
   return out
 
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
+import io
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from pathflip_jax import tokenizer as tokenizer_lib
+from pathflip_jax import storage, tokenizer as tokenizer_lib
 
 LETTERS = "ABCD"
 COLUMNS = ("slide_id", "split", "category", "question", "A", "B", "C", "D", "answer",
@@ -62,10 +62,10 @@ class Question:
 
 def read_questions(path: str) -> list[Question]:
   """The questions of a SlideBench-style CSV; errors name the file, line and column."""
-  if not os.path.isfile(path):
+  if not storage.exists(path) or storage.isdir(path):
     raise FileNotFoundError(f"{path}: questions file not found")
   out = []
-  with open(path, newline="", encoding="utf-8") as f:
+  with io.StringIO(storage.read_text(path), newline="") as f:
     reader = csv.DictReader(f)
     missing = [c for c in ("slide_id", "question", "type") if c not in (reader.fieldnames or [])]
     if missing:

@@ -1,6 +1,7 @@
 """Slide manifests: JSONL or CSV/TSV files listing slides, with at least ``slide_id`` and ``path``.
 
-Relative paths are resolved against the manifest's own directory. An optional ``mpp`` column gives
+Relative paths are resolved against the manifest's own directory; the manifest and the slides may
+be URLs (``s3://``, ``gs://``). An optional ``mpp`` column gives
 a slide's µm per pixel (overriding the file's metadata). Every other column passes through to the
 slide index (captions, labels, split, ...).
 """
@@ -8,9 +9,12 @@ slide index (captions, labels, split, ...).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Any
+
+from pathflip_jax import storage
 
 REQUIRED = ("slide_id", "path")
 
@@ -27,7 +31,7 @@ def read_manifest(path: str, reserved: tuple[str, ...] = ()) -> list[dict[str, A
     reserved: column names the caller writes itself; a manifest that uses them is an error.
   """
   rows = read_rows(path)
-  base = os.path.dirname(os.path.abspath(path))
+  base = storage.dirname(storage.absolute(path))
   seen: dict[str, int] = {}
   out = []
   for line, row in rows:
@@ -44,7 +48,7 @@ def read_manifest(path: str, reserved: tuple[str, ...] = ()) -> list[dict[str, A
       raise ManifestError(f"{where}: slide_id {slide_id!r} already used on line {seen[slide_id]}")
     seen[slide_id] = line
     row["slide_id"] = slide_id
-    row["path"] = os.path.normpath(os.path.join(base, os.path.expanduser(str(row["path"]))))
+    row["path"] = resolve(base, str(row["path"]))
     mpp = row.get("mpp")
     if mpp in (None, ""):
       row["mpp"] = None
@@ -61,18 +65,28 @@ def read_manifest(path: str, reserved: tuple[str, ...] = ()) -> list[dict[str, A
   return out
 
 
+def resolve(base: str, path: str) -> str:
+  """A manifest's ``path`` made absolute against the manifest's folder ``base``: a URL stays as
+  it is; a relative path under a URL manifest becomes a URL under it."""
+  if storage.is_url(path):
+    return path
+  if storage.is_url(base):
+    return storage.join(base, path)
+  return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
 def read_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
   """(line number, row) of every row of a ``.jsonl``/``.json`` or ``.csv``/``.tsv`` file, as
   written: no column is required or converted (callers check the columns they need)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise ManifestError(f"{path}: manifest not found")
   ext = os.path.splitext(path)[1].lower()
   if ext in (".jsonl", ".json", ".ndjson"):
     return json_lines(path)
   if ext in (".csv", ".tsv"):
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-      return [(i, dict(r)) for i, r in enumerate(reader, start=2)]
+    text = storage.read_bytes(path).decode("utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
+    return [(i, dict(r)) for i, r in enumerate(reader, start=2)]
   raise ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
 
 
@@ -80,8 +94,7 @@ def json_lines(path: str, text: str | None = None) -> list[tuple[int, dict[str, 
   """(line number, object) of every non-blank line of a JSON-lines file (``text``: its contents,
   when the caller has read them). A byte-order mark, as spreadsheet tools write, is ignored."""
   if text is None:
-    with open(path, encoding="utf-8-sig") as f:
-      text = f.read()
+    text = storage.read_bytes(path).decode("utf-8-sig")
   rows = []
   for line_number, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
     if not line.strip():

@@ -10,19 +10,26 @@ A tiling output directory holds
 Shards are written under a hidden temporary name and renamed when complete, so a file matching
 ``patches-*.array_record`` is always whole. Readers go through :class:`PatchShards` (random access,
 a grain ``RandomAccessDataSource``) and :func:`read_slide_index`.
+
+The directory may be a URL (``s3://``, ``gs://``): ArrayRecord reads and writes local files
+only, so a shard is written in the local cache (``storage.cache()``) and uploaded whole when
+complete (one PUT: the upload is the commit), and read from a local copy in the cache.
 """
 
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import glob
 import json
 import os
 import re
+import shutil
 from typing import Any, Iterator, Sequence
 
 from array_record.python import array_record_module
 
+from pathflip_jax import storage
 from pathflip_jax.data import records
 
 SHARD_PATTERN = "patches-*.array_record"
@@ -58,16 +65,30 @@ def list_shards(directory: str) -> list[str]:
 def shard_files(directory: str, pattern: str, name_re: re.Pattern[str]) -> list[str]:
   """Files in ``directory`` matching the glob ``pattern`` whose names ``name_re`` accepts, sorted
   by name (the glob alone would also let through look-alikes such as other shard-name forms)."""
+  if storage.is_url(directory):
+    names = [n for n in storage.listdir(directory) if fnmatch.fnmatch(n, pattern)]
+    return [storage.join(directory, n) for n in sorted(names) if name_re.match(n)]
   paths = sorted(glob.glob(os.path.join(directory, pattern)))
   return [p for p in paths if name_re.match(os.path.basename(p))]
 
 
+def local_file(path: str) -> str:
+  """A local path to read an ArrayRecord file from: the path itself, or a cached copy of a
+  URL (ArrayRecord reads local files only; from ``s3://`` it reads no record at all)."""
+  return storage.cache().local_copy(path) if storage.is_url(path) else path
+
+
 class ShardWriter:
-  """Writes one ArrayRecord file under a hidden temporary name; :meth:`commit` renames it."""
+  """Writes one ArrayRecord file under a hidden temporary name; :meth:`commit` renames it (for a
+  URL: writes it in the local cache and uploads it whole)."""
 
   def __init__(self, path: str):
     self.path = path
-    directory, name = os.path.split(path)
+    self._remote = storage.is_url(path)
+    if self._remote:
+      directory, name = storage.cache().staging(path), storage.basename(path)
+    else:
+      directory, name = os.path.split(path)
     self.tmp_path = os.path.join(directory, f".{name}.inprogress-{os.getpid()}")
     self._writer = array_record_module.ArrayRecordWriter(self.tmp_path, WRITER_OPTIONS)
     self.count = 0
@@ -78,14 +99,20 @@ class ShardWriter:
 
   def commit(self) -> str:
     self._writer.close()
-    os.replace(self.tmp_path, self.path)
+    if self._remote:
+      storage.upload(self.tmp_path, self.path)
+      shutil.rmtree(os.path.dirname(self.tmp_path), ignore_errors=True)
+    else:
+      os.replace(self.tmp_path, self.path)
     return self.path
 
   def abort(self) -> None:
     try:
       self._writer.close()
     finally:
-      if os.path.exists(self.tmp_path):
+      if self._remote:
+        shutil.rmtree(os.path.dirname(self.tmp_path), ignore_errors=True)
+      elif os.path.exists(self.tmp_path):
         os.remove(self.tmp_path)
 
   def __enter__(self) -> "ShardWriter":
@@ -100,7 +127,7 @@ class ShardWriter:
 
 def read_records(path: str) -> Iterator[bytes]:
   """All records of one ArrayRecord file, in order."""
-  reader = array_record_module.ArrayRecordReader(path)
+  reader = array_record_module.ArrayRecordReader(local_file(path))
   try:
     count = reader.num_records()
     step = 1024
@@ -112,29 +139,24 @@ def read_records(path: str) -> Iterator[bytes]:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   rows = []
-  with open(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
+  for line_number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
   return rows
 
 
 def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> None:
-  """Writes rows atomically (temporary name, then rename)."""
-  tmp = f"{path}.partial"
-  with open(tmp, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row, sort_keys=False) + "\n")
-  os.replace(tmp, path)
+  """Writes rows atomically (temporary name, then rename; on an object store one upload)."""
+  storage.write_text(path, "".join(json.dumps(row, sort_keys=False) + "\n" for row in rows))
 
 
 def read_slide_index(directory: str, include_failed: bool = False) -> list[dict[str, Any]]:
   """Rows of ``slides.jsonl``: tiled slides (status "ok"), and failed ones if asked."""
-  path = os.path.join(directory, SLIDES_FILE)
-  if not os.path.exists(path):
+  path = storage.join(directory, SLIDES_FILE)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path}: no slide index; is {directory} a tiling output directory "
                             "(python -m data_prep.tile_slides)?")
   rows = read_jsonl(path)
@@ -158,7 +180,7 @@ class PatchShards:
     self._readers: list | None = None
     self._starts = [0]
     for path in self._paths:
-      reader = array_record_module.ArrayRecordReader(path)
+      reader = array_record_module.ArrayRecordReader(local_file(path))
       self._starts.append(self._starts[-1] + reader.num_records())
       reader.close()
     self._slide_ranges: dict[str, tuple[int, int]] | None = None
@@ -172,7 +194,7 @@ class PatchShards:
   def _open(self) -> list:
     # Readers are opened lazily, per process: grain pickles the source into its workers.
     if self._readers is None:
-      self._readers = [array_record_module.ArrayRecordReader(p, _RANDOM_ACCESS)
+      self._readers = [array_record_module.ArrayRecordReader(local_file(p), _RANDOM_ACCESS)
                        for p in self._paths]
     return self._readers
 
@@ -190,7 +212,7 @@ class PatchShards:
   def slide_range(self, slide_id: str) -> tuple[int, int]:
     """[start, stop) indices of one slide's patches (from slides.jsonl)."""
     if self._slide_ranges is None:
-      offsets = {os.path.basename(p): s for p, s in zip(self._paths, self._starts)}
+      offsets = {storage.basename(p): s for p, s in zip(self._paths, self._starts)}
       ranges = {}
       for row in read_slide_index(self.directory):
         if row["shard"] in offsets:

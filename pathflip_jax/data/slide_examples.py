@@ -18,8 +18,9 @@ One element is one slide:
 Bucketing: ``n`` is the smallest of ``buckets`` that holds the slide, and :func:`collate` pads a
 batch to its longest member, so a batch of small slides is not padded to the largest slide of
 the cohort; each bucket compiles once. A slide with more patches than ``max_patches`` is
-subsampled to it in training (afresh each epoch). With several processes, set one bucket
-(``buckets=(max_patches,)``): the processes' batches must agree on a shape.
+subsampled to it in training (afresh each epoch). With several processes, the trainer pads each
+process's batch to the longest bucket any of them picked for the step
+(``input_pipeline.agree_padding``), so the global batch has one shape.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ import large_image_source_tiff
 import openslide
 import tifffile
 
+from pathflip_jax import storage
+
 # large_image logs every failed source probe and every sparse pyramid at WARNING; a job that
 # reports its own failures per slide does not need them.
 for _name in ("large_image", "large-image", "large_image_source_openslide",
@@ -44,6 +46,7 @@ CORRUPT_SLIDE = "corrupt_slide"
 NO_MPP = "no_mpp"
 MPP_TOO_COARSE = "mpp_too_coarse"
 NO_TISSUE = "no_tissue"
+UNREACHABLE = "unreachable"     # a slide URL whose store cannot be read
 
 
 class SlideError(Exception):
@@ -334,18 +337,41 @@ def _direct_tile_readers(path: str, levels: tuple[Level, ...]) -> tuple[tifffile
   return tif, readers
 
 
+def _staged(url: str) -> str:
+  """A local copy of a slide URL; what the store says when it cannot give one, as a SlideError
+  (a missing object, an unreachable or refusing store)."""
+  try:
+    return storage.cache().local_copy(url)
+  except FileNotFoundError:
+    raise SlideError(MISSING_FILE, f"{url}: no such object") from None
+  except OSError as e:   # storage.StorageError, network errors
+    raise SlideError(UNREACHABLE, f"{url}: cannot be read from the store ({e})") from None
+
+
 class Slide:
   """An open slide. Use as a context manager, or call :meth:`close`.
 
   Args:
-    path: slide file.
+    path: slide file, or a URL (``s3://``, ``gs://``): read from a copy in the local cache
+      (``storage.cache()``, size-limited), since the slide readers open local files only.
     mpp: µm per pixel that overrides the file's metadata (e.g. from a manifest row).
     fallback_mpp: µm per pixel used only when the file has none.
   """
 
   def __init__(self, path: str | os.PathLike, mpp: float | None = None,
                fallback_mpp: float | None = None):
-    path = os.fspath(path)
+    source = os.fspath(path)
+    if not storage.is_url(source):
+      self._open(source, mpp, fallback_mpp)
+      return
+    local = _staged(source)
+    try:
+      self._open(local, mpp, fallback_mpp)
+    except SlideError as e:
+      # Name the slide as the user gave it, not its copy in the cache.
+      raise SlideError(e.reason, e.message.replace(local, source)) from None
+
+  def _open(self, path: str, mpp: float | None, fallback_mpp: float | None) -> None:
     if not os.path.exists(path):
       raise SlideError(MISSING_FILE, f"{path}: no such file")
     if not os.path.isfile(path):

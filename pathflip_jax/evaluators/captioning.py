@@ -33,15 +33,16 @@ the random baseline's draws dominate).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pathflip_jax import storage
 from pathflip_jax.data import instructions as ins
 from pathflip_jax.evaluators import common, stats, text_metrics
 
@@ -49,11 +50,9 @@ RANDOM, NEAREST = "random_train_caption", "nearest_train_caption"
 
 
 def write_predictions(workdir: str, name: str, split: str, rows: list[dict[str, Any]]) -> str:
-  path = os.path.join(workdir, "eval", f"{name}_{split}.jsonl")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  path = storage.join(workdir, "eval", f"{name}_{split}.jsonl")
+  if jax.process_index() == 0:   # every process generated the same; one writes
+    storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
   return path
 
 

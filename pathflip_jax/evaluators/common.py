@@ -4,7 +4,7 @@ and the patch encoder's own text alignment (the ``reference`` baseline)."""
 
 from __future__ import annotations
 
-import os
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pathflip_jax import input_pipeline, sharding
+from pathflip_jax import input_pipeline, sharding, storage
 from pathflip_jax.evaluators import metrics, stats
 
 
@@ -42,7 +42,7 @@ class EvaluatorBase:
     workdir = getattr(self.task, "workdir", None)
     if not workdir:
       return None
-    return stats.write_slide_rows(os.path.join(workdir, "eval"), self.name,
+    return stats.write_slide_rows(storage.join(workdir, "eval"), self.name,
                                   split or self.split, rows)
 
 
@@ -59,7 +59,9 @@ class BatchedApply:
     self.batch_size = -(-batch_size // shards) * shards
     self.mesh = mesh
 
-    @jax.jit
+    # Replicated outputs: every process gets the whole batch's results (several processes
+    # evaluate the same split).
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def apply(graphdef, state, inputs):
       return method(nnx.merge(graphdef, state), inputs)
 
@@ -74,7 +76,7 @@ class BatchedApply:
       if valid < self.batch_size:
         pad = np.repeat(chunk[-1:], self.batch_size - valid, axis=0)
         chunk = np.concatenate([chunk, pad])
-      batch = input_pipeline.to_global({"x": chunk}, self.mesh)["x"]
+      batch = input_pipeline.full_batch_to_global({"x": chunk}, self.mesh)["x"]
       outputs.append(np.asarray(jax.device_get(self._apply(graphdef, state, batch)))[:valid])
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
@@ -122,7 +124,7 @@ class SlideEmbeddings:
     self.task, self.mesh = task, mesh
     self.batch_size = -(-batch_size // shards) * shards
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def encode(graphdef, state, batch):
       model = nnx.merge(graphdef, state)
       out = model.encode_slides(batch)
@@ -139,7 +141,7 @@ class SlideEmbeddings:
     index = []
     for batch in batches:
       keep = batch["slide_index"] >= 0
-      inputs = input_pipeline.to_global(
+      inputs = input_pipeline.full_batch_to_global(
           {k: v for k, v in batch.items() if k not in ("label", "slide_index")}, self.mesh)
       out = jax.device_get(self._encode(graphdef, state, inputs))
       for key, value in out.items():

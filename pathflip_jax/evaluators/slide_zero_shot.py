@@ -33,6 +33,7 @@ Config: ``split`` ("test"), ``every``, ``batch_size``, ``prompts``, ``score`` ("
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -42,7 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pathflip_jax import input_pipeline
+from pathflip_jax import input_pipeline, sharding
 from pathflip_jax.evaluators import common, metrics, stats
 
 SCORES = ("slide", "region", "both")
@@ -66,7 +67,7 @@ class Evaluator(common.EvaluatorBase):
     # The reference does not train: its class scores are computed once, at the first run.
     self._reference_scores: np.ndarray | None = None
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def region_scores(graphdef, state, prompts_te, regions_bme, valid_bm):
       model = nnx.merge(graphdef, state)
       text_bte = jnp.broadcast_to(prompts_te, (regions_bme.shape[0],) + prompts_te.shape)
@@ -91,7 +92,7 @@ class Evaluator(common.EvaluatorBase):
       pad = size - count
       regions = np.concatenate([regions, np.repeat(regions[-1:], pad, axis=0)])
       valid = np.concatenate([valid, np.repeat(valid[-1:], pad, axis=0)])
-      inputs = input_pipeline.to_global({"r": regions, "v": valid}, self.mesh)
+      inputs = input_pipeline.full_batch_to_global({"r": regions, "v": valid}, self.mesh)
       scores = self._region_scores(graphdef, state, prompt_te, inputs["r"], inputs["v"])
       per_prompt.append(np.asarray(jax.device_get(scores))[:count])
     per_prompt = np.concatenate(per_prompt)

@@ -22,10 +22,12 @@ Per-slide rows for comparisons across runs are written next to an evaluator's ou
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
+
+from pathflip_jax import storage
 
 SAMPLES = 1000
 LEVEL = 0.95
@@ -163,25 +165,22 @@ def mean_of(values: Sequence[float]) -> Metric:
 
 
 def slide_rows_path(output_dir: str, evaluator: str, split: str) -> str:
-  return os.path.join(output_dir, f"{evaluator}_{split}_slides.jsonl")
+  return storage.join(output_dir, f"{evaluator}_{split}_slides.jsonl")
 
 
 def write_slide_rows(output_dir: str, evaluator: str, split: str,
                      rows: Sequence[dict[str, Any]]) -> str:
   """One JSON row per evaluated slide (``slide_id`` first), for paired comparisons across runs."""
   path = slide_rows_path(output_dir, evaluator, split)
-  os.makedirs(output_dir, exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(path + ".tmp", path)
+  if jax.process_index() == 0:   # every process evaluated the same slides; one writes
+    storage.makedirs(output_dir)
+    storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
   return path
 
 
 def read_slide_rows(output_dir: str, evaluator: str, split: str) -> list[dict[str, Any]]:
   path = slide_rows_path(output_dir, evaluator, split)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path} not found: the run has no per-slide rows of evaluator "
                             f"{evaluator!r} on split {split!r} (evaluate it first)")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

@@ -42,7 +42,6 @@ Config: ``split`` ("test"), ``every``, ``batch_size`` (8), ``max_new_tokens`` (3
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Callable, Sequence
 
@@ -51,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pathflip_jax import storage
 from pathflip_jax.data import instructions as ins
 from pathflip_jax.evaluators import captioning, common, stats, text_metrics
 
@@ -147,7 +147,7 @@ class Evaluator(common.EvaluatorBase):
       swap = derangement(len(visual))
       self.shuffled = [visual[j] for j in swap]
     self.question_only_dir = config.get("question_only", "")
-    if self.question_only_dir and not os.path.isdir(os.path.join(self.question_only_dir,
+    if self.question_only_dir and not storage.isdir(storage.join(self.question_only_dir,
                                                                  "eval")):
       raise FileNotFoundError(f"config.evals.*.question_only={self.question_only_dir}: no "
                               "eval/ folder there (train and evaluate the question-only run "
@@ -159,7 +159,7 @@ class Evaluator(common.EvaluatorBase):
     """The question-only run's per-question results, in this evaluator's question order."""
     key = "config.evals.*.question_only"
     try:
-      rows = stats.read_slide_rows(os.path.join(workdir, "eval"), self.name, self.split)
+      rows = stats.read_slide_rows(storage.join(workdir, "eval"), self.name, self.split)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"{key}={workdir}: {e}") from None
     by_key: dict[tuple, list[dict[str, Any]]] = {}

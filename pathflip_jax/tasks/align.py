@@ -23,7 +23,6 @@ training split's text), ``vocab_size``, ``tokenizer_type``, ``data.*``
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import grain
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import losses, tokenizer as tokenizer_lib
+from pathflip_jax import losses, storage, tokenizer as tokenizer_lib
 from pathflip_jax.data import captions as captions_lib, feature_shards, manifest
 from pathflip_jax.data import slide_examples
 from pathflip_jax.models import pathflip, qformer
@@ -94,7 +93,7 @@ class AlignTask:
     if not config.get("features_dir"):
       raise ValueError("config.features_dir is not set (stage align trains on patch features: "
                        "data_prep/extract_features.py or data_prep/import_features.py)")
-    if not os.path.isdir(config.features_dir):
+    if not storage.isdir(config.features_dir):
       raise FileNotFoundError(
           f"config.features_dir={config.features_dir}: no such feature directory "
           "(data_prep/extract_features.py or import_features.py writes one; the demo configs' "
@@ -175,11 +174,11 @@ class AlignTask:
   def _tokenizer(self, config, workdir: str) -> tokenizer_lib.Tokenizer:
     if config.tokenizer:
       return tokenizer_lib.Tokenizer(config.tokenizer)
-    path = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "tokenizer.model")
+    if not storage.exists(path):
       # Only the training split's text: evaluation captions stay unseen.
       train_text = [x for t in self.splits["train"].texts for x in (t.caption, *t.sentences)]
-      tokenizer_lib.train(train_text, os.path.join(workdir, "tokenizer"),
+      tokenizer_lib.train(train_text, storage.join(workdir, "tokenizer"),
                           vocab_size=config.vocab_size, model_type=config.tokenizer_type)
     return tokenizer_lib.Tokenizer(path)
 
@@ -206,6 +205,9 @@ class AlignTask:
 
   # A plain function, not a bound method: grain pickles it into its worker processes.
   collate = staticmethod(slide_examples.collate)
+  # The arrays collate pads to the batch's longest slide (key -> axis): a multi-process run pads
+  # every process's batch to the longest of any (input_pipeline.agree_padding).
+  padded_axes = {"features": 1, "patch_valid": 1}
 
   def loss(self, model: pathflip.PathFlip, batch: dict[str, jax.Array], rng: jax.Array):
     del rng  # sampling happens in the input pipeline

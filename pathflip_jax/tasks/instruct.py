@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import checkpointing, predict, sharding, tokenizer as tokenizer_lib
+from pathflip_jax import checkpointing, predict, sharding, storage, tokenizer as tokenizer_lib
 from pathflip_jax.data import instructions as ins, regions as regions_lib
 from pathflip_jax.evaluators import common
 from pathflip_jax.models import decoder as decoder_lib, instruct, lora as lora_lib, pathflip
@@ -196,9 +196,9 @@ class InstructTask:
     if config.get("tokenizer"):
       tokenizer = tokenizer_lib.Tokenizer(config.tokenizer)
     else:
-      path = os.path.join(self.workdir, "tokenizer.model")
-      if not os.path.exists(path):
-        tokenizer_lib.train(self._train_text(), os.path.join(self.workdir, "tokenizer"),
+      path = storage.join(self.workdir, "tokenizer.model")
+      if not storage.exists(path):
+        tokenizer_lib.train(self._train_text(), storage.join(self.workdir, "tokenizer"),
                             vocab_size=config.vocab_size, model_type=config.tokenizer_type)
       tokenizer = tokenizer_lib.Tokenizer(path)
     decoder_config = decoder_lib.get_config(dec.variant, vocab_size=tokenizer.num_embeddings,

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pathflip_jax import losses, tokenizer as tokenizer_lib
+from pathflip_jax import losses, storage, tokenizer as tokenizer_lib
 from pathflip_jax.data import demo_annotations, patch_shards, tiling
 from pathflip_jax.models import patch_clip, text_encoder, vit
 
@@ -171,8 +171,8 @@ class PatchClipTask:
   @staticmethod
   def _tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     path = tokenizer_path(config, workdir)
-    if not config.tokenizer and not os.path.exists(path):
-      tokenizer_lib.train(cohort_corpus(config.cohort_dir), os.path.join(workdir, "tokenizer"),
+    if not config.tokenizer and not storage.exists(path):
+      tokenizer_lib.train(cohort_corpus(config.cohort_dir), storage.join(workdir, "tokenizer"),
                           vocab_size=config.vocab_size, model_type=config.tokenizer_type)
     return tokenizer_lib.Tokenizer(path)
 
@@ -240,4 +240,4 @@ class PatchClipTask:
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The SentencePiece model a patch_clip run uses: ``config.tokenizer``, else the one it trains
   into its workdir."""
-  return config.tokenizer or os.path.join(workdir, "tokenizer.model")
+  return config.tokenizer or storage.join(workdir, "tokenizer.model")
