@@ -26,12 +26,33 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -e . \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# The slide viewer's OpenSeadragon (python -m pathflip_jax.serve): the pinned npm package,
+# unpacked into an ignored folder; never committed, never loaded from a CDN.
+osd=pathflip_jax/viewer/openseadragon
+if [ ! -f "$osd/openseadragon.min.js" ]; then
+  if command -v npm >/dev/null; then
+    tmp="$(mktemp -d)"
+    (cd "$tmp" && npm pack --silent openseadragon@6.1.1 >/dev/null && tar xzf openseadragon-6.1.1.tgz)
+    mkdir -p "$osd"
+    cp -r "$tmp/package/build/openseadragon/." "$osd/"
+    cp "$tmp/package/LICENSE.txt" "$osd/LICENSE.txt"
+    rm -rf "$tmp"
+  else
+    echo "setup.sh: npm not found; the slide viewer needs OpenSeadragon in $osd" >&2
+  fi
+fi
 if [ "${1:-}" = "--test" ]; then
   # pycocoevalcap's PTB tokenizer and METEOR (the caption metrics' cross-check) run on Java.
   if ! command -v java >/dev/null && command -v apt-get >/dev/null; then
     sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq default-jre-headless >/dev/null
+  fi
+  # The viewer's browser test drives Debian's Chromium through its chromedriver.
+  if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" != 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
   fi
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)

@@ -35,6 +35,7 @@ ENTRY_POINTS = (
     ("pathflip_jax.compare", "paired differences across runs; spread over seeds"),
     ("data_prep.demo_vqa_oracle", "the demo questions' ceiling: answers from exact patch tissue"),
     ("pathflip_jax.infer", "one slide file -> zero-shot, caption, answers, heatmaps"),
+    ("pathflip_jax.serve", "a slide viewer: zoom a slide, type a phrase, see where it is"),
 )
 
 
@@ -83,7 +84,8 @@ def index() -> str:
   lines += [f"- [`python -m {m}`]({m.split('.')[-1]}.md): {role}" for m, role in ENTRY_POINTS]
   lines += ["", "Measured numbers: [results.md](results.md), written by `docs/results.py` from a "
             "named quickstart run. History of what was tried, with the commit where removed "
-            "code last lived: [experiments/](experiments/README.md)."]
+            "code last lived: [experiments/](experiments/README.md). The viewer's picture, "
+            "[viewer.jpg](viewer.jpg), is drawn by `docs/viewer_screenshot.py`."]
   return "\n".join(lines) + "\n"
 
 

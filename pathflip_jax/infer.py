@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -115,8 +115,10 @@ def build_patch_encoder(identity: dict[str, Any], features_dir: str, patch_size:
 
 
 def tile_and_embed(slide: slides.Slide, slide_id: str, params: tiling.TilingParams,
-                   embed, batch_size: int = 32) -> dict[str, Any]:
-  """Plans the slide's tissue patches, reads them batch by batch and embeds them."""
+                   embed, batch_size: int = 32,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+  """Plans the slide's tissue patches, reads them batch by batch and embeds them;
+  ``progress(done, total)`` after each batch."""
   plan, pictures = tiling.plan_slide(slide, slide_id, params)
   total = int(len(plan.cells))
   if not total:
@@ -140,6 +142,8 @@ def tile_and_embed(slide: slides.Slide, slide_id: str, params: tiling.TilingPara
     features.append(np.asarray(jax.device_get(embed(images)))[:real])
     done += real
     pending.clear()
+    if progress is not None:
+      progress(done, total)
     if time.time() - last > 5 or done == total:
       _log(f"embedded {done}/{total} patches")
       last = time.time()

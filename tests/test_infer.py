@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import extract_features
-from pathflip_jax import checkpointing, config_args, infer
+from pathflip_jax import checkpointing, infer
 from pathflip_jax.data import slides
 from tests import runs as runs_lib
 
@@ -19,18 +18,7 @@ from tests import runs as runs_lib
 @pytest.fixture(scope="module")
 def runs(demo_cohort, demo_tiles, demo_questions, tmp_path_factory):
   root = tmp_path_factory.mktemp("infer_runs")
-  extract_features.run(["--patches", str(demo_tiles[0]), "--output_dir", str(root / "features"),
-                        "--config", "configs/extract_features.py:variant=vit_tiny_test,"
-                        "num_workers=0,batch_size=16", "--progress_interval", "0"])
-  config = config_args.load_config(
-      f"configs/pathflip_demo.py:size=test,features_dir={root / 'features'}",
-      {"input.worker_count": 0})
-  align_dir = str(root / "align")
-  runs_lib.save_untrained_run(config, align_dir)
-  config = config_args.load_config(
-      f"configs/pathflip_instruct_demo.py:size=test,align_workdir={align_dir},"
-      f"questions={demo_questions},eval_split=")
-  runs_lib.save_untrained_run(config, str(root / "instruct"))
+  runs_lib.untrained_demo_runs(root, demo_tiles[0], demo_questions)
   return root
 
 
