@@ -74,7 +74,34 @@ def train(corpus: Iterable[str], model_prefix: str, *, vocab_size: int = 1000,
   return path
 
 
-class Tokenizer:
+class BaseTokenizer:
+  """Batch encoding for every tokenizer of the project (:class:`Tokenizer` here,
+  ``convert.hf_tokenizer.HFTokenizer`` for Hugging Face BPE); a subclass defines ``encode``,
+  ``decode`` and the special ids."""
+
+  pad_id: int
+  eos_id: int
+
+  def encode_batch(self, texts: Sequence[str], max_len: int, *, add_bos: bool = True,
+                   add_eos: bool = True) -> np.ndarray:
+    """int32 ``[len(texts), max_len]``, right-padded with ``pad_id``.
+
+    A longer text is cut to ``max_len``, keeping its last token EOS when ``add_eos``.
+    """
+    if isinstance(texts, str):
+      raise TypeError("encode_batch takes a sequence of texts, not one str")
+    if max_len < max(1, int(add_bos) + int(add_eos)):
+      raise ValueError(f"max_len={max_len} leaves no room for the BOS/EOS tokens")
+    out = np.full((len(texts), max_len), self.pad_id, np.int32)
+    for row, text in enumerate(texts):
+      ids = self.encode(text, add_bos=add_bos, add_eos=add_eos)
+      if len(ids) > max_len:
+        ids = ids[:max_len - 1] + [self.eos_id] if add_eos else ids[:max_len]
+      out[row, :len(ids)] = ids
+    return out
+
+
+class Tokenizer(BaseTokenizer):
   """A SentencePiece model with the project's special ids; picklable (grain workers, spawn).
 
   Special ids are found by piece (``<pad>``, ``<bos>``, ...) first, then by the model's own
@@ -172,24 +199,6 @@ class Tokenizer:
     if add_eos:
       ids.append(self.eos_id)
     return ids
-
-  def encode_batch(self, texts: Sequence[str], max_len: int, *, add_bos: bool = True,
-                   add_eos: bool = True) -> np.ndarray:
-    """int32 ``[len(texts), max_len]``, right-padded with ``pad_id``.
-
-    A longer text is cut to ``max_len``, keeping its last token EOS when ``add_eos``.
-    """
-    if isinstance(texts, str):
-      raise TypeError("encode_batch takes a sequence of texts, not one str")
-    if max_len < max(1, int(add_bos) + int(add_eos)):
-      raise ValueError(f"max_len={max_len} leaves no room for the BOS/EOS tokens")
-    out = np.full((len(texts), max_len), self.pad_id, np.int32)
-    for row, text in enumerate(texts):
-      ids = self.encode(text, add_bos=add_bos, add_eos=add_eos)
-      if len(ids) > max_len:
-        ids = ids[:max_len - 1] + [self.eos_id] if add_eos else ids[:max_len]
-      out[row, :len(ids)] = ids
-    return out
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text of one id sequence: stops at the first EOS, skips pad and BOS, ``<image>`` literal."""

@@ -171,6 +171,10 @@ def test_grouped_query_attention_equals_tiled_multi_head():
     ("gemma2_2b", 2_614_636_800),
     ("gemma3_1b", 1_000e6),
     ("gemma3_4b", 3_884e6),
+    # Model cards: SmolLM2-135M 135M, Llama 3.2 1B 1.23B, Qwen3 0.6B 0.6B (0.44B non-embedding).
+    ("smollm2_135m", 134.5e6),
+    ("llama3_1b", 1.236e9),
+    ("qwen3_0_6b", 0.596e9),
 ])
 def test_full_size_shapes_and_param_counts(name, published):
   config = decoder.get_config(name)

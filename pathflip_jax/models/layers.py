@@ -71,17 +71,21 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * (1 + scale), statistics in float32; scale starts at 0 (Gemma's form)."""
+  """x / rms(x) * (1 + scale), statistics in float32; scale starts at 0 (Gemma's form).
+
+  ``plus_one=False`` is the plain form of Llama and Qwen, x / rms(x) * scale, scale starting at 1.
+  """
 
   def __init__(self, width: int, axis_name: str | None, *, eps: float, dtype: Dtype,
-               param_dtype: Dtype):
-    self.eps, self.dtype = eps, dtype
-    self.scale = param(None, zeros, (width,), (axis_name,), param_dtype)
+               param_dtype: Dtype, plus_one: bool = True):
+    self.eps, self.dtype, self.plus_one = eps, dtype, plus_one
+    self.scale = param(None, zeros if plus_one else ones, (width,), (axis_name,), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
 
 
 class Dense(nnx.Module):
