@@ -171,9 +171,11 @@ class AlignTask:
   def corpus(self) -> list[str]:
     return [x for s in self.splits.values() for t in s.texts for x in (t.caption, *t.sentences)]
 
-  def _tokenizer(self, config, workdir: str) -> tokenizer_lib.Tokenizer:
+  def _tokenizer(self, config, workdir: str):
+    """SentencePiece (``config.tokenizer`` or one trained here) or a BERT checkpoint's
+    WordPiece (``config.tokenizer`` naming its directory or vocabulary file)."""
     if config.tokenizer:
-      return tokenizer_lib.Tokenizer(config.tokenizer)
+      return tokenizer_lib.load(config.tokenizer)
     path = storage.join(workdir, "tokenizer.model")
     if not storage.exists(path):
       # Only the training split's text: evaluation captions stay unseen.

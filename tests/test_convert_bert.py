@@ -1,0 +1,190 @@
+"""BERT-family import into the Q-Former: hidden states match transformers' BertModel layer by
+layer, the WordPiece tokenizer gives transformers' ids, and bad checkpoints are clear errors."""
+
+import json
+import os
+import pickle
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathflip_jax import tokenizer as tokenizer_lib
+from pathflip_jax.convert import bert, safetensors_io
+from pathflip_jax.models import qformer
+
+# Skips collection only where transformers is absent; requirements-test.txt installs it.
+pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+# A WordPiece vocabulary with cased and accented entries, so lower-casing and accent stripping
+# change the ids.
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "The", "cell", "##s", "tumour",
+         "Tumour", "is", "are", ".", ",", ";", "(", ")", "-", "cafe", "café", "caf", "##é", "##e",
+         "necrosis", "of", "in", "stroma", "gland", "##ular", "a", "b", "##c", "no", "seen",
+         "grade", "2", "3", "%", "hé", "he", "##mat", "##oxylin", "naïve", "naive", "über"]
+SENTENCES = ["The cells of the tumour are seen.", "Necrosis (grade 3) in stroma; café, CAFE",
+             "Glandular cells: naïve HÉmatoxylin über-grade 2%", "a", "Tumour-cells, no necrosis."]
+WIDTH, LAYERS, HEADS, HIDDEN, POSITIONS = 64, 2, 4, 128, 32
+
+
+def _transformers():
+  # Where the offline torchvision wheel (a CUDA build) cannot load its ops next to CPU torch,
+  # transformers' import of it dies; import_timm loads torchvision leniently first.
+  from benchmarks.patch_encoder import import_timm  # noqa: PLC0415
+  import_timm()
+  import transformers  # noqa: PLC0415
+  return transformers
+
+
+def save_tiny_bert(directory, seed: int = 0):
+  """A random tiny BertModel and its WordPiece tokenizer saved as a Hugging Face checkpoint;
+  returns the torch model (eval mode)."""
+  tf = _transformers()
+  os.makedirs(directory, exist_ok=True)
+  vocab_file = os.path.join(directory, "vocab.txt")
+  with open(vocab_file, "w", encoding="utf-8") as f:
+    f.write("\n".join(VOCAB) + "\n")
+  config = tf.BertConfig(vocab_size=len(VOCAB), hidden_size=WIDTH, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, intermediate_size=HIDDEN,
+                         max_position_embeddings=POSITIONS, attn_implementation="eager")
+  torch.manual_seed(seed)
+  model = tf.BertModel(config).eval()
+  with torch.no_grad():
+    # HF starts norms at 1/0 and biases at 0: random values everywhere make a swapped norm or
+    # a dropped bias visible.
+    for parameter in model.parameters():
+      parameter.add_(torch.randn_like(parameter) * 0.1)
+  model.save_pretrained(directory)
+  tf.BertTokenizerFast(vocab=vocab_file, do_lower_case=True).save_pretrained(directory)
+  return model
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("bert"))
+  return directory, save_tiny_bert(directory)
+
+
+def _imported(directory):
+  checkpoint = bert.load_bert(directory)
+  config = qformer.QFormerConfig(feature_dim=12, num_queries=4, **checkpoint.qformer_fields)
+  model = qformer.QFormer(config, rngs=nnx.Rngs(0))
+  left = bert.assign(model, checkpoint.params)
+  return checkpoint, model, left
+
+
+def _relative(ours, reference) -> float:
+  reference = np.asarray(reference, np.float32)
+  return float(np.abs(np.asarray(ours, np.float32) - reference).max() / np.abs(reference).max())
+
+
+def test_text_branch_matches_bert_hidden_states_layer_by_layer(tiny_bert):
+  directory, hf_model = tiny_bert
+  checkpoint, model, left = _imported(directory)
+  assert checkpoint.qformer_fields == dict(
+      width=WIDTH, depth=LAYERS, num_heads=HEADS, mlp_ratio=HIDDEN / WIDTH,
+      vocab_size=len(VOCAB), max_text_len=POSITIONS, norm_eps=1e-12, norm_position="post",
+      pad_id=0)
+  # What the import sets and what it leaves: cross-attention, queries and feature projection.
+  expected = ({"feature_norm/bias", "feature_norm/scale", "feature_proj/bias",
+               "feature_proj/kernel", "query_tokens", "layers/*/cross_norm/bias",
+               "layers/*/cross_norm/scale"}
+              | {f"layers/*/cross_attention/{w}_{p}" for w in "qkvo" for p in ("bias", "kernel")})
+  assert set(bert.summary(left).split(", ")) == expected
+  assert "layers/0/cross_attention/q_kernel" in left
+  assert "layers/1/query_mlp/fc2/kernel" in checkpoint.params
+  assert {"pooler.dense.weight", "pooler.dense.bias"} <= set(checkpoint.unused)
+
+  tokens = tokenizer_lib.load(directory).encode_batch(SENTENCES, 24)
+  assert (tokens == 0).any(axis=1).all()          # every row is padded
+  with torch.no_grad():
+    reference = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                         attention_mask=torch.tensor(tokens != 0, dtype=torch.long),
+                         output_hidden_states=True)
+
+  @nnx.jit  # one compilation instead of one per eager op
+  def run(model, tokens):
+    return model.text_states(tokens), model.encode_text(tokens)
+
+  states, cls = run(model, jnp.asarray(tokens))
+  assert len(states) == len(reference.hidden_states) == LAYERS + 1
+  errors = [_relative(ours, ref.numpy()) for ours, ref in zip(states, reference.hidden_states)]
+  print("max relative difference per layer (embeddings, layer 1, ...):", errors)
+  assert max(errors) < 1e-4, errors
+  np.testing.assert_array_equal(np.asarray(states[-1]).shape, reference.last_hidden_state.shape)
+  # The text embedding (the last layer's first row only) is BERT's [CLS] output.
+  assert _relative(cls, reference.last_hidden_state[:, 0].numpy()) < 1e-4
+
+
+def test_masked_lm_checkpoint_with_old_norm_names_imports_the_same(tiny_bert, tmp_path):
+  """``bert.``-prefixed keys (BertForMaskedLM / BertForPreTraining) and LayerNorm gamma/beta."""
+  directory, _ = tiny_bert
+  tensors = safetensors_io.load_file(os.path.join(directory, "model.safetensors"))
+  renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma")
+             .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in tensors.items()}
+  renamed["cls.predictions.bias"] = np.zeros(len(VOCAB), np.float32)
+  safetensors_io.save_file(renamed, str(tmp_path / "model.safetensors"))
+  shutil.copy(os.path.join(directory, "config.json"), tmp_path / "config.json")
+  plain, prefixed = bert.load_bert(directory), bert.load_bert(str(tmp_path))
+  assert sorted(prefixed.params) == sorted(plain.params)
+  for name, value in plain.params.items():
+    np.testing.assert_array_equal(prefixed.params[name], value, err_msg=name)
+  assert "cls.predictions.bias" in prefixed.unused
+
+
+def test_wordpiece_ids_match_transformers(tiny_bert, tmp_path):
+  tf = _transformers()
+  directory, _ = tiny_bert
+  # Cased: a vocab.txt alone with do_lower_case=False (accents kept too).
+  cased = tmp_path / "cased"
+  cased.mkdir()
+  shutil.copy(os.path.join(directory, "vocab.txt"), cased / "vocab.txt")
+  (cased / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+  for path in (directory, str(cased)):
+    ours, theirs = tokenizer_lib.load(path), tf.BertTokenizerFast.from_pretrained(path)
+    for text in SENTENCES:
+      assert ours.encode(text, add_bos=True, add_eos=True) == theirs(text)["input_ids"], text
+    # Padding and truncation (keeping [SEP] last) as transformers pads and truncates.
+    batch = theirs(SENTENCES, padding="max_length", truncation=True, max_length=9)["input_ids"]
+    np.testing.assert_array_equal(ours.encode_batch(SENTENCES, 9), np.array(batch))
+    assert ours.decode(ours.encode_batch(SENTENCES[:1], 16)[0]) == theirs.decode(
+        theirs(SENTENCES[0])["input_ids"], skip_special_tokens=True)
+    again = pickle.loads(pickle.dumps(ours))       # grain workers receive it pickled
+    np.testing.assert_array_equal(again.encode_batch(SENTENCES, 12), ours.encode_batch(
+        SENTENCES, 12))
+  lower, upper = tokenizer_lib.load(directory), tokenizer_lib.load(str(cased))
+  assert lower.encode("The") != upper.encode("The")     # the case setting is honoured
+  assert (lower.bos_id, lower.eos_id, lower.pad_id, lower.unk_id) == (2, 3, 0, 1)
+  assert lower.num_embeddings == len(VOCAB)
+
+
+def test_checkpoint_not_matching_its_config_or_the_run_is_a_clear_error(tiny_bert, tmp_path):
+  directory, _ = tiny_bert
+  shutil.copy(os.path.join(directory, "model.safetensors"), tmp_path / "model.safetensors")
+  with open(os.path.join(directory, "config.json")) as f:
+    config = json.load(f)
+  (tmp_path / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
+  with pytest.raises(bert.ConversionError,
+                     match=r"shape mismatch for encoder\.layer\.0\.intermediate\.dense\.weight: "
+                           r"checkpoint \(128, 64\), config\.json implies \(96, 64\)") as error:
+    bert.load_bert(str(tmp_path))
+  assert "model.safetensors" in str(error.value)
+  (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_act="gelu_new")))
+  with pytest.raises(ValueError, match="config.json: hidden_act='gelu_new'"):
+    bert.load_bert(str(tmp_path))
+
+  checkpoint = bert.load_bert(directory)
+  run = qformer.QFormerConfig(**dict(checkpoint.qformer_fields, width=32, depth=3))
+  with pytest.raises(ValueError, match=r"config\.model\.qformer\.width=32 but the checkpoint "
+                                       r"has 64 \(hidden_size\)") as error:
+    bert.check_qformer(run, checkpoint)
+  assert "config.model.qformer.depth=3" in str(error.value)
+  bert.check_qformer(qformer.QFormerConfig(**checkpoint.qformer_fields), checkpoint)
+  # A pre-norm Q-Former has no embedding norm to take BERT's.
+  pre = qformer.QFormer(qformer.QFormerConfig(**dict(checkpoint.qformer_fields,
+                                                     norm_position="pre")), rngs=nnx.Rngs(0))
+  with pytest.raises(bert.ConversionError, match="norm_position='post'"):
+    bert.assign(pre, checkpoint.params)
