@@ -24,7 +24,8 @@ torch = pytest.importorskip("torch")
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "The", "cell", "##s", "tumour",
          "Tumour", "is", "are", ".", ",", ";", "(", ")", "-", "cafe", "café", "caf", "##é", "##e",
          "necrosis", "of", "in", "stroma", "gland", "##ular", "a", "b", "##c", "no", "seen",
-         "grade", "2", "3", "%", "hé", "he", "##mat", "##oxylin", "naïve", "naive", "über"]
+         "grade", "2", "3", "%", "hé", "he", "##mat", "##oxylin", "naïve", "naive",
+         "über"]
 SENTENCES = ["The cells of the tumour are seen.", "Necrosis (grade 3) in stroma; café, CAFE",
              "Glandular cells: naïve HÉmatoxylin über-grade 2%", "a", "Tumour-cells, no necrosis."]
 WIDTH, LAYERS, HEADS, HIDDEN, POSITIONS = 64, 2, 4, 128, 32
@@ -188,3 +189,62 @@ def test_checkpoint_not_matching_its_config_or_the_run_is_a_clear_error(tiny_ber
                                                      norm_position="pre")), rngs=nnx.Rngs(0))
   with pytest.raises(bert.ConversionError, match="norm_position='post'"):
     bert.assign(pre, checkpoint.params)
+
+
+@pytest.mark.slow
+def test_align_starts_from_bert_through_the_paper_config(tiny_bert, tmp_path, monkeypatch):
+  """configs/pathflip_paper.py:bert=...: post-norm Q-Former of the checkpoint's sizes, its
+  WordPiece tokenizer, and the imported weights as the step-0 parameters; a resumed run does
+  not import again."""
+  from pathflip_jax import checkpointing, config_args, train  # noqa: PLC0415
+  from pathflip_jax.tasks import align  # noqa: PLC0415
+  from tests.test_align import CLASSES, write_features  # noqa: PLC0415
+  directory, _ = tiny_bert
+  write_features(tmp_path / "features")
+  lr = 1e-3
+  overrides = {
+      "input.worker_count": 0, "dtype": "float32", "total_steps": 2, "log_steps": 2,
+      "evals": {}, "optim.lr": lr, "optim.warmup_steps": 0, "checkpoint.async_save": False,
+      "data.caption_len": POSITIONS, "data.subcaption_len": 16, "data.num_subcaptions": 4,
+      "data.region_patches": 2, "data.num_regions": 4, "data.eval_num_regions": 4,
+      "data.buckets": (64,), "data.max_patches": 64, "model.embed_dim": 32,
+      "model.context_depth": 1, "model.context_heads": 2, "model.region_heads": 2,
+      "model.qformer.num_queries": 4}
+  spec = (f"configs/pathflip_paper.py:features_dir={tmp_path / 'features'},bert={directory},"
+          f"per_device_batch=1,class_names={';'.join(CLASSES)}")
+  config = config_args.load_config(spec, overrides)
+  assert config.bert == directory and config.tokenizer == directory
+  assert (config.model.qformer.width, config.model.qformer.depth,
+          config.model.qformer.norm_position) == (WIDTH, LAYERS, "post")
+
+  starts = []
+
+  def spy(*args, **kwargs):
+    state, origin = restore_or_init(*args, **kwargs)
+    starts.append(({k: np.asarray(v) for k, v in checkpointing.named_leaves(
+        state["params"]).items()}, origin))
+    return state, origin
+
+  restore_or_init = train.restore_or_init
+  monkeypatch.setattr(train, "restore_or_init", spy)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  step0, origin = starts[0]
+  assert origin.startswith("Q-Former text branch and self-attention initialised from BERT")
+  imported = {f"qformer/{k}": v for k, v in bert.load_bert(directory).params.items()}
+  for name, value in imported.items():
+    np.testing.assert_array_equal(step0[name], value, err_msg=name)
+  # Two AdamW steps move each imported weight by a few lr at most; a fresh initialisation
+  # (the cross-attention, never imported) is nowhere near the checkpoint.
+  trained = checkpointing.load_params(workdir)
+  moved = max(float(np.abs(trained[n] - v).max()) for n, v in imported.items())
+  assert 0 < moved < 5 * 2 * lr, moved
+  assert not np.allclose(step0["qformer/layers/0/cross_attention/q_kernel"],
+                         imported["qformer/layers/0/self_attention/q_kernel"], atol=0.05)
+
+  def no_import(self, params):
+    raise AssertionError("a resumed run imported BERT again")
+
+  monkeypatch.setattr(align.AlignTask, "initial_params", no_import)
+  train.train_and_evaluate(config, workdir)    # finds step 2 of 2: restores, trains no step
+  assert starts[1][1].startswith(f"resumed from {workdir}/checkpoints/2")
