@@ -75,7 +75,7 @@ def get_config(arg: str | None = None):
                    cross_attention_every=2, kv_chunk=2048, max_text_len=512),
       embed_dim=256, context_depth=2, context_heads=8, region_heads=8)
   if args.bert:
-    fields = bert_lib.qformer_fields(bert_lib.read_config(args.bert),
+    fields = bert_lib.qformer_fields(bert_lib.read_config(args.bert, "config arg bert"),
                                      os.path.join(args.bert, "config.json"))
     config.model.qformer.update({k: fields[k] for k in _BERT_FIELDS})
     config.bert = args.bert

@@ -191,6 +191,61 @@ def test_checkpoint_not_matching_its_config_or_the_run_is_a_clear_error(tiny_ber
     bert.assign(pre, checkpoint.params)
 
 
+
+def test_post_norm_query_layer_matches_bert_cross_attention_layer():
+  """The query branch of a post-norm layer (self-attention, cross-attention into the patches
+  in chunks, feed-forward) is BLIP-2's: a BertLayer with cross-attention, run without a causal
+  mask; patches of the second set partly masked."""
+  tf = _transformers()
+  config = tf.BertConfig(hidden_size=WIDTH, num_attention_heads=HEADS, intermediate_size=HIDDEN,
+                         is_decoder=True, add_cross_attention=True, attn_implementation="eager")
+  torch.manual_seed(1)
+  hf_layer = tf.models.bert.modeling_bert.BertLayer(config).eval()
+  hf_layer.attention.self.is_causal = False     # the queries see each other both ways
+  with torch.no_grad():
+    for parameter in hf_layer.parameters():
+      parameter.add_(torch.randn_like(parameter) * 0.1)
+  weights = {f"encoder.layer.0.{k}": v.numpy() for k, v in hf_layer.state_dict().items()}
+  fields = bert.qformer_fields(dict(hidden_size=WIDTH, intermediate_size=HIDDEN,
+                                    num_attention_heads=HEADS, num_hidden_layers=1))
+  q_config = qformer.QFormerConfig(**dict(fields, kv_chunk=8))
+  ours = qformer.Layer(q_config, cross=True, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                       param_dtype=jnp.float32)
+  config_json = dict(hidden_size=WIDTH, intermediate_size=HIDDEN, num_attention_heads=HEADS,
+                     num_hidden_layers=1, vocab_size=1)
+  values = {}
+  for key, (_, names, transform) in bert._mapping(config_json).items():  # noqa: SLF001
+    if key.startswith("encoder.layer.0."):
+      for name in names:
+        values[name[len("layers/0/"):]] = transform(weights[key])
+  h, c = HEADS, WIDTH // HEADS
+  prefix = "encoder.layer.0.crossattention."
+  for torch_name, name in (("query", "q"), ("key", "k"), ("value", "v")):
+    values[f"cross_attention/{name}_kernel"] = weights[
+        f"{prefix}self.{torch_name}.weight"].T.reshape(WIDTH, h, c)
+    values[f"cross_attention/{name}_bias"] = weights[f"{prefix}self.{torch_name}.bias"].reshape(
+        h, c)
+  values["cross_attention/o_kernel"] = weights[f"{prefix}output.dense.weight"].T.reshape(
+      h, c, WIDTH)
+  values["cross_attention/o_bias"] = weights[f"{prefix}output.dense.bias"]
+  values["cross_norm/scale"] = weights[f"{prefix}output.LayerNorm.weight"]
+  values["cross_norm/bias"] = weights[f"{prefix}output.LayerNorm.bias"]
+  assert bert.assign(ours, values) == []          # every parameter of the layer set
+
+  rng = np.random.default_rng(0)
+  queries = rng.normal(size=(2, 4, WIDTH)).astype(np.float32)
+  patches = rng.normal(size=(2, 20, WIDTH)).astype(np.float32)
+  valid = np.arange(20)[None] < np.array([[20], [13]])
+  with torch.no_grad():
+    reference = hf_layer(torch.tensor(queries), encoder_hidden_states=torch.tensor(patches),
+                         encoder_attention_mask=torch.tensor(
+                             np.where(valid, 0.0, -1e9)[:, None, None, :], dtype=torch.float32))
+  out = nnx.jit(lambda layer, x, p, v: layer.queries(x, p, v, q_config.kv_chunk))(
+      ours, jnp.asarray(queries), jnp.asarray(patches), jnp.asarray(valid))
+  error = _relative(out, reference.numpy())
+  print("post-norm query layer, max relative difference:", error)
+  assert error < 1e-4, error
+
 @pytest.mark.slow
 def test_align_starts_from_bert_through_the_paper_config(tiny_bert, tmp_path, monkeypatch):
   """configs/pathflip_paper.py:bert=...: post-norm Q-Former of the checkpoint's sizes, its
@@ -217,15 +272,14 @@ def test_align_starts_from_bert_through_the_paper_config(tiny_bert, tmp_path, mo
   assert (config.model.qformer.width, config.model.qformer.depth,
           config.model.qformer.norm_position) == (WIDTH, LAYERS, "post")
 
-  starts = []
+  starts, restore_or_init = [], train.restore_or_init
 
-  def spy(*args, **kwargs):
+  def spy(*args, **kwargs):   # the parameters the first step starts from
     state, origin = restore_or_init(*args, **kwargs)
     starts.append(({k: np.asarray(v) for k, v in checkpointing.named_leaves(
         state["params"]).items()}, origin))
     return state, origin
 
-  restore_or_init = train.restore_or_init
   monkeypatch.setattr(train, "restore_or_init", spy)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
@@ -248,3 +302,11 @@ def test_align_starts_from_bert_through_the_paper_config(tiny_bert, tmp_path, mo
   monkeypatch.setattr(align.AlignTask, "initial_params", no_import)
   train.train_and_evaluate(config, workdir)    # finds step 2 of 2: restores, trains no step
   assert starts[1][1].startswith(f"resumed from {workdir}/checkpoints/2")
+
+
+def test_missing_checkpoint_names_the_setting(tmp_path):
+  from pathflip_jax import config_args  # noqa: PLC0415
+  with pytest.raises(FileNotFoundError, match=f"config arg bert={tmp_path}/none: no such BERT"):
+    config_args.load_config(f"configs/pathflip_paper.py:features_dir=F,bert={tmp_path}/none")
+  with pytest.raises(FileNotFoundError, match="config.json not found"):
+    bert.load_bert(str(tmp_path))

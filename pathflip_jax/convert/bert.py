@@ -80,14 +80,16 @@ class BertCheckpoint:
 # ---------------------------------------------------------------------------------- config
 
 
-def read_config(path: str) -> dict[str, Any]:
-  """The checkpoint's config.json, checked to describe a BERT this Q-Former computes."""
+def read_config(path: str, name: str = "config.bert") -> dict[str, Any]:
+  """The checkpoint's config.json, checked to describe a BERT this Q-Former computes; ``name``:
+  the setting that gave ``path``, for the errors."""
   config_path = os.path.join(path, "config.json")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"BERT checkpoint directory {path} does not exist")
+    raise FileNotFoundError(f"{name}={path}: no such BERT checkpoint directory (nothing is "
+                            "downloaded: give a local Hugging Face checkpoint directory)")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: a BERT checkpoint directory holds "
-                            "config.json and model.safetensors")
+    raise FileNotFoundError(f"{config_path} not found ({name}={path}): a BERT checkpoint "
+                            "directory holds config.json and model.safetensors")
   with open(config_path, encoding="utf-8") as f:
     try:
       config = json.load(f)
@@ -217,16 +219,16 @@ def _mapping(config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], list
   return out
 
 
-def load_bert(path: str) -> BertCheckpoint:
+def load_bert(path: str, name: str = "config.bert") -> BertCheckpoint:
   """Reads a BERT checkpoint directory into Q-Former parameters.
 
   Strict: every tensor the config.json implies must be there with its shape, and every tensor
   of the BertModel must have a place (or be one of the known unused ones); otherwise a
   :class:`ConversionError` lists each offending key with the checkpoint's and the expected
-  shape, naming the weights file.
+  shape, naming the weights file. ``name``: the setting that gave ``path``, for the errors.
   """
   path = os.fspath(path)
-  config = read_config(path)
+  config = read_config(path, name)
   fields = qformer_fields(config, os.path.join(path, "config.json"))
   raw, files = _read_weights(path)
   source = ", ".join(files)
