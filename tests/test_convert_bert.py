@@ -251,7 +251,7 @@ def test_align_starts_from_bert_through_the_paper_config(tiny_bert, tmp_path, mo
   """configs/pathflip_paper.py:bert=...: post-norm Q-Former of the checkpoint's sizes, its
   WordPiece tokenizer, and the imported weights as the step-0 parameters; a resumed run does
   not import again."""
-  from pathflip_jax import checkpointing, config_args, train  # noqa: PLC0415
+  from pathflip_jax import checkpointing, config_args, predict, train, wordpiece  # noqa: PLC0415
   from pathflip_jax.tasks import align  # noqa: PLC0415
   from tests.test_align import CLASSES, write_features  # noqa: PLC0415
   directory, _ = tiny_bert
@@ -295,6 +295,12 @@ def test_align_starts_from_bert_through_the_paper_config(tiny_bert, tmp_path, mo
   assert 0 < moved < 5 * 2 * lr, moved
   assert not np.allclose(step0["qformer/layers/0/cross_attention/q_kernel"],
                          imported["qformer/layers/0/self_attention/q_kernel"], atol=0.05)
+
+  # What evaluate / infer load: the post-norm model and the checkpoint's WordPiece tokenizer.
+  task, model = predict.load_align(workdir)
+  assert isinstance(task.tokenizer, wordpiece.WordPieceTokenizer)
+  np.testing.assert_array_equal(model.qformer.embed_norm.scale[...],
+                                trained["qformer/embed_norm/scale"])
 
   def no_import(self, params):
     raise AssertionError("a resumed run imported BERT again")
