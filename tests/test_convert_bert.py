@@ -316,3 +316,28 @@ def test_missing_checkpoint_names_the_setting(tmp_path):
     config_args.load_config(f"configs/pathflip_paper.py:features_dir=F,bert={tmp_path}/none")
   with pytest.raises(FileNotFoundError, match="config.json not found"):
     bert.load_bert(str(tmp_path))
+
+
+def test_paper_config_takes_bert_base_sizes_from_its_config_json(tmp_path):
+  """bert= with a BERT-base config.json: a post-norm 12 x 768 Q-Former (shapes only) into
+  which the import's names fit, leaving exactly the cross-attention, queries and projection."""
+  from pathflip_jax import config_args  # noqa: PLC0415
+  from pathflip_jax.tasks import align  # noqa: PLC0415
+  base = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+              intermediate_size=3072, vocab_size=28996, max_position_embeddings=512,
+              layer_norm_eps=1e-12, hidden_act="gelu", type_vocab_size=2, model_type="bert")
+  (tmp_path / "config.json").write_text(json.dumps(base))
+  config = config_args.load_config(f"configs/pathflip_paper.py:features_dir=F,bert={tmp_path}")
+  model_config = align.model_config(config, vocab_size=28996, pad_id=0, feature_dim=512)
+  q = model_config.qformer
+  assert (q.width, q.depth, q.num_heads, q.mlp_ratio, q.max_text_len, q.norm_eps,
+          q.norm_position) == (768, 12, 12, 4.0, 512, 1e-12, "post")
+  abstract = nnx.eval_shape(lambda: qformer.QFormer(q, rngs=nnx.Rngs(0)))
+  names = {name for _, names, _ in bert._mapping(base).values() for name in names}  # noqa: SLF001
+  imported, left = bert.split_names(abstract, dict.fromkeys(names | {"text_embed/pos_embed"}))
+  # Embeddings 4; per layer: attention 8 and its norm 2, two feed-forwards of 4 and a norm 2.
+  assert len(imported) == 4 + 12 * (10 + 2 * 6)
+  assert set(bert.summary(left).split(", ")) == (
+      {"feature_norm/bias", "feature_norm/scale", "feature_proj/bias", "feature_proj/kernel",
+       "query_tokens", "layers/*/cross_norm/bias", "layers/*/cross_norm/scale"}
+      | {f"layers/*/cross_attention/{w}_{p}" for w in "qkvo" for p in ("bias", "kernel")})
