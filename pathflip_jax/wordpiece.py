@@ -4,12 +4,12 @@
   tok = WordPieceTokenizer("/models/Bio_ClinicalBERT")   # a directory, vocab.txt or tokenizer.json
   tok.encode_batch(["Tumour cells."], max_len=16)        # [CLS] tumour cells . [SEP] [PAD] ...
 
-A directory is read as a Hugging Face BERT checkpoint: its ``tokenizer.json`` when there is one
-(normaliser, pre-tokeniser and vocabulary as saved), else its ``vocab.txt`` with BERT's
-normaliser and pre-tokeniser configured from ``tokenizer_config.json`` (``do_lower_case``,
-default True as in transformers' ``BertTokenizer``; ``strip_accents``, default: with the
-lower-casing; ``tokenize_chinese_chars``, default True). Special tokens are named there too
-(``cls_token``, ``sep_token``, ``pad_token``, ``unk_token``; defaults ``[CLS]`` ...).
+A directory is read as a Hugging Face BERT checkpoint: the vocabulary from its ``tokenizer.json``
+when there is one, else from its ``vocab.txt``; BERT's normaliser and pre-tokeniser configured
+from ``tokenizer_config.json`` (``do_lower_case``, default True; ``strip_accents``, default: with
+the lower-casing; ``tokenize_chinese_chars``, default True), whatever normaliser a
+``tokenizer.json`` carries, as transformers' ``BertTokenizer`` does. Special tokens are named
+there too (``cls_token``, ``sep_token``, ``pad_token``, ``unk_token``; defaults ``[CLS]`` ...).
 
 Roles in the project's terms: BOS is ``[CLS]`` (the text encoder reads its output), EOS is
 ``[SEP]``, padding ``[PAD]``. BERT has no ``<image>`` token and no stage needs one from it:
@@ -61,7 +61,7 @@ class WordPieceTokenizer:
   eos_id: int
   unk_id: int
   image_id: None
-  lowercase: bool | None
+  lowercase: bool
 
   def __init__(self, path: str | os.PathLike):
     path = os.fspath(path)
@@ -84,6 +84,8 @@ class WordPieceTokenizer:
 
   def _setup(self, path: str, source: str, data: bytes, config: dict) -> None:
     self.path, self._source, self._data, self._config = path, source, data, config
+    names = {key: _special_name(config.get(key)) or default
+             for key, default in _SPECIALS.items()}
     if source.endswith(".json"):
       try:
         tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
@@ -92,18 +94,21 @@ class WordPieceTokenizer:
       if not isinstance(tok.model, models.WordPiece):
         raise ValueError(f"{source}: model is {type(tok.model).__name__}, not WordPiece (a "
                          "BERT-family tokenizer)")
-      self.lowercase = None   # whatever the saved normaliser does
     else:
-      tok = self._from_vocab(source, data, config)
+      tok = tokenizers.Tokenizer(models.WordPiece(self._read_vocab(source, data),
+                                                  unk_token=names["unk_token"],
+                                                  max_input_chars_per_word=100))
+    # BERT's pipeline with tokenizer_config.json's settings, also over a tokenizer.json's own
+    # normaliser: transformers' BertTokenizer does the same (do_lower_case defaults to True).
+    self.lowercase = bool(config.get("do_lower_case", True))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+        strip_accents=config.get("strip_accents"), lowercase=self.lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
     # The project adds [CLS]/[SEP] and pads itself; a saved file may carry its own settings.
     tok.no_truncation()
     tok.no_padding()
-    self._tok = tok
-    self.sha256 = hashlib.sha256(data).hexdigest()
-    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    self.num_embeddings = self.vocab_size
-    names = {key: _special_name(config.get(key)) or default
-             for key, default in _SPECIALS.items()}
     ids = {}
     for key, name in names.items():
       token_id = tok.token_to_id(name)
@@ -111,11 +116,20 @@ class WordPieceTokenizer:
         raise ValueError(f"{source}: the vocabulary has no {name} ({key}); set it in "
                          f"{storage.join(os.path.dirname(source), 'tokenizer_config.json')}")
       ids[key] = token_id
+    # Special tokens written in a text stay whole (one id), as transformers matches them.
+    mask = _special_name(config.get("mask_token")) or "[MASK]"
+    tok.add_special_tokens([n for n in (*names.values(), mask)
+                            if tok.token_to_id(n) is not None])
+    self._tok = tok
+    self.sha256 = hashlib.sha256(data).hexdigest()
+    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    self.num_embeddings = self.vocab_size
     self.bos_id, self.eos_id = ids["cls_token"], ids["sep_token"]
     self.pad_id, self.unk_id = ids["pad_token"], ids["unk_token"]
     self.image_id = None
 
-  def _from_vocab(self, source: str, data: bytes, config: dict) -> tokenizers.Tokenizer:
+  @staticmethod
+  def _read_vocab(source: str, data: bytes) -> dict[str, int]:
     vocab: dict[str, int] = {}
     for index, line in enumerate(data.decode("utf-8").split("\n")):
       token = line.rstrip("\r")
@@ -123,17 +137,7 @@ class WordPieceTokenizer:
         vocab[token] = index
     if not vocab:
       raise ValueError(f"{source}: empty vocabulary")
-    lowercase = bool(config.get("do_lower_case", True))
-    self.lowercase = lowercase
-    unk = _special_name(config.get("unk_token")) or "[UNK]"
-    tok = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token=unk,
-                                                max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
-        strip_accents=config.get("strip_accents"), lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return tok
+    return vocab
 
   def __getstate__(self) -> dict[str, Any]:
     # The Rust tokenizer is rebuilt from the file's bytes (no file needed in the worker).

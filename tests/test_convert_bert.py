@@ -144,18 +144,28 @@ def test_wordpiece_ids_match_transformers(tiny_bert, tmp_path):
   cased.mkdir()
   shutil.copy(os.path.join(directory, "vocab.txt"), cased / "vocab.txt")
   (cased / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
-  for path in (directory, str(cased)):
+  # A cased tokenizer.json whose tokenizer_config.json does not say: transformers lower-cases
+  # (BertTokenizer's default), whatever the saved normaliser.
+  unsaid = tmp_path / "unsaid"
+  tf.BertTokenizerFast(vocab=os.path.join(directory, "vocab.txt"),
+                       do_lower_case=False).save_pretrained(unsaid)
+  settings = json.loads((unsaid / "tokenizer_config.json").read_text())
+  del settings["do_lower_case"]
+  (unsaid / "tokenizer_config.json").write_text(json.dumps(settings))
+  texts = SENTENCES + ["a [SEP] b [MASK]."]          # special tokens in a text stay whole
+  for path in (directory, str(cased), str(unsaid)):
     ours, theirs = tokenizer_lib.load(path), tf.BertTokenizerFast.from_pretrained(path)
-    for text in SENTENCES:
+    for text in texts:
       assert ours.encode(text, add_bos=True, add_eos=True) == theirs(text)["input_ids"], text
     # Padding and truncation (keeping [SEP] last) as transformers pads and truncates.
-    batch = theirs(SENTENCES, padding="max_length", truncation=True, max_length=9)["input_ids"]
-    np.testing.assert_array_equal(ours.encode_batch(SENTENCES, 9), np.array(batch))
-    assert ours.decode(ours.encode_batch(SENTENCES[:1], 16)[0]) == theirs.decode(
-        theirs(SENTENCES[0])["input_ids"], skip_special_tokens=True)
+    batch = theirs(texts, padding="max_length", truncation=True, max_length=9)["input_ids"]
+    np.testing.assert_array_equal(ours.encode_batch(texts, 9), np.array(batch))
+    assert ours.decode(ours.encode_batch(texts[:1], 16)[0]) == theirs.decode(
+        theirs(texts[0])["input_ids"], skip_special_tokens=True)
     again = pickle.loads(pickle.dumps(ours))       # grain workers receive it pickled
-    np.testing.assert_array_equal(again.encode_batch(SENTENCES, 12), ours.encode_batch(
-        SENTENCES, 12))
+    np.testing.assert_array_equal(again.encode_batch(texts, 12), ours.encode_batch(texts, 12))
+  assert tokenizer_lib.load(str(unsaid)).encode("The") == tokenizer_lib.load(directory).encode(
+      "The")
   lower, upper = tokenizer_lib.load(directory), tokenizer_lib.load(str(cased))
   assert lower.encode("The") != upper.encode("The")     # the case setting is honoured
   assert (lower.bos_id, lower.eos_id, lower.pad_id, lower.unk_id) == (2, 3, 0, 1)
