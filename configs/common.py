@@ -64,6 +64,9 @@ def align_stage(config: ml_collections.ConfigDict, *, features_dir: str, manifes
   config.vocab_size = vocab_size
   config.tokenizer_type = tokenizer_type
   config.dtype = dtype                    # compute dtype; parameters stay float32
+  # A BERT-family checkpoint directory the Q-Former's text branch and self-attention start
+  # from (post-norm Q-Former of its sizes: configs/pathflip_paper.py's bert= arg); "": none.
+  config.bert = ""
   config.slide_loss = True
   config.region_loss = True
   config.region_attention = True          # False: the mean of the regions

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from pathflip_jax import storage
+from pathflip_jax import storage, wordpiece
 
 PAD, EOS, BOS, UNK, IMAGE = "<pad>", "<eos>", "<bos>", "<unk>", "<image>"
 # Ids in a model trained by this project (Gemma's layout, then <image>).
@@ -230,3 +230,13 @@ class Tokenizer(BaseTokenizer):
     if after_image and word_start and not text[:1].isspace():
       text = " " + text
     return text
+
+
+def load(path: str | os.PathLike) -> "Tokenizer | wordpiece.WordPieceTokenizer":
+  """The tokenizer at ``path``: BERT's WordPiece for a checkpoint directory, ``vocab.txt`` or
+  ``tokenizer.json`` (``wordpiece.py``), else a SentencePiece model; both encode, pad and
+  decode alike."""
+  path = os.fspath(path)
+  if wordpiece.is_wordpiece(path):
+    return wordpiece.WordPieceTokenizer(path)
+  return Tokenizer(path)

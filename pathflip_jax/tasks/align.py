@@ -17,13 +17,18 @@ Config keys read here (see ``configs/pathflip_demo.py``): ``features_dir``, ``ma
 training split's text), ``vocab_size``, ``tokenizer_type``, ``data.*``
 (``slide_examples.ExampleConfig``), ``model.*``, ``slide_loss``, ``region_loss``,
 ``region_attention``, ``region_qformer``, ``slide_qformer`` (the paper's ablations),
-``loss.{slide_weight, region_weight, temperature, label_smoothing}``.
+``loss.{slide_weight, region_weight, temperature, label_smoothing}``, ``bert`` (a BERT-family
+checkpoint directory the Q-Former's text branch and self-attention start from:
+``convert/bert.py``; its sizes must be the Q-Former's, which configs/pathflip_paper.py's
+``bert=`` arg sets).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+from typing import Any
 
 import grain
 import jax
@@ -32,7 +37,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pathflip_jax import losses, storage, tokenizer as tokenizer_lib
+from pathflip_jax import checkpointing, losses, storage, tokenizer as tokenizer_lib
 from pathflip_jax.data import captions as captions_lib, feature_shards, manifest
 from pathflip_jax.data import slide_examples
 from pathflip_jax.models import pathflip, qformer
@@ -171,9 +176,11 @@ class AlignTask:
   def corpus(self) -> list[str]:
     return [x for s in self.splits.values() for t in s.texts for x in (t.caption, *t.sentences)]
 
-  def _tokenizer(self, config, workdir: str) -> tokenizer_lib.Tokenizer:
+  def _tokenizer(self, config, workdir: str):
+    """SentencePiece (``config.tokenizer`` or one trained here) or a BERT checkpoint's
+    WordPiece (``config.tokenizer`` naming its directory or vocabulary file)."""
     if config.tokenizer:
-      return tokenizer_lib.Tokenizer(config.tokenizer)
+      return tokenizer_lib.load(config.tokenizer)
     path = storage.join(workdir, "tokenizer.model")
     if not storage.exists(path):
       # Only the training split's text: evaluation captions stay unseen.
@@ -192,6 +199,31 @@ class AlignTask:
     # config.dtype is the compute dtype (bfloat16 on GPU/TPU); parameters stay float32.
     dtype = jnp.dtype(self.config.get("dtype", "float32"))
     return pathflip.PathFlip(self.model_config, rngs=rngs, dtype=dtype)
+
+  def initial_params(self, params: Any) -> tuple[Any, str] | None:
+    """``config.bert``: the Q-Former's text branch and self-attention start from the BERT
+    checkpoint (the trainer calls this for a fresh run only: a resumed run keeps its own)."""
+    path = self.config.get("bert")
+    if not path:
+      return None
+    from pathflip_jax.convert import bert  # pylint: disable=import-outside-toplevel
+    checkpoint = bert.load_bert(path)
+    bert.check_qformer(self.model_config.qformer, checkpoint)
+    loaded = {f"qformer/{name}": value for name, value in checkpoint.params.items()}
+    # Exactly the imported names: any other parameter keeps its initialisation.
+    include = ["^(" + "|".join(re.escape(name) for name in loaded) + ")$"]
+    params, taken = checkpointing.partial_init(params, loaded, include,
+                                               source=f"config.bert={path}")
+    left = [name[len("qformer/"):] for name in checkpointing.named_leaves(params)
+            if name.startswith("qformer/") and name not in loaded]
+    print(f"[align] config.bert={path}: Q-Former parameters imported: "
+          f"{bert.summary([n[len('qformer/'):] for n in taken])}\n[align] left initialised: "
+          f"{bert.summary(left)}\n[align] checkpoint tensors not used: "
+          f"{', '.join(checkpoint.unused) or 'none'}", file=sys.stderr, flush=True)
+    return params, (f"Q-Former text branch and self-attention initialised from BERT checkpoint "
+                    f"{path} ({len(taken)} arrays); {len(left)} Q-Former arrays "
+                    "(cross-attention, queries, feature projection) and the rest of the model "
+                    "from scratch")
 
   def source(self, split: str) -> slide_examples.SlideSource:
     s = self.splits[split]
