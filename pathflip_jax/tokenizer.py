@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from pathflip_jax import storage, wordpiece
+from pathflip_jax import storage
 
 PAD, EOS, BOS, UNK, IMAGE = "<pad>", "<eos>", "<bos>", "<unk>", "<image>"
 # Ids in a model trained by this project (Gemma's layout, then <image>).
@@ -76,8 +76,8 @@ def train(corpus: Iterable[str], model_prefix: str, *, vocab_size: int = 1000,
 
 class BaseTokenizer:
   """Batch encoding for every tokenizer of the project (:class:`Tokenizer` here,
-  ``convert.hf_tokenizer.HFTokenizer`` for Hugging Face BPE); a subclass defines ``encode``,
-  ``decode`` and the special ids."""
+  ``wordpiece.WordPieceTokenizer`` for BERT, ``convert.hf_tokenizer.HFTokenizer`` for Hugging
+  Face BPE); a subclass defines ``encode``, ``decode`` and the special ids."""
 
   pad_id: int
   eos_id: int
@@ -232,10 +232,12 @@ class Tokenizer(BaseTokenizer):
     return text
 
 
-def load(path: str | os.PathLike) -> "Tokenizer | wordpiece.WordPieceTokenizer":
+def load(path: str | os.PathLike) -> BaseTokenizer:
   """The tokenizer at ``path``: BERT's WordPiece for a checkpoint directory, ``vocab.txt`` or
   ``tokenizer.json`` (``wordpiece.py``), else a SentencePiece model; both encode, pad and
   decode alike."""
+  # Imported here: wordpiece's tokenizer is a BaseTokenizer of this module.
+  from pathflip_jax import wordpiece  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   if wordpiece.is_wordpiece(path):
     return wordpiece.WordPieceTokenizer(path)

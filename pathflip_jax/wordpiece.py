@@ -27,7 +27,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from pathflip_jax import storage
+from pathflip_jax import storage, tokenizer as tokenizer_lib
 
 _SPECIALS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
              "unk_token": "[UNK]"}
@@ -49,7 +49,7 @@ def _special_name(value: Any) -> str | None:
   return value if isinstance(value, str) else None
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(tokenizer_lib.BaseTokenizer):
   """A WordPiece vocabulary with BERT's special tokens; picklable (grain workers, spawn)."""
 
   path: str
@@ -157,22 +157,6 @@ class WordPieceTokenizer:
       raise TypeError(f"encode takes a str, got {type(text).__name__}")
     ids = list(self._tok.encode(text, add_special_tokens=False).ids)
     return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
-
-  def encode_batch(self, texts: Sequence[str], max_len: int, *, add_bos: bool = True,
-                   add_eos: bool = True) -> np.ndarray:
-    """int32 ``[len(texts), max_len]``, right-padded with ``[PAD]``; a longer text is cut to
-    ``max_len``, keeping ``[SEP]`` last when ``add_eos`` (as BERT truncates)."""
-    if isinstance(texts, str):
-      raise TypeError("encode_batch takes a sequence of texts, not one str")
-    if max_len < max(1, int(add_bos) + int(add_eos)):
-      raise ValueError(f"max_len={max_len} leaves no room for the [CLS]/[SEP] tokens")
-    out = np.full((len(texts), max_len), self.pad_id, np.int32)
-    for row, text in enumerate(texts):
-      ids = self.encode(text, add_bos=add_bos, add_eos=add_eos)
-      if len(ids) > max_len:
-        ids = ids[:max_len - 1] + [self.eos_id] if add_eos else ids[:max_len]
-      out[row, :len(ids)] = ids
-    return out
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text of one id sequence: stops at the first ``[SEP]``, skips ``[PAD]`` and ``[CLS]``."""
