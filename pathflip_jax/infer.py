@@ -215,22 +215,35 @@ def _parse_question(text: str) -> ins.Instruction:
   return ins.Instruction(slide=0, kind=ins.OPEN, question=question, category="user")
 
 
+def load_instruct(instruct_dir: str) -> tuple[Any, Any]:
+  """(task, model) of an instruct run, for :func:`ask_loaded`."""
+  config = _run_config(instruct_dir, "instruct")
+  return predict.load_run(instruct_dir, config=config)
+
+
 def ask(instruct_dir: str, visual: dict[str, np.ndarray], questions: Sequence[str]
         ) -> dict[str, Any]:
   """The instruct run's caption of the slide and answers to ``questions`` (greedy; at most as
   many tokens as the run's captioning and VQA evaluators generate)."""
-  config = _run_config(instruct_dir, "instruct")
+  return ask_loaded(*load_instruct(instruct_dir), visual, questions)
+
+
+def ask_loaded(task: Any, model: Any, visual: dict[str, np.ndarray], questions: Sequence[str],
+               caption: bool = True) -> dict[str, Any]:
+  """:func:`ask` with the run already loaded; ``caption=False`` answers the questions only.
+  Not thread-safe: the slide's tokens go into ``task.visual["infer"]``."""
+  config = task.config
   evals = config.get("evals") or {}
   caption_tokens = next((e.max_new_tokens for e in evals.values()
                          if e.get("type") == "captioning"), 256)
   answer_tokens = next((e.max_new_tokens for e in evals.values() if e.get("type") == "vqa"), 48)
-  task, model = predict.load_run(instruct_dir, config=config)
   if len(visual["tokens"]) > task.sequence.max_visual:
     raise InferError(f"the slide has {len(visual['tokens'])} visual tokens; the instruct run "
                      f"takes at most {task.sequence.max_visual}")
   task.visual["infer"] = [visual]
+  caption = caption and bool(config.get("caption_prompt"))
   items = ([ins.Instruction(slide=0, kind=ins.CAPTION, question=config.caption_prompt)]
-           if config.get("caption_prompt") else [])
+           if caption else [])
   items += [_parse_question(q) for q in questions]
   if not items:
     return {}
@@ -239,7 +252,7 @@ def ask(instruct_dir: str, visual: dict[str, np.ndarray], questions: Sequence[st
   prompt_len = -(-longest // 16) * 16
   out: dict[str, Any] = {}
   start = 0
-  if config.get("caption_prompt"):
+  if caption:
     out["caption"] = task.generate(model, "infer", items[:1], prompt_len=prompt_len,
                                    max_new_tokens=caption_tokens, batch_size=1)[0]
     start = 1

@@ -112,6 +112,8 @@ class Viewer:
     self._prepared: dict[str, dict[str, Any]] = {}
     self._jobs: dict[str, _Job] = {}
     self._extract_lock = threading.Lock()         # one extraction at a time (CPU-bound)
+    self._instruct: tuple[Any, Any] | None = None  # (task, model), loaded on the first question
+    self._instruct_lock = threading.Lock()
     self._recorded = {r["slide_id"] for r in self.task.shards.rows}
     self.cache_dir = storage.absolute(cache_dir or storage.join(self.workdir, "viewer_features"))
     self._on_disk = {s for s in self.slides if s not in self._recorded and self._cached(s)}
@@ -372,11 +374,19 @@ class Viewer:
         prepared["coords"], prepared["patch_size_level0"],
         self.task.example_config.region_patches, self.model.config.embed_dim)
 
+  def _ask(self, slide_id: str, questions: list[str], caption: bool) -> dict[str, Any]:
+    """The instruct run, loaded once, on the slide; one request at a time (generation shares
+    the task's state and the CPU)."""
+    visual = self._visual(slide_id)
+    with self._instruct_lock:
+      if self._instruct is None:
+        self._instruct = infer.load_instruct(self.instruct_dir)
+      return infer.ask_loaded(*self._instruct, visual, questions, caption=caption)
+
   def caption(self, slide_id: str) -> dict[str, Any]:
     prepared = self.prepared(slide_id)
     if "caption" not in prepared:
-      prepared["caption"] = infer.ask(self.instruct_dir if self.instruct_dir else "",
-                                      self._visual(slide_id), []).get("caption")
+      prepared["caption"] = self._ask(slide_id, [], caption=True).get("caption")
     return {"caption": prepared["caption"]}
 
   def answer(self, slide_id: str, question: str) -> dict[str, Any]:
@@ -385,8 +395,7 @@ class Viewer:
       infer._parse_question(question)  # noqa: SLF001
     except infer.InferError as e:
       raise BadRequest(str(e)) from None
-    answers = infer.ask(self.instruct_dir or "", self._visual(slide_id), [question])
-    return answers["answers"][0]
+    return self._ask(slide_id, [question], caption=False)["answers"][0]
 
 
 def _phrase(text: str | None, what: str = "phrase") -> str:
