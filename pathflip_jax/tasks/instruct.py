@@ -12,7 +12,9 @@ Training then only runs the projector and the decoder (or its LoRA adapters,
 
 of the training split, with the loss on answer tokens only. The decoder is trained from scratch
 with a tokenizer trained on the training split's text (``config.decoder.variant``), or imported
-from a Hugging Face Gemma checkpoint with its tokenizer (``config.decoder.init``).
+with its tokenizer (``config.decoder.init``): a Hugging Face Gemma, Llama or Qwen3 checkpoint
+directory, or a Llama-architecture GGUF file. ``config.chat``: the prompt template is the user
+turn, wrapped in the imported tokenizer's own chat template.
 
 Config keys read here (see ``configs/pathflip_instruct_demo.py``): ``align_workdir``,
 ``features_dir`` (overrides the align run's), ``questions``, ``caption_prompt``, ``tokenizer``,
@@ -24,9 +26,7 @@ dropout, targets}`` (rank 0: none), ``position_frequencies``, ``dtype``, ``encod
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -107,6 +107,30 @@ def _dataclass_from(cls, fields: dict, key: str):
   return cls(**fields)
 
 
+def load_language_model(path: str) -> tuple[Any, Any, Any]:
+  """(decoder, its config, import report with the tokenizer) of a checkpoint: a
+  Llama-architecture GGUF file, or a Hugging Face directory of Gemma (tokenizer.model), Llama or
+  Qwen3 (tokenizer.json)."""
+  # pylint: disable=import-outside-toplevel
+  from pathflip_jax.convert import gemma, gguf, hf_checkpoint, llama
+  if path.endswith(".gguf"):
+    model, config, report = gguf.load_gguf(path)
+  else:
+    hf_config, config_path = hf_checkpoint.read_config(path)
+    model_type = hf_config.get("model_type")
+    if model_type in ("llama", "qwen3"):
+      model, config, report = llama.load_llama(path)
+    elif str(model_type).startswith("gemma"):
+      model, config, report = gemma.load_gemma(path)
+    else:
+      raise ValueError(f"{config_path}: model_type {model_type!r} is not an imported decoder "
+                       "family (gemma*, llama, qwen3; or a .gguf file)")
+  if report.tokenizer is None:
+    raise ValueError(f"config.decoder.init={path}: no tokenizer found beside the weights "
+                     "(tokenizer.model or tokenizer.json); set config.tokenizer")
+  return model, config, report
+
+
 class InstructTask:
   """Data, model and loss of the instruct stage (the trainer's task interface), plus the
   generation helpers its evaluators use."""
@@ -133,7 +157,9 @@ class InstructTask:
                        f"{self.sequence.max_visual} (raise it, or lower the align run's "
                        "data.eval_num_regions)")
     self.items = self._instructions()
-    self.tokenizer, self.decoder_config, self._gemma = self._language_model()
+    self.tokenizer, self.decoder_config = self._language_model()
+    if config.get("chat"):
+      self.template = dataclasses.replace(self.template, prompt=self._chat_prompt())
     counts = {s: {k: sum(i.kind == k for i in v) for k in (ins.CAPTION, ins.MULTIPLE_CHOICE,
                                                             ins.OPEN)}
               for s, v in self.items.items()}
@@ -185,14 +211,15 @@ class InstructTask:
     config = self.config
     dec = config.decoder
     if dec.get("init"):
-      from pathflip_jax.convert import gemma  # pylint: disable=import-outside-toplevel
-      with open(os.path.join(dec.init, "config.json")) as f:
-        decoder_config = gemma.gemma_config(json.load(f), source=f"{dec.init}/config.json")
-      # Gemma's tokenizer has no <image> piece: its id is one past the vocabulary, and the
+      # An imported tokenizer has no <image> piece: its id is one past the vocabulary, and the
       # projector's output, not an embedding row, fills those slots.
-      tokenizer = tokenizer_lib.Tokenizer(config.get("tokenizer")
-                                          or os.path.join(dec.init, "tokenizer.model"))
-      return tokenizer, decoder_config, True
+      # The weights are read again by initial_params, only when a run starts: a task built to
+      # evaluate a trained run (predict.py) does not hold a second copy of the decoder.
+      _, decoder_config, report = load_language_model(dec.init)
+      tokenizer = report.tokenizer
+      if config.get("tokenizer"):
+        tokenizer = tokenizer_lib.load(config.tokenizer)
+      return tokenizer, decoder_config
     if config.get("tokenizer"):
       tokenizer = tokenizer_lib.Tokenizer(config.tokenizer)
     else:
@@ -203,7 +230,21 @@ class InstructTask:
       tokenizer = tokenizer_lib.Tokenizer(path)
     decoder_config = decoder_lib.get_config(dec.variant, vocab_size=tokenizer.num_embeddings,
                                             **dict(dec.get("overrides", None) or {}))
-    return tokenizer, decoder_config, False
+    return tokenizer, decoder_config
+
+  def _chat_prompt(self) -> str:
+    """config.chat: the template's prompt as the user turn of the tokenizer's chat template."""
+    render = getattr(self.tokenizer, "apply_chat_template", None)
+    if render is None:
+      raise ValueError(f"config.chat is set but the tokenizer ({type(self.tokenizer).__name__}) "
+                       "has no chat template")
+    text = render([{"role": "user", "content": self.template.prompt}],
+                  add_generation_prompt=True)
+    bos = self.tokenizer.special_tokens.get("bos_token")
+    if bos and text.startswith(bos):   # prompts are encoded with BOS already
+      text = text[len(bos):]
+    # Literal braces of the template survive str.format; {question} stays the slot.
+    return text.replace("{", "{{").replace("}", "}}").replace("{{question}}", "{question}")
 
   def _train_text(self) -> list[str]:
     """What the tokenizer learns from: the training split's prompts and answers only."""
@@ -226,12 +267,11 @@ class InstructTask:
                                   lora=lora, dtype=jnp.dtype(self.config.get("dtype", "float32")))
 
   def initial_params(self, params: Any) -> tuple[Any, str] | None:
-    """``config.decoder.init``: the decoder starts from the imported Gemma weights."""
+    """``config.decoder.init``: the decoder starts from the imported weights."""
     path = self.config.decoder.get("init")
     if not path:
       return None
-    from pathflip_jax.convert import gemma  # pylint: disable=import-outside-toplevel
-    model, _, report = gemma.load_gemma(path)
+    model, _, report = load_language_model(path)
     loaded = {f"decoder/{k}": np.asarray(v)
               for k, v in checkpointing.named_leaves(nnx.state(model, nnx.Param)).items()}
     params, taken = checkpointing.partial_init(params, loaded, ["^decoder/(?!.*lora)"],
@@ -284,7 +324,8 @@ class InstructTask:
     """Greedy (beams=1) or beam-search answers to ``items`` of ``split``, decoded. ``visual``:
     the slides' visual tokens to show (default ``self.visual[split]``; e.g. shuffled ones)."""
     visual = self.visual[split] if visual is None else visual
-    stops = [self.tokenizer.eos_id] + self._suffix_stop()
+    stops = list(getattr(self.tokenizer, "stop_ids", [self.tokenizer.eos_id]))
+    stops += self._suffix_stop()
     texts = []
     for start in range(0, len(items), batch_size):
       chunk = list(items[start:start + batch_size])
