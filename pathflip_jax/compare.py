@@ -8,12 +8,14 @@ Reads the per-slide rows the evaluators wrote (``W/eval/<evaluator>_<split>_slid
 ``evaluators.stats``), so the runs must have been evaluated on the same split. For each headline
 metric (``METRICS``: lesion AUROC of the ``localization`` evaluator, zero-shot balanced accuracy
 of ``slide_zero_shot``, slide-to-text R@1 of ``slide_retrieval``, and lesion Dice and FROC where
-the rows have them) the difference model minus each other run is computed on the slides both
-evaluated, with the percentile interval of the same difference over 1000 resamples of those
-slides (paired bootstrap: what the slides share cancels). An interval that excludes 0 says the
-difference is larger than the slide sample explains; it says nothing of training noise, for
-which ``--seeds`` (``seed_summary``) gives the mean and spread of each metric over runs of the
-same configuration trained with different seeds.
+the rows have them; for instruct runs CIDEr-D, BLEU-4 and ROUGE-L of ``captioning`` and the
+multiple-choice ranking accuracy and open-answer F1 of ``vqa``, whose questions are grouped by
+slide) of the evaluators the model run has, the difference model minus each other run is
+computed on the slides both evaluated, with the percentile interval of the same difference over
+1000 resamples of those slides (paired bootstrap: what the slides share cancels). An interval
+that excludes 0 says the difference is larger than the slide sample explains; it says nothing
+of training noise, for which ``--seeds`` (``seed_summary``) gives the mean and spread of each
+metric over runs of the same configuration trained with different seeds.
 
 The evaluator of each type is found by its name in the run's ``config.json`` (``evals``),
 else by the demo config's names. ``compare(model_dir, against_dirs, split)`` and
@@ -32,14 +34,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pathflip_jax.evaluators import metrics as metrics_lib, stats
+from pathflip_jax.evaluators import metrics as metrics_lib, stats, text_metrics
 
 Rows = list[dict[str, Any]]
 MetricFn = Callable[[np.ndarray], float]
 
 # The demo config's evaluator names, for runs whose config.json does not say.
 DEFAULT_NAMES = {"localization": "localization", "slide_zero_shot": "zero_shot",
-                 "slide_retrieval": "retrieval"}
+                 "slide_retrieval": "retrieval", "captioning": "captioning", "vqa": "vqa"}
 
 
 def _values(rows: Rows, field: str, queries: Sequence[str]) -> np.ndarray:
@@ -106,6 +108,34 @@ def slide_to_text_r1(rows: Rows) -> MetricFn:
   return lambda idx: float(hits[idx].mean())
 
 
+def caption_metric(name: str) -> Callable[[Rows], MetricFn]:
+  """A corpus caption metric (``text_metrics.CAPTION_METRICS``) of the slides' generated
+  captions against their references."""
+
+  def build(rows: Rows) -> MetricFn:
+    corpus = text_metrics.CaptionCorpus([[r["reference"]] for r in rows])
+    scores = corpus.metrics({"run": [[r["generated"] for r in rows]]})["run"]
+    return lambda idx: float(scores(idx)[name])
+
+  return build
+
+
+def question_mean(kind: str, field: str) -> Callable[[Rows], MetricFn | None]:
+  """Mean of a per-question field (e.g. ``ranked_correct``) over the questions of one type on
+  the chosen slides (rows grouped by slide: ``_by_slide``)."""
+
+  def build(rows: Rows) -> MetricFn | None:
+    values = [[float(q[field]) for q in r["questions"] if q.get("type") == kind]
+              for r in rows]
+    if not any(values):
+      return None
+    sums = np.array([sum(v) for v in values])
+    counts = np.array([len(v) for v in values], np.float64)
+    return lambda idx: float(sums[idx].sum() / max(counts[idx].sum(), 1.0))
+
+  return build
+
+
 @dataclasses.dataclass(frozen=True)
 class Metric:
   key: str                                   # <evaluator type>/<metric>, as in results
@@ -123,7 +153,35 @@ METRICS = (
     Metric("localization/mean_lesion_dice", "lesion Dice (threshold from val)", "localization",
            lesion_dice),
     Metric("localization/mean_lesion_froc", "lesion FROC", "localization", lesion_froc),
+    Metric("captioning/cider_d", "captions, CIDEr-D", "captioning", caption_metric("cider_d")),
+    Metric("captioning/bleu_4", "captions, BLEU-4", "captioning", caption_metric("bleu_4")),
+    Metric("captioning/rouge_l", "captions, ROUGE-L", "captioning", caption_metric("rouge_l")),
+    Metric("vqa/mc/ranked_accuracy", "VQA multiple choice, option-ranking accuracy", "vqa",
+           question_mean("multiple_choice", "ranked_correct")),
+    Metric("vqa/open/f1", "VQA open questions, token F1", "vqa", question_mean("open", "f1")),
 )
+
+
+def _by_slide(rows: Rows) -> Rows:
+  """Per-question rows (vqa) as one row per slide holding its questions in a fixed order, so
+  that slides are what the bootstrap resamples and runs pair on."""
+  grouped: dict[str, Rows] = {}
+  for row in rows:
+    grouped.setdefault(row["slide_id"], []).append(row)
+  return [{"slide_id": slide, "questions": sorted(questions, key=lambda q: (
+      q.get("type", ""), q.get("question", ""), json.dumps(q.get("options"), sort_keys=True)))}
+          for slide, questions in grouped.items()]
+
+
+def metrics_of(run_dir: str) -> list[Metric]:
+  """The metrics of the evaluators a run has (its config.json's ``evals``; all without one)."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return list(METRICS)
+  with open(path) as f:
+    evals = json.load(f).get("evals") or {}
+  types = {c.get("type") for c in evals.values() if isinstance(c, dict)}
+  return [m for m in METRICS if m.evaluator_type in types]
 
 
 def evaluator_name(run_dir: str, evaluator_type: str) -> str:
@@ -142,8 +200,10 @@ def evaluator_name(run_dir: str, evaluator_type: str) -> str:
 def _rows(run_dir: str, evaluator_type: str, split: str) -> Rows | None:
   name = evaluator_name(run_dir, evaluator_type)
   path = stats.slide_rows_path(os.path.join(run_dir, "eval"), name, split)
-  return stats.read_slide_rows(os.path.join(run_dir, "eval"), name, split) if os.path.exists(
-      path) else None
+  if not os.path.exists(path):
+    return None
+  rows = stats.read_slide_rows(os.path.join(run_dir, "eval"), name, split)
+  return _by_slide(rows) if evaluator_type == "vqa" else rows
 
 
 def _paired(model_rows: Rows, other_rows: Rows, metric: Metric
@@ -177,7 +237,7 @@ def compare(model_dir: str, against_dirs: Sequence[str], split: str = "test"
     return cache[(run_dir, evaluator_type)]
 
   for other in against_dirs:
-    for metric in METRICS:
+    for metric in metrics_of(model_dir):
       mine, theirs = read(model_dir, metric.evaluator_type), read(other, metric.evaluator_type)
       if mine is None or theirs is None:
         absent = [d for d, r in ((model_dir, mine), (other, theirs)) if r is None]
@@ -205,7 +265,7 @@ def compare_over_seeds(model_dirs: Sequence[str], against: dict[str, Sequence[st
     if len(other_dirs) != len(model_dirs):
       raise ValueError(f"{name}: {len(other_dirs)} runs against {len(model_dirs)} of the model "
                        "(one per seed each)")
-    for metric in METRICS:
+    for metric in metrics_of(model_dirs[0]):
       runs = [(_rows(m, metric.evaluator_type, split), _rows(o, metric.evaluator_type, split))
               for m, o in zip(model_dirs, other_dirs)]
       if any(a is None or b is None for a, b in runs):

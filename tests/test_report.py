@@ -227,8 +227,51 @@ def test_compare_pairs_runs_slide_by_slide(tmp_path):
     compare.main(["--model", model])                # nothing to compare against
   # A run that was never evaluated: every comparison missing, each said why.
   missing = compare.compare(model, [str(tmp_path / "nowhere")])
-  assert not missing["rows"] and len(missing["missing"]) == len(compare.METRICS)
+  assert not missing["rows"] and len(missing["missing"]) == len(compare.metrics_of(model)) == 5
   assert "no per-slide rows of slide_zero_shot on split 'test'" in missing["missing"][1]
+
+
+def _fake_instruct_run(directory, captions, right):
+  """An instruct run's per-slide caption rows and per-question VQA rows (two questions a
+  slide; ``right[i]``: how many of slide i's the ranking got right)."""
+  from pathflip_jax.evaluators import stats
+  directory.mkdir(parents=True)
+  (directory / "config.json").write_text(json.dumps({"evals": {
+      "captioning": {"type": "captioning"}, "vqa": {"type": "vqa"}}}))
+  references = [f"tumour in the centre and fat on the left side {i}" for i in range(len(right))]
+  stats.write_slide_rows(str(directory / "eval"), "captioning", "test", [
+      {"slide_id": f"s{i}", "generated": c, "reference": r}
+      for i, (c, r) in enumerate(zip(captions, references))])
+  stats.write_slide_rows(str(directory / "eval"), "vqa", "test", [
+      {"slide_id": f"s{i}", "type": "multiple_choice", "question": q, "options": {"A": "x"},
+       "ranked_correct": k < r} for i, r in enumerate(right) for k, q in enumerate("ab")] + [
+      {"slide_id": f"s{i}", "type": "open", "question": "c", "f1": 0.5}
+      for i in range(len(right))])
+  return str(directory)
+
+
+def test_compare_instruct_runs_on_captions_and_questions(tmp_path):
+  """Caption metrics and VQA accuracy are compared slide by slide (a slide's questions
+  together); an align metric is not asked of an instruct run."""
+  from pathflip_jax import compare
+  from pathflip_jax.evaluators import text_metrics
+  n = 30
+  good = [f"tumour in the centre and fat on the left side {i}" for i in range(n)]
+  model = _fake_instruct_run(tmp_path / "smollm2", good, [2] * 20 + [1] * 10)
+  other = _fake_instruct_run(tmp_path / "scratch", ["fat"] * n, [1] * 30)
+  result = compare.compare(model, [other])
+  assert not result["missing"]
+  rows = {r["metric"]: r for r in result["rows"]}
+  assert set(rows) == {m.key for m in compare.METRICS if m.evaluator_type in (
+      "captioning", "vqa")}
+  vqa = rows["vqa/mc/ranked_accuracy"]
+  assert vqa["model"] == pytest.approx(50 / 60) and vqa["other"] == pytest.approx(0.5)
+  assert vqa["difference"] == pytest.approx(20 / 60) and vqa["ci_low"] > 0
+  assert rows["vqa/open/f1"]["difference"] == 0.0
+  corpus = text_metrics.CaptionCorpus([[c] for c in good])
+  expected = corpus.metrics({"m": [["fat"] * n]})["m"](np.arange(n))["cider_d"]
+  assert rows["captioning/cider_d"]["other"] == pytest.approx(expected)
+  assert rows["captioning/cider_d"]["difference"] > 0 and rows["captioning/cider_d"]["ci_low"] > 0
 
 
 def test_seed_summary_gives_mean_and_spread(tmp_path):
