@@ -422,8 +422,9 @@ class Compiled:
   trainable: int
 
 
-def compile_step(stage: Stage) -> Compiled:
-  """The stage's train step as the trainer builds it, compiled from abstract shapes."""
+def lower_step(stage: Stage) -> Compiled:
+  """The stage's train step as the trainer builds it, lowered from abstract shapes (not yet
+  compiled: ``compiled`` is None, ``compile_s`` 0)."""
   import jax  # noqa: PLC0415
 
   from pathflip_jax import checkpointing, optim, sharding, train  # noqa: PLC0415
@@ -440,15 +441,21 @@ def compile_step(stage: Stage) -> Compiled:
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                             sharding=sharding.batch_sharding(mesh, v.ndim))
                     for k, v in stage.batch.items()}
-  start = time.perf_counter()
   lowered = step.lower(checkpointing.abstract(abstract, shardings), abstract_batch)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
   sizes = [math.prod(x.shape) for x in jax.tree.leaves(abstract["params"])]
   flags = (jax.tree.leaves(trainable_mask) if trainable_mask is not None
            else [True] * len(sizes))
-  return Compiled(compiled, lowered, abstract, init, shardings, mesh, abstract_batch, compile_s,
+  return Compiled(None, lowered, abstract, init, shardings, mesh, abstract_batch, 0.0,
                   sum(sizes), sum(s for s, t in zip(sizes, flags) if t))
+
+
+def compile_step(stage: Stage) -> Compiled:
+  """``lower_step``, compiled (the time of the lowering and compilation in ``compile_s``)."""
+  start = time.perf_counter()
+  c = lower_step(stage)
+  c.compiled = c.lowered.compile()
+  c.compile_s = time.perf_counter() - start
+  return c
 
 
 def xla_flops(compiled: Any) -> float | None:
