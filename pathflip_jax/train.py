@@ -58,10 +58,23 @@ def create_train_state(model_factory: Callable[[], nnx.Module], tx: optax.Gradie
                        mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, Any]:
   """(graphdef, state, state shardings) with every array created already sharded.
 
-  The state is traced abstractly first (``jax.eval_shape``: no memory), its shardings follow the
-  parameters' logical axis names (optimizer moments inherit them, since optax builds them as
-  trees of the same annotated variables), and the jitted initialisation writes each array
-  directly in its layout.
+  The state is traced abstractly first (``abstract_train_state``: no memory), and the jitted
+  initialisation writes each array directly in its layout.
+  """
+  graphdef, init, _, shardings = abstract_train_state(model_factory, tx, mesh)
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+def abstract_train_state(model_factory: Callable[[], nnx.Module],
+                         tx: optax.GradientTransformation, mesh: Mesh
+                         ) -> tuple[nnx.GraphDef, Callable[[], TrainState], TrainState, Any]:
+  """(graphdef, init, abstract state, state shardings), allocating nothing.
+
+  ``init()`` builds the state; the abstract state is its ``jax.eval_shape`` (ShapeDtypeStructs),
+  whose shardings follow the parameters' logical axis names (optimizer moments inherit them,
+  since optax builds them as trees of the same annotated variables). Benchmarks compile the step
+  from these shapes alone (``benchmarks/train_step.py``).
   """
   def init() -> TrainState:
     graphdef, params, rest = nnx.split(model_factory(), nnx.Param, ...)
@@ -72,9 +85,7 @@ def create_train_state(model_factory: Callable[[], nnx.Module], tx: optax.Gradie
 
   graphdef = nnx.graphdef(nnx.eval_shape(model_factory))
   abstract = jax.eval_shape(init)
-  shardings = state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state, shardings
+  return graphdef, init, abstract, state_shardings(abstract, mesh)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh) -> Any:
@@ -117,6 +128,13 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
     return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
   return train_step
+
+
+def jit_train_step(train_step: Callable, shardings: Any) -> Callable:
+  """The step as the trainer compiles it: the incoming state is donated (XLA writes the new
+  parameters and optimizer state into its buffers, so one copy of them is alive, not two) and
+  the new state keeps the state's shardings."""
+  return jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
 
 
 # --------------------------------------------------------------------------- resume
@@ -290,11 +308,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   print(f"[train] {origin}; step {start}/{micro_steps}", file=sys.stderr, flush=True)
 
   # The step.
-  train_step = jax.jit(
+  train_step = jit_train_step(
       make_train_step(graphdef, task.loss, tx, schedule, seed=config.seed, accum_steps=accum,
                       nan_at_step=config.debug.nan_at_step,
                       trainable=optim.trainable_mask_from_config(state["params"], config.optim)),
-      donate_argnums=(0,), out_shardings=(shardings, None))
+      shardings)
 
   evaluators = evaluators_lib.build(config.get("evals"), task, mesh)
   make_eval_model = lambda: evaluation_model(graphdef, state["params"], mesh)  # noqa: E731
