@@ -19,6 +19,24 @@ Then the extraction job end to end (``data_prep.extract_features.run``: grain de
 jitted forward, feature-shard writes, start-up and compilation included, the compilation cache
 on) against a CLAM-style PyTorch loop (``DataLoader`` with as many workers, PIL decode, timm
 forward, one ``.h5`` per slide), same weights, same 256-px patches.
+
+**Accelerator case** (``--accelerator``; JAX's default device, not forced to the CPU):
+
+  python -m benchmarks.patch_encoder --accelerator [--accelerator_models vit_base_patch16,...]
+                                     [--accelerator_batches 256,512,1024] [--dtype bfloat16]
+                                     [--attention cudnn]
+
+ViT-B/16 and ViT-L/16 at UNI/CONCH shapes (224 px, patch 16; ViT-B 12 x 768, 12 heads, MLP
+3072; ViT-L 24 x 1024, 16 heads, MLP 4096), random weights cast to ``--dtype`` as the
+extraction job casts them, forward of a batch of random images, program as on an accelerator
+(attention through ``jax.nn.dot_product_attention``, no CPU batch chunking). Columns:
+``GFLOP/patch`` is the analytic count of :func:`vit_flops_per_image` (matmuls only, 2·m·n·k
+each); ``XLA GFLOP/patch`` is ``compiled.cost_analysis()["flops"]`` over the batch and ``ratio``
+their quotient (XLA also counts norms, softmax and GELU: slightly above 1); ``XLA temp MiB`` the
+scratch memory XLA planned (``compiled.memory_analysis()``); ``patches/s`` the batch over the
+median of ``--repeats`` forwards after a warm-up; ``MFU`` analytic FLOP/s over
+``accelerators.peak_flops(device, dtype)``. On a CPU the programs are compiled from abstract
+shapes only (``jax.ShapeDtypeStruct``: no weights, no images) and the row says "not timed on cpu".
 """
 
 from __future__ import annotations
@@ -291,6 +309,158 @@ def extraction_rows(args) -> list[dict[str, Any]]:
   return rows
 
 
+# --------------------------------------------------------------------------- accelerator
+
+
+def vit_flops_per_image(config: Any) -> float:
+  """Analytic forward FLOPs of one image through a ``vit.ViTConfig`` model, 2·m·n·k per matmul.
+
+  With P patches of p x p x 3 pixels, T = P + prefix tokens, width D, MLP width H, L layers:
+
+    patch embedding   2·P·(3p²)·D          (the stride-p convolution as a matmul)
+    per layer         2·T·D·3D  qkv  + 2·T·D·D  output projection  + 2·T·D·H·2  MLP
+                      + 2·T·T·D  scores q·k  + 2·T·T·D  weights·v  (all heads together)
+    head              2·D·out               (when the model has one)
+
+  Norms, softmax, GELU and residual adds are left out: under 1% at ViT-B/L widths.
+  """
+  p, d, h = config.patch_size, config.width, config.mlp_hidden
+  patches, tokens = config.num_patches, config.num_tokens
+  embed = 2 * patches * (3 * p * p) * d
+  per_layer = (2 * tokens * d * 3 * d + 2 * tokens * d * d + 2 * tokens * d * h * 2
+               + 2 * 2 * tokens * tokens * d)
+  head = 2 * d * config.head_dim if config.head_dim else 0
+  return float(embed + config.depth * per_layer + head)
+
+
+def compile_vit(config: Any, batch: int, dtype: Any, abstract: bool = True,
+                attention: str | None = None) -> tuple[Any, Any, Any]:
+  """(compiled forward, weights, images) of ``config`` at ``batch`` in ``dtype``.
+
+  ``abstract``: weights and images are ``jax.ShapeDtypeStruct`` (nothing allocated; the program
+  can be inspected, not run). The program is the accelerator's wherever it is compiled: the
+  attention core through ``jax.nn.dot_product_attention`` (its ``implementation``:
+  ``attention``; None lets JAX choose, which in jax 0.10.2 is always its XLA einsums) and no CPU
+  batch chunking.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from pathflip_jax.models import layers, vit  # noqa: PLC0415
+
+  def build():
+    return vit.VisionTransformer(config, rngs=nnx.Rngs(0), dtype=dtype)
+
+  model = nnx.eval_shape(build) if abstract else build()
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, layers.MultiHeadAttention):
+      module.cpu_batch_chunk = 0
+  graphdef, state = nnx.split(model)
+  # Weights in the compute dtype, as data_prep/extract_features.py runs them.
+  cast = (lambda x: jax.ShapeDtypeStruct(x.shape, dtype)) if abstract else (
+      lambda x: x.astype(dtype))
+  state = jax.tree.map(lambda x: cast(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+  shape = (batch, config.image_size, config.image_size, 3)
+  images = (jax.ShapeDtypeStruct(shape, dtype) if abstract
+            else jax.random.normal(jax.random.key(1), shape, dtype))
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  saved = layers.DOT_PRODUCT_ATTENTION, layers.DOT_PRODUCT_ATTENTION_IMPLEMENTATION
+  layers.DOT_PRODUCT_ATTENTION, layers.DOT_PRODUCT_ATTENTION_IMPLEMENTATION = True, attention
+  try:   # both are read while tracing
+    compiled = forward.lower(state, images).compile()
+  finally:
+    layers.DOT_PRODUCT_ATTENTION, layers.DOT_PRODUCT_ATTENTION_IMPLEMENTATION = saved
+  return compiled, state, images
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """``cost_analysis()["flops"]`` of a compiled program (a dict, or a list of one on older
+  JAX); None where the backend reports none."""
+  try:
+    analysis = compiled.cost_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return None if not analysis or "flops" not in analysis else float(analysis["flops"])
+
+
+def xla_temp_bytes(compiled: Any) -> int | None:
+  """The scratch memory XLA planned for a compiled program, None where unreported."""
+  try:
+    analysis = compiled.memory_analysis()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def accelerator_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """One row per (model, batch): analytic and XLA FLOPs, and where the default device is not a
+  CPU, patches/s and MFU."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from benchmarks import accelerators  # noqa: PLC0415
+  from pathflip_jax.models import vit  # noqa: PLC0415
+
+  device = jax.devices()[0]
+  timed = device.platform != "cpu"
+  dtype = jnp.dtype(args.dtype)
+  peak = accelerators.peak_flops(device, dtype) if timed else None
+  rows = []
+  for name in args.accelerator_models.split(","):
+    config = vit.get_config(name)
+    flops = vit_flops_per_image(config)
+    for batch in (int(b) for b in args.accelerator_batches.split(",")):
+      start = time.perf_counter()
+      compiled, state, images = compile_vit(config, batch, dtype, abstract=not timed,
+                                            attention=args.attention or None)
+      compile_s = time.perf_counter() - start
+      counted = xla_flops(compiled)
+      temp = xla_temp_bytes(compiled)
+      row = dict(model=name, batch=batch, dtype=dtype.name, flops_per_patch=flops,
+                 xla_flops_per_patch=None if counted is None else counted / batch,
+                 xla_temp_bytes=temp, compile_s=compile_s, device=device.device_kind,
+                 patches_per_s=None, mfu=None, peak=None if peak is None else peak.name)
+      if timed:
+        compiled(state, images).block_until_ready()   # warm-up
+        seconds = []
+        for _ in range(args.repeats):
+          start = time.perf_counter()
+          compiled(state, images).block_until_ready()
+          seconds.append(time.perf_counter() - start)
+        step = statistics.median(seconds)
+        row.update(patches_per_s=batch / step, seconds=seconds,
+                   mfu=accelerators.mfu(flops * batch, step, peak))
+        del state, images
+      print(f"{name} batch {batch}: compiled in {compile_s:.1f} s"
+            + (f", {row['patches_per_s']:,.0f} patches/s" if timed else ""),
+            file=sys.stderr, flush=True)
+      rows.append(row)
+  return rows
+
+
+def print_accelerator_table(rows: list[dict[str, Any]], peak: str | None) -> None:
+  print("| model | batch | dtype | GFLOP/patch | XLA GFLOP/patch | ratio | XLA temp MiB | "
+        "compile s | patches/s | MFU |")
+  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+  for row in rows:
+    counted = row["xla_flops_per_patch"]
+    temp = row["xla_temp_bytes"]
+    rate = ("not timed on cpu" if row["patches_per_s"] is None
+            else _rate(row["patches_per_s"]))
+    xla = "- | -" if counted is None else (
+        f"{counted / 1e9:.2f} | {counted / row['flops_per_patch']:.3f}")
+    temp = "-" if temp is None else f"{temp / 2**20:,.0f}"
+    mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
+    print(f"| {row['model']} | {row['batch']} | {row['dtype']} | "
+          f"{row['flops_per_patch'] / 1e9:.2f} | {xla} | {temp} | {row['compile_s']:.1f} | "
+          f"{rate} | {mfu} |")
+  if peak:
+    print(f"(MFU against {peak})")
+
+
 def _rate(value: float) -> str:
   return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
@@ -320,11 +490,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--extract_patches", type=int, default=48, help="256-px patches a slide")
   parser.add_argument("--workers", type=int, default=2,
                       help="decode workers of both pipelines (grain / torch DataLoader)")
+  parser.add_argument("--accelerator", action="store_true",
+                      help="only the accelerator case, on JAX's default device (timed unless "
+                           "it is a CPU)")
+  parser.add_argument("--accelerator_models", default="vit_base_patch16,vit_large_patch16")
+  parser.add_argument("--accelerator_batches", default="256,512,1024")
+  parser.add_argument("--dtype", default="bfloat16", help="compute dtype of the accelerator case")
+  parser.add_argument("--attention", default="", choices=("", "xla", "cudnn"),
+                      help="jax.nn.dot_product_attention's implementation in the accelerator "
+                           "case ('': JAX chooses)")
   return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
+  if args.accelerator:
+    import jax  # noqa: PLC0415
+    device = jax.devices()[0]
+    print(f"# patch encoder forward on an accelerator: {args.dtype}, 224 px, patch 16, "
+          f"{device.platform} ({device.device_kind}), jax {jax.__version__}"
+          + (", compiled from abstract shapes only" if device.platform == "cpu" else
+             f", {args.repeats} repeats"))
+    rows = accelerator_rows(args)
+    print_accelerator_table(rows, rows[0]["peak"] if rows else None)
+    return
   _pin_threads(args.threads)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax  # noqa: PLC0415

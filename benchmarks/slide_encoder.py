@@ -55,6 +55,38 @@ the timed loop, as a single-process run of the trainer would). After 2 warm-up s
 ``input ms`` is the median time per step spent drawing and placing the batch. No PyTorch peer for
 this part (there is no reference PathFLIP training loop in PyTorch to run on the same data).
 
+**Whole slide on an accelerator** (``--whole_slide``; JAX's default device, not forced to the
+CPU):
+
+  python -m benchmarks.slide_encoder --sizes '' --whole_slide [--whole_slide_sizes 100000,1000000]
+                                     [--whole_slide_dtype bfloat16]
+
+The same slide Q-Former (``kv_chunk`` 2048) over all patches of a 20x slide (100,000) and of a
+40x one (1,000,000) in one forward pass, compute in ``--whole_slide_dtype`` (the paper config's
+bfloat16), parameters and features float32. Columns: ``GFLOP`` analytic (:func:`qformer_flops`,
+matmuls only, 2·m·n·k each), ``XLA GFLOP`` ``compiled.cost_analysis()["flops"]`` (XLA counts a
+``lax.scan`` body once, not once per chunk, so it is far below the analytic count for a chunked
+program), ``XLA temp MiB`` the scratch memory XLA planned (``compiled.memory_analysis()``),
+``forward s`` the median of ``--large_repeats`` forwards after a warm-up, ``peak device MiB``
+the allocator's high-water mark after the size's calls (``accelerators.peak_memory_bytes``;
+sizes run in increasing order, so it is the largest size's own peak: parameters, features and
+the forward together) and ``MFU`` analytic FLOP/s over ``accelerators.peak_flops``. On a CPU the
+programs are compiled from abstract shapes only and the rows say "not timed on cpu" (the
+timed 100k CPU row is the table above).
+
+**Backward pass beside the PyTorch reference** (``--backward``; float32 on the CPU):
+
+  python -m benchmarks.slide_encoder --sizes '' --backward [--backward_sizes 4096,16384]
+
+What an align step differentiates: loss = the sum of the slide Q-Former's query outputs over N
+patches, its gradient with respect to every parameter the query branch reads. ``jax``:
+``jax.jit(jax.value_and_grad(...))`` of this project's model (chunked cross-attention, the
+chunk body rematerialised); ``torch``: the PyTorch reference above, ``loss.backward()`` after
+``zero_grad``. Both in one process with ``--threads`` threads, timed alternately repeat after
+repeat after a warm-up (JAX's compilation is the ``compile s`` column); ``step s`` are medians of
+``--repeats`` and ``JAX / torch`` their ratio (below 1: JAX is faster). Random weights on both
+sides, not the same ones: the columns compare time, not values.
+
 This machine is shared and noisy: compare ratios, not absolute times.
 """
 
@@ -425,6 +457,207 @@ def print_slide_table(rows: list[dict[str, Any]]) -> None:
       print(f"  {impl}: peak RSS delta {rss}{temp}")
 
 
+# --------------------------------------------------------------------------- whole slide
+
+
+def qformer_flops(q: Any, n: int) -> float:
+  """Analytic forward FLOPs of the slide Q-Former's query branch (a ``QFormerConfig``) over
+  ``n`` patches of one slide, 2·m·n·k per matmul. With F feature width, D width, H MLP width,
+  Q queries:
+
+    feature projection   2·N·F·D
+    every layer          self-attention over the queries: 2·Q·D·3D q,k,v + 2·Q·D·D output
+                         + 2·2·Q·Q·D scores and values; query MLP 2·Q·D·H·2
+    cross-attention      2·Q·D·D q + 2·N·D·D·2 k,v + 2·2·Q·N·D scores and values
+      layers             + 2·Q·D·D output
+
+  The chunked program also projects the padding up to a multiple of ``kv_chunk`` (not counted:
+  model FLOPs). Norms, softmax and GELU are left out.
+  """
+  d, h, queries = q.width, int(q.width * q.mlp_ratio), q.num_queries
+  cross_layers = sum(q.has_cross_attention(i) for i in range(q.depth))
+  per_layer = 2 * queries * d * 4 * d + 4 * queries * queries * d + 4 * queries * d * h
+  cross = 2 * queries * d * d * 2 + 4 * n * d * d + 4 * queries * n * d
+  return float(2 * n * q.feature_dim * d + q.depth * per_layer + cross_layers * cross)
+
+
+def compile_slide_encoder(n: int, dtype: Any, abstract: bool = True
+                          ) -> tuple[Any, Any, Any, Any, Any]:
+  """(compiled, weights, features, valid, QFormerConfig): the paper-size slide Q-Former's query
+  branch over one slide of ``n`` patches (``kv_chunk`` 2048), compute in ``dtype``.
+
+  ``abstract``: weights and inputs are ``jax.ShapeDtypeStruct`` (nothing allocated); otherwise
+  random weights (``_random_weights``) and features made on the default device.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from pathflip_jax.models import pathflip  # noqa: PLC0415
+
+  model_config = _paper_model_config("jax", n)
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: pathflip.PathFlip(model_config, rngs=nnx.Rngs(0), dtype=dtype).qformer))
+  if abstract:
+    features = jax.ShapeDtypeStruct((1, n, FEATURE_DIM), jnp.float32)
+    valid = jax.ShapeDtypeStruct((1, n), jnp.bool_)
+  else:
+    state = _random_weights(state)
+    features = jax.random.normal(jax.random.key(1), (1, n, FEATURE_DIM), jnp.float32)
+    valid = jnp.ones((1, n), bool)
+
+  def encode(state, features_bnf, valid_bn):
+    qformer = nnx.merge(graphdef, state)
+    return qformer.encode_patches(qformer.project_features(features_bnf), valid_bn)
+
+  compiled = jax.jit(encode).lower(state, features, valid).compile()
+  return compiled, state, features, valid, model_config.qformer
+
+
+def whole_slide_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """One row per N: analytic and XLA FLOPs, XLA temp, and off the CPU time, peak memory, MFU."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from benchmarks import accelerators  # noqa: PLC0415
+
+  device = jax.devices()[0]
+  timed = device.platform != "cpu"
+  dtype = jnp.dtype(args.whole_slide_dtype)
+  peak = accelerators.peak_flops(device, dtype) if timed else None
+  return [_whole_slide_row(n, dtype, args.large_repeats, device, peak)
+          for n in sorted(int(x) for x in args.whole_slide_sizes.split(",") if x)]
+
+
+def _whole_slide_row(n: int, dtype: Any, repeats: int, device: Any, peak: Any
+                     ) -> dict[str, Any]:
+  # A function per size: its weights and features are freed before the next size's.
+  from benchmarks import accelerators  # noqa: PLC0415
+  from benchmarks.patch_encoder import xla_flops, xla_temp_bytes  # noqa: PLC0415
+
+  timed = peak is not None
+  start = time.perf_counter()
+  compiled, state, features, valid, q = compile_slide_encoder(n, dtype, abstract=not timed)
+  compile_s = time.perf_counter() - start
+  flops = qformer_flops(q, n)
+  row = dict(n=n, dtype=dtype.name, flops=flops, xla_flops=xla_flops(compiled),
+             xla_temp_bytes=xla_temp_bytes(compiled), compile_s=compile_s,
+             chunks=math.ceil(n / q.kv_chunk), forward_s=None, peak_bytes=None, mfu=None,
+             device=device.device_kind, peak=None if peak is None else peak.name)
+  if timed:
+    _, seconds, _ = _time_calls(
+        lambda: compiled(state, features, valid).block_until_ready(), repeats)
+    forward_s = statistics.median(seconds)
+    row.update(forward_s=forward_s, seconds=seconds,
+               peak_bytes=accelerators.peak_memory_bytes(device),
+               mfu=accelerators.mfu(flops, forward_s, peak))
+  print(f"[whole slide N={n:,}] compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
+  return row
+
+
+def print_whole_slide_table(rows: list[dict[str, Any]]) -> None:
+  print("| N | dtype | chunks | GFLOP | XLA GFLOP | XLA temp MiB | compile s | forward s | "
+        "peak device MiB | MFU |")
+  print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for row in rows:
+    xla = "-" if row["xla_flops"] is None else f"{row['xla_flops'] / 1e9:,.1f}"
+    temp = "-" if row["xla_temp_bytes"] is None else f"{row['xla_temp_bytes'] / 2**20:,.0f}"
+    forward = ("not timed on cpu" if row["forward_s"] is None else f"{row['forward_s']:.3f}")
+    peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:,.0f}"
+    mfu = "-" if row["mfu"] is None else f"{row['mfu']:.1%}"
+    print(f"| {row['n']:,} | {row['dtype']} | {row['chunks']} | {row['flops'] / 1e9:,.1f} | "
+          f"{xla} | {temp} | {row['compile_s']:.1f} | {forward} | {peak} | {mfu} |")
+  if rows and rows[0]["peak"]:
+    print(f"(MFU against {rows[0]['peak']}; {rows[0]['device']})")
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def backward_rows(sizes: list[int], repeats: int, threads: int) -> list[dict[str, Any]]:
+  """Forward + backward of the slide Q-Former's query branch (loss = sum of its outputs) in
+  JAX (``value_and_grad`` of this project's model) and in the PyTorch reference, float32, on
+  the CPU; one row per (N, framework) with median step seconds and the JAX / torch ratio."""
+  import torch  # noqa: PLC0415 - after _pin_threads
+
+  torch.set_num_threads(threads)
+  return [row for n in sizes for row in _backward_pair(n, repeats)]
+
+
+def _backward_pair(n: int, repeats: int) -> list[dict[str, Any]]:
+  # A function per N: its models and inputs are freed before the next N's.
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from benchmarks.patch_encoder import _time  # noqa: PLC0415
+  from pathflip_jax.models import pathflip  # noqa: PLC0415
+
+  model_config = _paper_model_config("jax", n)
+  q = model_config.qformer
+  # The text branch is split off: the query branch never reads it, and its gradient (zeros,
+  # 25 M of them for the 32k vocabulary) is not part of the computation.
+  text = nnx.Any(*(nnx.PathContains(name) for name in sorted(TEXT_BRANCH)))
+  graphdef, frozen, params = nnx.split(nnx.eval_shape(
+      lambda: pathflip.PathFlip(model_config, rngs=nnx.Rngs(0), dtype=jnp.float32).qformer),
+      text, ...)
+  frozen, params = _random_weights(frozen), _random_weights(params)
+  features = jax.random.normal(jax.random.key(1), (1, n, FEATURE_DIM), jnp.float32)
+  valid = jnp.ones((1, n), bool)
+
+  def loss_fn(params, frozen, features_bnf, valid_bn):
+    qformer = nnx.merge(graphdef, frozen, params)
+    return qformer.encode_patches(qformer.project_features(features_bnf), valid_bn).sum()
+
+  start = time.perf_counter()
+  step = jax.jit(jax.value_and_grad(loss_fn)).lower(params, frozen, features, valid).compile()
+  compile_s = time.perf_counter() - start
+
+  def run_jax():
+    return jax.block_until_ready(step(params, frozen, features, valid))
+
+  torch.manual_seed(0)
+  reference = _torch_model(q.width, q.depth, q.num_heads, q.mlp_ratio, q.num_queries,
+                           q.cross_attention_every, q.feature_dim, q.norm_eps)
+  features_torch = torch.randn(1, n, FEATURE_DIM)
+  valid_torch = torch.ones(1, n, dtype=torch.bool)
+
+  def run_torch():
+    reference.zero_grad(set_to_none=True)
+    loss = reference(features_torch, valid_torch).sum()
+    loss.backward()
+    return loss
+
+  run_jax(), run_torch()   # warm-up
+  seconds = {"jax": [], "torch": []}
+  for r in range(repeats):
+    order = (("jax", run_jax), ("torch", run_torch))
+    for framework, fn in (order if r % 2 == 0 else order[::-1]):
+      seconds[framework].append(_time(fn))
+    print(f"[backward N={n:,}] repeat {r + 1}/{repeats}: jax {seconds['jax'][-1]:.2f} s, "
+          f"torch {seconds['torch'][-1]:.2f} s", file=sys.stderr, flush=True)
+  torch_s = statistics.median(seconds["torch"])
+  rows = []
+  for framework in ("jax", "torch"):
+    median = statistics.median(seconds[framework])
+    rows.append(dict(n=n, framework=framework, step_s=median, seconds=seconds[framework],
+                     compile_s=compile_s if framework == "jax" else None,
+                     ratio=median / torch_s,
+                     gflop=3 * qformer_flops(q, n) / 1e9))
+  return rows
+
+
+def print_backward_table(rows: list[dict[str, Any]]) -> None:
+  print("| N | framework | compile s | step s (median) | JAX / torch | ~GFLOP (3x forward) |")
+  print("|---:|---|---:|---:|---:|---:|")
+  for row in rows:
+    name = ("pathflip_jax value_and_grad (kv_chunk 2048)" if row["framework"] == "jax"
+            else "PyTorch reference, loss.backward()")
+    print(f"| {row['n']:,} | {name} | {_num(row['compile_s'], '.1f')} | {row['step_s']:.2f} | "
+          f"{row['ratio']:.2f} | {row['gflop']:,.0f} |")
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -536,6 +769,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="also time training steps of configs/pathflip_demo.py")
   parser.add_argument("--steps", type=int, default=50, help="timed training steps")
   parser.add_argument("--features_dir", default="runs/demo/features")
+  parser.add_argument("--whole_slide", action="store_true",
+                      help="also the whole-slide case on JAX's default device (timed unless it "
+                           "is a CPU)")
+  parser.add_argument("--whole_slide_sizes", default="100000,1000000")
+  parser.add_argument("--whole_slide_dtype", default="bfloat16")
+  parser.add_argument("--backward", action="store_true",
+                      help="also forward + backward against the PyTorch reference (CPU)")
+  parser.add_argument("--backward_sizes", default="4096,16384")
   parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
@@ -547,7 +788,8 @@ def main(argv: list[str] | None = None) -> None:
     worker_main(args)
     return
   _pin_threads(args.threads)  # the workers inherit it
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if not args.whole_slide:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax  # noqa: PLC0415 - after _pin_threads
   output: dict[str, Any] = {"jax": jax.__version__, "torch": _version("torch"),
                             "threads": args.threads, "argv": sys.argv[1:]}
@@ -558,6 +800,24 @@ def main(argv: list[str] | None = None) -> None:
     rows = slide_encoder_rows(args)
     print_slide_table(rows)
     output["slide_encoder"] = [{k: v for k, v in row.items() if k != "output"} for row in rows]
+  if args.whole_slide:
+    device = jax.devices()[0]
+    print(f"\n# whole slide: the slide Q-Former (paper sizes, kv_chunk 2048) over all N patches "
+          f"in one forward, {args.whole_slide_dtype} compute, {device.platform} "
+          f"({device.device_kind})" + (", compiled from abstract shapes only"
+                                        if device.platform == "cpu" else
+                                        f", {args.large_repeats} repeats"), flush=True)
+    rows = whole_slide_rows(args)
+    print_whole_slide_table(rows)
+    output["whole_slide"] = rows
+  if args.backward:
+    sizes = [int(x) for x in args.backward_sizes.split(",") if x]
+    print(f"\n# forward + backward (loss = sum of the query outputs), paper sizes, float32, "
+          f"{jax.devices()[0].platform}, {args.threads} threads, {args.repeats} repeats",
+          flush=True)
+    rows = backward_rows(sizes, args.repeats, args.threads)
+    print_backward_table(rows)
+    output["backward"] = rows
   if args.train_throughput:
     row = train_throughput(args)
     print_train_table(row)

@@ -92,6 +92,33 @@ def test_cpu_batch_chunks_give_the_same_self_attention():
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_dot_product_attention_is_the_same_core(fused, monkeypatch):
+  """jax.nn.dot_product_attention (the path off the CPU) computes what the einsum core does,
+  masked keys and a fully masked row included, for self- and cross-attention."""
+  rng = np.random.default_rng(4)
+  kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(5))
+  attention = _random(layers.MultiHeadAttention(16, 4, fused_qkv=fused,
+                                                kv_width=None if fused else 12, **kw), rng)
+  x = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+  kv = None if fused else jnp.asarray(rng.normal(size=(3, 7, 12)), jnp.float32)
+  valid = jnp.asarray(rng.random((3, 5 if fused else 7)) < 0.6).at[1].set(False)
+
+  def run(m):
+    return m(x, kv, valid), m(x, kv)
+
+  outputs = {}
+  for use in (False, True):
+    monkeypatch.setattr(layers, "DOT_PRODUCT_ATTENTION", use)
+    assert layers.use_dot_product_attention() == use
+    lowered = jax.jit(lambda s: run(nnx.merge(*nnx.split(attention)[:1], s))).lower(
+        nnx.state(attention))
+    outputs[use] = lowered.compile()(nnx.state(attention))
+  for einsum_out, dpa_out in zip(outputs[False], outputs[True]):
+    np.testing.assert_allclose(dpa_out, einsum_out, rtol=1e-6, atol=1e-6)
+  assert np.all(np.isfinite(outputs[True][0]))
+
+
 def test_fused_layout_is_self_attention_only():
   with pytest.raises(ValueError, match="kv_width"):
     layers.MultiHeadAttention(8, 2, kv_width=6, fused_qkv=True, rngs=nnx.Rngs(0),

@@ -36,6 +36,22 @@ ones = nnx.initializers.ones_init()
 # Finite, so a row whose keys are all masked gives a uniform softmax rather than NaN.
 _MASKED = -1e30
 
+# Whether the unchunked attention core runs through ``jax.nn.dot_product_attention`` (None: on
+# every backend but the CPU). On XLA:CPU it ran 0.55-0.85x as fast as the (batch, heads, tokens,
+# channels) einsums below (NOTES-dependencies.md, item 15); elsewhere it is the entry point to
+# fused kernels. Read at trace time; tests set it to compare both paths.
+DOT_PRODUCT_ATTENTION: bool | None = None
+# Its ``implementation``: None lets JAX choose (jax 0.10.2 then always takes its XLA einsums;
+# "cudnn" asks for cuDNN's fused kernel on NVIDIA GPUs, bf16/fp16 only).
+DOT_PRODUCT_ATTENTION_IMPLEMENTATION: str | None = None
+
+
+def use_dot_product_attention() -> bool:
+  """Whether :class:`MultiHeadAttention` traces ``jax.nn.dot_product_attention`` now."""
+  if DOT_PRODUCT_ATTENTION is None:
+    return jax.default_backend() != "cpu"
+  return DOT_PRODUCT_ATTENTION
+
 
 def param(key: jax.Array | None, init: Initializer, shape: Sequence[int],
           axes: tuple[str | None, ...], param_dtype: Dtype) -> nnx.Param:
@@ -150,9 +166,13 @@ class MultiHeadAttention(nnx.Module):
 
   Logits are q.k in the compute dtype, then float32 times 1/sqrt(c) (as
   ``jax.nn.dot_product_attention`` scales them); the core runs in the (batch, heads, tokens,
-  channels) layout, the fastest on XLA:CPU (NOTES-dependencies.md, item 15). ``cpu_batch_chunk``
-  (self-attention on CPU only): the core runs that many sequences at a time, which XLA:CPU runs
-  up to 3x faster once the [b, h, t, t] logits outgrow the cache (ViT patches); 0 = all at once.
+  channels) layout, the fastest on XLA:CPU (NOTES-dependencies.md, item 15). Off the CPU
+  (``DOT_PRODUCT_ATTENTION``) the unchunked core is ``jax.nn.dot_product_attention``, the same
+  computation (float32 softmax, masked keys at a large finite negative; its logits accumulate
+  in float32 also for bfloat16 inputs).
+  ``cpu_batch_chunk`` (self-attention on CPU only): the core runs that many sequences at a time,
+  which XLA:CPU runs up to 3x faster once the [b, h, t, t] logits outgrow the cache (ViT
+  patches); 0 = all at once.
   """
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype,
@@ -240,6 +260,15 @@ class MultiHeadAttention(nnx.Module):
                           v_bkhc.transpose(0, 2, 1, 3))
     return attended.transpose(0, 2, 1, 3)
 
+  def _core(self, q_bqhc: jax.Array, k_bkhc: jax.Array, v_bkhc: jax.Array,
+            valid_bk: jax.Array | None) -> jax.Array:
+    """Unchunked attention, [b, q, h, c] (before the output projection)."""
+    if use_dot_product_attention():
+      mask = None if valid_bk is None else valid_bk[:, None, None, :]
+      return jax.nn.dot_product_attention(q_bqhc, k_bkhc, v_bkhc, mask=mask,
+                                          implementation=DOT_PRODUCT_ATTENTION_IMPLEMENTATION)
+    return self._mix(self._softmax(q_bqhc, k_bkhc, valid_bk), v_bkhc)
+
   def weights(self, x_bqd: jax.Array, kv_bkd: jax.Array, valid_bk: jax.Array | None = None
               ) -> jax.Array:
     """Softmax attention weights of x over kv [b, h, q, k] (float32), keys masked by
@@ -255,19 +284,20 @@ class MultiHeadAttention(nnx.Module):
                valid_bk: jax.Array | None = None) -> jax.Array:
     """Attention of x over kv (None: self-attention), keys masked by ``valid_bk``."""
     if kv_bkd is not None:
-      return self.attend(self.weights(x_bqd, kv_bkd, valid_bk), kv_bkd)
+      return self.output(self._core(self.project(x_bqd, "q"), self.project(kv_bkd, "k"),
+                                    self.project(kv_bkd, "v"), valid_bk))
     q, k, v = self._qkv(x_bqd)
     b = x_bqd.shape[0]
     chunk = self.cpu_batch_chunk
     if (chunk and jax.default_backend() == "cpu" and b > chunk and b % chunk == 0
         and valid_bk is None):
       def core(qkv):
-        return self._mix(self._softmax(qkv[0], qkv[1], None), qkv[2])
+        return self._core(*qkv, None)
       groups = lambda t: t.reshape(b // chunk, chunk, *t.shape[1:])  # noqa: E731
       attended = jax.lax.map(core, (groups(q), groups(k), groups(v)))
       attended = attended.reshape(b, *attended.shape[2:])
     else:
-      attended = self._mix(self._softmax(q, k, valid_bk), v)
+      attended = self._core(q, k, v, valid_bk)
     return self.output(attended)
 
   def chunked(self, x_bqd: jax.Array, kv_bnd: jax.Array, valid_bn: jax.Array,
