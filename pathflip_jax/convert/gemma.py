@@ -263,12 +263,8 @@ def load_gemma(path: str | os.PathLike, dtype: Any = jnp.float32,
   config = gemma_config(hf_config, source=config_path)
   model_type = hf_config["model_type"]
 
-  files = hf_checkpoint.weight_files(path)
-  tensors, origin = hf_checkpoint.read_tensors(files, "Gemma")
-  values, ignored = hf_checkpoint.assemble(tensors, origin, _mapping(config, model_type), files,
-                                           "Gemma")
-  del tensors
-  model = hf_checkpoint.build_decoder(config, values, "HF", dtype, param_dtype)
+  model, files, ignored = hf_checkpoint.load_decoder_weights(
+      path, config, _mapping(config, model_type), "Gemma", dtype, param_dtype)
 
   spm_path = os.path.join(path, "tokenizer.model")
   tok = tokenizer_lib.Tokenizer(spm_path) if os.path.isfile(spm_path) else None

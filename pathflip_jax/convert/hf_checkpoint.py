@@ -56,6 +56,18 @@ class ImportReport:
   tokenizer: Any
 
 
+def read_json(path: str) -> dict[str, Any]:
+  """A JSON object file of a checkpoint; errors name the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return value
+
+
 def read_config(path: str) -> tuple[dict[str, Any], str]:
   """(config.json as a dict, its path) of a checkpoint directory; clear errors when absent or
   malformed."""
@@ -63,14 +75,7 @@ def read_config(path: str) -> tuple[dict[str, Any], str]:
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path} does not exist (expected a Hugging Face checkpoint "
                             "directory)")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      hf_config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-  if not isinstance(hf_config, dict):
-    raise ValueError(f"{config_path}: expected a JSON object")
-  return hf_config, config_path
+  return read_json(config_path), config_path
 
 
 def positive_int(cfg: Mapping[str, Any], field: str, source: str) -> int:
@@ -206,6 +211,18 @@ def assemble(tensors: Mapping[str, np.ndarray], origin: Mapping[str, str],
   for path, halves in parts.items():
     values[path] = np.stack([halves[j] for j in sorted(halves)], axis=1)
   return values, ignored
+
+
+def load_decoder_weights(path: str, config: decoder.DecoderConfig,
+                         entries: Mapping[str, Entry], family: str, dtype: Any, param_dtype: Any
+                         ) -> tuple[decoder.Decoder, list[str], list[str]]:
+  """(decoder, weight files read, ignored keys) of a checkpoint directory's safetensors, mapped
+  by ``entries``; each tensor is dropped once assembled, so one copy of the weights is alive."""
+  files = weight_files(path)
+  tensors, origin = read_tensors(files, family)
+  values, ignored = assemble(tensors, origin, entries, files, family)
+  del tensors
+  return build_decoder(config, values, "HF", dtype, param_dtype), files, ignored
 
 
 def build_decoder(config: decoder.DecoderConfig, values: Mapping[Path, np.ndarray], source: str,

@@ -25,6 +25,7 @@ import tokenizers
 from jinja2 import sandbox
 
 from pathflip_jax import tokenizer as tokenizer_lib
+from pathflip_jax.convert import hf_checkpoint
 
 IMAGE = tokenizer_lib.IMAGE
 SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -94,7 +95,7 @@ class HFTokenizer(tokenizer_lib.BaseTokenizer):
       raise ValueError(f"{self.path}: the tokenizer has no EOS token (eos_token)")
     self.eos_id, self.bos_id, self.unk_id = ids["eos_token"], ids["bos_token"], ids["unk_token"]
     self.pad_id = self.eos_id if ids["pad_token"] is None else ids["pad_token"]
-    self.stop_ids = tuple(dict.fromkeys((self.eos_id, *state["stop_ids"])))
+    self._stop_ids = tuple(dict.fromkeys((self.eos_id, *state["stop_ids"])))
     image = self._tok.token_to_id(IMAGE)
     self.image_id = self.vocab_size if image is None else image
     self.num_embeddings = self.vocab_size + (image is None)
@@ -127,45 +128,19 @@ class HFTokenizer(tokenizer_lib.BaseTokenizer):
   def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
     """Token ids of ``text`` (special-token strings in it, like ``<|im_start|>``, are single
     ids); each ``<image>`` becomes ``image_id``."""
-    if not isinstance(text, str):
-      raise TypeError(f"encode takes a str, got {type(text).__name__}")
-    parts = [text] if self._native_image else text.split(IMAGE)
-    ids: list[int] = []
-    for i, part in enumerate(parts):
-      if i:
-        ids.append(self.image_id)
-      if part:
-        ids.extend(self._tok.encode(part, add_special_tokens=False).ids)
-    if add_bos:
-      if self.bos_id is None:
-        raise ValueError(f"{self.path}: the tokenizer has no BOS token; use add_bos=False")
-      ids.insert(0, self.bos_id)
-    if add_eos:
-      ids.append(self.eos_id)
-    return ids
+    return self._encode_around_image(
+        text, lambda part: self._tok.encode(part, add_special_tokens=False).ids,
+        add_bos=add_bos, add_eos=add_eos)
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self._stop_ids
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text of one id sequence: stops at the first stop id, skips pad and BOS, ``<image>``
     literal."""
-    values = np.asarray(ids)
-    if values.ndim != 1:
-      raise ValueError(f"decode takes one sequence of ids, got shape {values.shape}")
-    parts: list[str] = []
-    current: list[int] = []
-    for i in (int(v) for v in values.tolist()):
-      if i in self.stop_ids:     # before pad: pad_id may be eos_id
-        break
-      if i == self.pad_id or i == self.bos_id:
-        continue
-      if not 0 <= i < self.num_embeddings:
-        raise ValueError(f"token id {i} is outside [0, {self.num_embeddings})")
-      if i == self.image_id and not self._native_image:
-        parts.append(self._tok.decode(current, skip_special_tokens=False))
-        current = []
-      else:
-        current.append(i)
-    parts.append(self._tok.decode(current, skip_special_tokens=False))
-    return IMAGE.join(parts)
+    return self._decode_around_image(
+        ids, lambda part, _: self._tok.decode(part, skip_special_tokens=False))
 
   def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
                           add_generation_prompt: bool = False, **kwargs: Any) -> str:
@@ -185,17 +160,6 @@ def _token_string(value: Any, source: str, field: str) -> str | None:
     return value["content"]
   raise ValueError(f"{source}: field {field} must be a string or an object with 'content', got "
                    f"{value!r}")
-
-
-def _read_json(path: str) -> dict[str, Any]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(value, dict):
-    raise ValueError(f"{path}: expected a JSON object")
-  return value
 
 
 def _ids(value: Any) -> list[int]:
@@ -222,7 +186,7 @@ def load_hf_tokenizer(path: str | os.PathLike, hf_config: Mapping[str, Any] | No
   with open(json_path, encoding="utf-8") as f:
     tokenizer_json = f.read()
   config_path = os.path.join(path, "tokenizer_config.json")
-  tok_config = _read_json(config_path) if os.path.isfile(config_path) else {}
+  tok_config = hf_checkpoint.read_json(config_path) if os.path.isfile(config_path) else {}
   special = {name: _token_string(tok_config.get(name), config_path, name)
              for name in SPECIAL_NAMES}
   hf_config = hf_config or {}
@@ -247,6 +211,6 @@ def load_hf_tokenizer(path: str | os.PathLike, hf_config: Mapping[str, Any] | No
   stop = _ids(hf_config.get("eos_token_id"))
   generation_path = os.path.join(path, "generation_config.json")
   if os.path.isfile(generation_path):
-    stop += _ids(_read_json(generation_path).get("eos_token_id"))
+    stop += _ids(hf_checkpoint.read_json(generation_path).get("eos_token_id"))
   return HFTokenizer(tokenizer_json, path=json_path, special=special, chat_template=template,
                      stop_ids=stop)

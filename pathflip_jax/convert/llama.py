@@ -136,12 +136,9 @@ def load_llama(path: str | os.PathLike, dtype: Any = jnp.float32,
   model_type = hf_config["model_type"]
   family = {"llama": "Llama", "qwen3": "Qwen3"}[model_type]
 
-  files = hf_checkpoint.weight_files(path)
-  tensors, origin = hf_checkpoint.read_tensors(files, family)
-  entries = hf_checkpoint.decoder_mapping(config, hf_checkpoint.PRE_NORMS)
-  values, ignored = hf_checkpoint.assemble(tensors, origin, entries, files, family)
-  del tensors
-  model = hf_checkpoint.build_decoder(config, values, "HF", dtype, param_dtype)
+  model, files, ignored = hf_checkpoint.load_decoder_weights(
+      path, config, hf_checkpoint.decoder_mapping(config, hf_checkpoint.PRE_NORMS), family,
+      dtype, param_dtype)
 
   tok = hf_tokenizer.load_hf_tokenizer(path, hf_config)
   if tok is not None and tok.vocab_size > config.vocab_size:
