@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -77,10 +77,68 @@ def train(corpus: Iterable[str], model_prefix: str, *, vocab_size: int = 1000,
 class BaseTokenizer:
   """Batch encoding for every tokenizer of the project (:class:`Tokenizer` here,
   ``wordpiece.WordPieceTokenizer`` for BERT, ``convert.hf_tokenizer.HFTokenizer`` for Hugging
-  Face BPE); a subclass defines ``encode``, ``decode`` and the special ids."""
+  Face BPE); a subclass defines ``encode``, ``decode`` and the special ids, and may build them
+  on :meth:`_encode_around_image` and :meth:`_decode_around_image`."""
 
   pad_id: int
   eos_id: int
+  bos_id: int | None
+  image_id: int
+  num_embeddings: int
+  path: str
+  _native_image: bool   # <image> is a piece of the vocabulary (not spliced in by encode)
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Ids that end a generation (and :meth:`decode`): EOS; a subclass may add more."""
+    return (self.eos_id,)
+
+  def _encode_around_image(self, text: str, encode_part: Callable[[str], list[int]], *,
+                           add_bos: bool, add_eos: bool) -> list[int]:
+    """Ids of ``text``: the parts between ``<image>`` placeholders through ``encode_part``,
+    each placeholder as ``image_id`` (one part when the vocabulary has the piece), then BOS and
+    EOS."""
+    if not isinstance(text, str):
+      raise TypeError(f"encode takes a str, got {type(text).__name__}")
+    ids: list[int] = []
+    for i, part in enumerate([text] if self._native_image else text.split(IMAGE)):
+      if i:
+        ids.append(self.image_id)
+      if part:
+        ids.extend(encode_part(part))
+    if add_bos:
+      if self.bos_id is None:
+        raise ValueError(f"{self.path}: the tokenizer has no BOS token; use add_bos=False")
+      ids.insert(0, self.bos_id)
+    if add_eos:
+      ids.append(self.eos_id)
+    return ids
+
+  def _decode_around_image(self, ids: Sequence[int] | np.ndarray,
+                           decode_part: Callable[[list[int], bool], str]) -> str:
+    """Text of one id sequence: stops at the first stop id, skips pad and BOS, a spliced-in
+    ``image_id`` as the literal ``<image>``; ``decode_part(ids, after_image)`` decodes the
+    parts between."""
+    values = np.asarray(ids)
+    if values.ndim != 1:
+      raise ValueError(f"decode takes one sequence of ids, got shape {values.shape}")
+    stops = set(self.stop_ids)
+    parts: list[str] = []
+    current: list[int] = []
+    for i in (int(v) for v in values.tolist()):
+      if i in stops:     # before pad: pad_id may be eos_id
+        break
+      if i == self.pad_id or i == self.bos_id:
+        continue
+      if not 0 <= i < self.num_embeddings:
+        raise ValueError(f"token id {i} is outside [0, {self.num_embeddings})")
+      if i == self.image_id and not self._native_image:
+        parts.append(decode_part(current, bool(parts)))
+        current = []
+      else:
+        current.append(i)
+    parts.append(decode_part(current, bool(parts)))
+    return IMAGE.join(parts)
 
   def encode_batch(self, texts: Sequence[str], max_len: int, *, add_bos: bool = True,
                    add_eos: bool = True) -> np.ndarray:
@@ -181,46 +239,11 @@ class Tokenizer(BaseTokenizer):
     With a model whose ``<image>`` is not a user-defined piece, the text is encoded in parts split
     at the placeholder, and a space right before one may not come back from :meth:`decode`.
     """
-    if not isinstance(text, str):
-      raise TypeError(f"encode takes a str, got {type(text).__name__}")
-    if self._native_image or IMAGE not in text:
-      ids = self._sp.encode(text)
-    else:
-      ids = []
-      for i, part in enumerate(text.split(IMAGE)):
-        if i:
-          ids.append(self.image_id)
-        if part:
-          ids.extend(self._sp.encode(part))
-    if add_bos:
-      if self.bos_id is None:
-        raise ValueError(f"{self.path}: the model has no BOS token; use add_bos=False")
-      ids.insert(0, self.bos_id)
-    if add_eos:
-      ids.append(self.eos_id)
-    return ids
+    return self._encode_around_image(text, self._sp.encode, add_bos=add_bos, add_eos=add_eos)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text of one id sequence: stops at the first EOS, skips pad and BOS, ``<image>`` literal."""
-    values = np.asarray(ids)
-    if values.ndim != 1:
-      raise ValueError(f"decode takes one sequence of ids, got shape {values.shape}")
-    parts: list[str] = []
-    current: list[int] = []
-    for i in (int(v) for v in values.tolist()):
-      if i == self.eos_id:     # before pad: pad_id may be eos_id
-        break
-      if i == self.pad_id or i == self.bos_id:
-        continue
-      if not 0 <= i < self.num_embeddings:
-        raise ValueError(f"token id {i} is outside [0, {self.num_embeddings})")
-      if i == self.image_id and not self._native_image:
-        parts.append(self._decode_part(current, after_image=bool(parts)))
-        current = []
-      else:
-        current.append(i)
-    parts.append(self._decode_part(current, after_image=bool(parts)))
-    return IMAGE.join(parts)
+    return self._decode_around_image(ids, self._decode_part)
 
   def _decode_part(self, ids: list[int], after_image: bool) -> str:
     text = self._sp.decode(ids)

@@ -324,7 +324,7 @@ class InstructTask:
     """Greedy (beams=1) or beam-search answers to ``items`` of ``split``, decoded. ``visual``:
     the slides' visual tokens to show (default ``self.visual[split]``; e.g. shuffled ones)."""
     visual = self.visual[split] if visual is None else visual
-    stops = list(getattr(self.tokenizer, "stop_ids", [self.tokenizer.eos_id]))
+    stops = list(self.tokenizer.stop_ids)
     stops += self._suffix_stop()
     texts = []
     for start in range(0, len(items), batch_size):
