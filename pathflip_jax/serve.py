@@ -139,7 +139,9 @@ class Viewer:
     try:
       if not storage.exists(path):
         return False
-      with np.load(io.BytesIO(storage.read_bytes(path))) as cached:
+      # npz members load lazily: from a local cache only the key is read, so start-up does not
+      # read every cached slide's features (an object store's file still comes whole).
+      with storage.open_file(path, "rb") as f, np.load(f) as cached:
         return str(cached["key"]) == self._cache_key(slide_id)
     except (OSError, ValueError, KeyError) as e:
       print(f"[serve] {path}: unreadable feature cache ({e}); the slide will be re-extracted",
